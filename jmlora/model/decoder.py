@@ -1,0 +1,150 @@
+"""The pure-functional decoder: embeddings, decoder layers over a paged KV cache, final norm, LM head.
+
+``forward`` runs one chunk of new tokens per sequence, so prefill (``start_pos == 0``), chunked prefill
+and single-token decode (``T == 1``) share one code path. Layers are a Python loop (unrolled under jit)
+with one cache array per layer, updated in place when the cache is donated: a ``lax.scan`` over layers
+with the cache as a scanned carry made XLA copy the whole cache every step (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jmlora.config import ModelConfig
+from jmlora.model.attention import KVCache, apply_rope, ref_paged_attention, rope_inv_freq, write_kv
+from jmlora.model.params import LayerParams, Params
+
+Array = jax.Array
+
+
+def rms_norm(x: Array, weight: Array, eps: float, weight_offset: float) -> Array:
+    """RMSNorm over the last axis, computed in float32.
+
+    Llama/Qwen multiply the normalised value, cast back to x's dtype, by ``weight``; Gemma multiplies by
+    ``1 + weight`` in float32 and casts after. Both orders are kept so bf16 results match transformers.
+    """
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if weight_offset:
+        return (normed * (weight_offset + weight.astype(jnp.float32))).astype(x.dtype)
+    return weight * normed.astype(x.dtype)
+
+
+def _activation(name: str):
+    if name == "silu":
+        return jax.nn.silu
+    if name == "gelu_pytorch_tanh":
+        return functools.partial(jax.nn.gelu, approximate=True)
+    return functools.partial(jax.nn.gelu, approximate=False)
+
+
+def _bias(y: Array, b: Array | None) -> Array:
+    return y if b is None else y + b
+
+
+def _dense(x: Array, w: Array, spec: str) -> Array:
+    """An einsum in x's dtype with float32 accumulation."""
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Array, k_cache: Array,
+                  v_cache: Array, page_idx: Array, slot_idx: Array, page_table: Array,
+                  kv_lens: Array) -> tuple[Array, Array, Array]:
+    """One pre-norm decoder layer.
+
+    Args:
+      x: ``[B, T, E]`` residual stream.
+      positions: ``[B, T]`` absolute positions of the new tokens.
+      k_cache, v_cache: this layer's ``[num_pages, page_size, K, D]`` caches.
+      page_idx, slot_idx: ``[B, T]`` where each new token's K/V go (``num_pages`` = padding, dropped).
+      page_table: ``[B, P]``; kv_lens: ``[B]`` valid cached tokens after this chunk.
+
+    Returns:
+      (x ``[B, T, E]``, k_cache, v_cache).
+    """
+    eps, offset = cfg.rms_norm_eps, cfg.norm_weight_offset
+    inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
+    with jax.named_scope("attention"):
+        h = rms_norm(x, layer.attn_norm, eps, offset)
+        q = _bias(_dense(h, layer.wq, "bte,ehd->bthd"), layer.bq)          # [B, T, H, D]
+        k = _bias(_dense(h, layer.wk, "bte,ekd->btkd"), layer.bk)          # [B, T, K, D]
+        v = _bias(_dense(h, layer.wv, "bte,ekd->btkd"), layer.bv)          # [B, T, K, D]
+        if cfg.qk_norm:
+            q = rms_norm(q, layer.q_norm, eps, offset)
+            k = rms_norm(k, layer.k_norm, eps, offset)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        k_cache = write_kv(k_cache, k, page_idx, slot_idx)
+        v_cache = write_kv(v_cache, v, page_idx, slot_idx)
+        attn = ref_paged_attention(q, k_cache, v_cache, page_table, positions, kv_lens)   # [B, T, H, D]
+        x = x + _bias(_dense(attn, layer.wo, "bthd,hde->bte"), layer.bo)
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, layer.mlp_norm, eps, offset)
+        gate = _bias(_dense(h, layer.w_gate, "bte,em->btm"), layer.b_gate)   # [B, T, M]
+        up = _bias(_dense(h, layer.w_up, "bte,em->btm"), layer.b_up)
+        h = _activation(cfg.activation)(gate) * up
+        x = x + _bias(_dense(h, layer.w_down, "btm,me->bte"), layer.b_down)
+    return x, k_cache, v_cache
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, num_tokens: Array,
+            page_table: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """Runs a chunk of new tokens through the decoder, writing their K/V into the cache.
+
+    Args:
+      params: model parameters.
+      cfg: model config (static).
+      tokens: ``[B, T]`` int32 new tokens, right-padded.
+      start_pos: ``[B]`` int32 tokens already in the cache for each sequence (0 for a fresh prefill).
+      num_tokens: ``[B]`` int32 how many of the T tokens are real; padding is neither written nor attended.
+      page_table: ``[B, P]`` int32 pages of each sequence; must cover ``start_pos + num_tokens`` tokens.
+      cache: the KV cache.
+
+    Returns:
+      (hidden ``[B, T, E]`` after the final norm, updated cache).
+    """
+    B, T = tokens.shape
+    page_size, num_pages = cache.page_size, cache.num_pages
+    offsets = jnp.arange(T, dtype=jnp.int32)
+    positions = start_pos[:, None] + offsets[None, :]                              # [B, T]
+    valid = offsets[None, :] < num_tokens[:, None]                                  # [B, T]
+    page_col = jnp.minimum(positions // page_size, page_table.shape[1] - 1)
+    page_idx = jnp.where(valid, jnp.take_along_axis(page_table, page_col, axis=1), num_pages)
+    slot_idx = positions % page_size
+    kv_lens = start_pos + num_tokens
+
+    dtype = params.embed.dtype
+    x = params.embed[tokens]                                                        # [B, T, E]
+    if cfg.embed_scale != 1.0:
+        x = x * jnp.asarray(cfg.embed_scale, dtype)
+    new_k, new_v = [], []
+    for i, layer in enumerate(params.layers):
+        with jax.named_scope(f"layer_{i}"):
+            x, k, v = decoder_layer(cfg, layer, x, positions, cache.k[i], cache.v[i], page_idx, slot_idx,
+                                    page_table, kv_lens)
+        new_k.append(k)
+        new_v.append(v)
+    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)
+    return x, KVCache(k=tuple(new_k), v=tuple(new_v))
+
+
+def compute_logits(params: Params, hidden: Array) -> Array:
+    """LM head: ``hidden [..., E]`` -> float32 logits ``[..., V]`` (the tied embedding when no head)."""
+    if params.lm_head is None:
+        return jnp.einsum("...e,ve->...v", hidden, params.embed, preferred_element_type=jnp.float32)
+    return jnp.einsum("...e,ev->...v", hidden, params.lm_head, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def forward_logits(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, num_tokens: Array,
+                   page_table: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """``forward`` + LM head at every position, jitted with the cache donated.
+
+    Returns:
+      (logits ``[B, T, V]`` float32, updated cache).
+    """
+    hidden, cache = forward(params, cfg, tokens, start_pos, num_tokens, page_table, cache)
+    return compute_logits(params, hidden), cache
