@@ -31,6 +31,53 @@ class SafetensorsError(ValueError):
     """A safetensors file that cannot be read: truncated, malformed, or missing a tensor."""
 
 
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_header(path: Path, f, size: int) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Reads and checks a safetensors header: ``{name: (dtype tag, shape, begin, end)}``, absolute offsets."""
+    if size == 0:
+        raise SafetensorsError(f"{path} is empty")
+    if size < 8:
+        raise SafetensorsError(f"{path} is truncated ({size} bytes, shorter than the 8-byte header length)")
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    if header_len > min(size - 8, _MAX_HEADER_BYTES):
+        raise SafetensorsError(f"{path} is truncated or not a safetensors file (header length {header_len}, "
+                               f"file size {size} bytes)")
+    try:
+        header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SafetensorsError(f"{path} is not a safetensors file (its header is not valid JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    data_start = 8 + header_len
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if not (isinstance(dtype, str) and all(_is_int(d) and d >= 0 for d in shape)
+                    and _is_int(begin) and _is_int(end) and 0 <= begin <= end):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsError(f"{path}: header entry for tensor {name!r} is malformed: {entry!r}") from None
+        if dtype in _DTYPES:
+            nbytes = int(np.prod(shape)) * _DTYPES[dtype].itemsize
+            if end - begin != nbytes:
+                raise SafetensorsError(f"{path}: tensor {name!r} has {end - begin} bytes of data but its shape "
+                                       f"{list(shape)} and dtype {dtype} need {nbytes}")
+        if data_start + end > size:
+            raise SafetensorsError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + end}, "
+                                   f"the file has {size}")
+        entries[name] = (dtype, shape, data_start + begin, data_start + end)
+    return entries
+
+
 class SafetensorsFile:
     """A memory-mapped safetensors file.
 
@@ -48,36 +95,8 @@ class SafetensorsFile:
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         size = self.path.stat().st_size
         try:
-            if size < 8:
-                raise SafetensorsError(f"{self.path} is truncated or empty ({size} bytes; no header)")
-            (header_len,) = struct.unpack("<Q", self._file.read(8))
-            if header_len > size - 8:
-                raise SafetensorsError(
-                    f"{self.path} is truncated: header of {header_len} bytes but the file has {size}")
-            try:
-                header = json.loads(self._file.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise SafetensorsError(f"{self.path} has a malformed header: {e}") from e
-            if not isinstance(header, dict):
-                raise SafetensorsError(f"{self.path} has a malformed header (not a JSON object)")
-            self.metadata = header.pop("__metadata__", None) or {}
-            self._data_start = 8 + header_len
-            data_len = size - self._data_start
-            self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-            for name, entry in header.items():
-                try:
-                    dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-                except (KeyError, TypeError, ValueError) as e:
-                    raise SafetensorsError(f"{self.path}: malformed header entry for tensor {name!r}") from e
-                if end > data_len or begin > end:
-                    raise SafetensorsError(
-                        f"{self.path} is truncated: tensor {name!r} needs bytes {begin}..{end} of the data "
-                        f"section, which has {data_len}")
-                if dtype in _DTYPES and (end - begin) != int(np.prod(shape)) * _DTYPES[dtype].itemsize:
-                    raise SafetensorsError(f"{self.path}: tensor {name!r} has {end - begin} bytes, which does "
-                                           f"not match shape {list(shape)} of {dtype}")
-                self._entries[name] = (dtype, shape, begin, end)
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            self._entries = _parse_header(self.path, self._file, size)   # absolute byte offsets
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         except BaseException:
             self._file.close()
             raise
@@ -100,9 +119,8 @@ class SafetensorsFile:
         dtype, shape, begin, end = self._entry(name)
         if dtype not in _DTYPES:
             raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
-        start = self._data_start + begin
         return np.frombuffer(self._map, dtype=_DTYPES[dtype], count=(end - begin) // _DTYPES[dtype].itemsize,
-                             offset=start).reshape(shape).copy()
+                             offset=begin).reshape(shape).copy()
 
     def _entry(self, name: str):
         try:

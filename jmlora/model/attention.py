@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jmlora.config import ModelConfig, RopeConfig
-from jmlora.model.sharding import logical_sharding
+from jmlora.sharding import filled, logical_sharding
 
 Array = jax.Array
 # A large finite negative (not -inf) so that a fully masked row (an idle batch slot) stays finite.
@@ -50,8 +50,8 @@ def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh:
     """Zero-filled caches (``jnp.empty`` is uninitialised memory in JAX 0.11; zeros keep masked reads finite)."""
     shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
     sharding = logical_sharding(mesh, KV_CACHE_AXES, shape)
-    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    return KVCache(k=tuple(make() for _ in range(cfg.num_layers)), v=tuple(make() for _ in range(cfg.num_layers)))
+    return KVCache(k=tuple(filled(shape, dtype, sharding) for _ in range(cfg.num_layers)),
+                   v=tuple(filled(shape, dtype, sharding) for _ in range(cfg.num_layers)))
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jmlora.config import ModelConfig
+from jmlora.lora.routing import LoRABatch, lora_delta, resolve_impl
 from jmlora.model.attention import KVCache, apply_rope, ref_paged_attention, rope_inv_freq, write_kv
 from jmlora.model.params import LayerParams, Params
 
@@ -50,9 +51,24 @@ def _dense(x: Array, w: Array, spec: str) -> Array:
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+class _LayerLoRA:
+    """The adapter inputs of one layer: adds each row's LoRA term to a projection's output."""
+
+    def __init__(self, lora: LoRABatch | None, layer: int, impl: str):
+        self.targets = {} if lora is None else lora.bank.layers[layer]
+        self.lora, self.impl = lora, impl
+
+    def __call__(self, y: Array, x: Array, target: str) -> Array:
+        """y: the base projection's output ``[B, T, ...out]``; x: its input ``[B, T, in]``."""
+        if target not in self.targets:
+            return y
+        delta = lora_delta(x, self.targets[target], self.lora.slot_ids, self.lora.bank.ranks, self.impl)
+        return y + delta.reshape(y.shape).astype(y.dtype)
+
+
 def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Array, k_cache: Array,
                   v_cache: Array, page_idx: Array, slot_idx: Array, page_table: Array,
-                  kv_lens: Array) -> tuple[Array, Array, Array]:
+                  kv_lens: Array, lora: _LayerLoRA) -> tuple[Array, Array, Array]:
     """One pre-norm decoder layer.
 
     Args:
@@ -61,6 +77,7 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
       k_cache, v_cache: this layer's ``[num_pages, page_size, K, D]`` caches.
       page_idx, slot_idx: ``[B, T]`` where each new token's K/V go (``num_pages`` = padding, dropped).
       page_table: ``[B, P]``; kv_lens: ``[B]`` valid cached tokens after this chunk.
+      lora: adds each row's adapter to the targeted projections.
 
     Returns:
       (x ``[B, T, E]``, k_cache, v_cache).
@@ -69,9 +86,9 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
     inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
     with jax.named_scope("attention"):
         h = rms_norm(x, layer.attn_norm, eps, offset)
-        q = _bias(_dense(h, layer.wq, "bte,ehd->bthd"), layer.bq)          # [B, T, H, D]
-        k = _bias(_dense(h, layer.wk, "bte,ekd->btkd"), layer.bk)          # [B, T, K, D]
-        v = _bias(_dense(h, layer.wv, "bte,ekd->btkd"), layer.bv)          # [B, T, K, D]
+        q = lora(_bias(_dense(h, layer.wq, "bte,ehd->bthd"), layer.bq), h, "q_proj")      # [B, T, H, D]
+        k = lora(_bias(_dense(h, layer.wk, "bte,ekd->btkd"), layer.bk), h, "k_proj")      # [B, T, K, D]
+        v = lora(_bias(_dense(h, layer.wv, "bte,ekd->btkd"), layer.bv), h, "v_proj")      # [B, T, K, D]
         if cfg.qk_norm:
             q = rms_norm(q, layer.q_norm, eps, offset)
             k = rms_norm(k, layer.k_norm, eps, offset)
@@ -80,18 +97,20 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
         k_cache = write_kv(k_cache, k, page_idx, slot_idx)
         v_cache = write_kv(v_cache, v, page_idx, slot_idx)
         attn = ref_paged_attention(q, k_cache, v_cache, page_table, positions, kv_lens)   # [B, T, H, D]
-        x = x + _bias(_dense(attn, layer.wo, "bthd,hde->bte"), layer.bo)
+        B, T = attn.shape[:2]
+        x = x + lora(_bias(_dense(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1), "o_proj")
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer.mlp_norm, eps, offset)
-        gate = _bias(_dense(h, layer.w_gate, "bte,em->btm"), layer.b_gate)   # [B, T, M]
-        up = _bias(_dense(h, layer.w_up, "bte,em->btm"), layer.b_up)
+        gate = lora(_bias(_dense(h, layer.w_gate, "bte,em->btm"), layer.b_gate), h, "gate_proj")   # [B, T, M]
+        up = lora(_bias(_dense(h, layer.w_up, "bte,em->btm"), layer.b_up), h, "up_proj")
         h = _activation(cfg.activation)(gate) * up
-        x = x + _bias(_dense(h, layer.w_down, "btm,me->bte"), layer.b_down)
+        x = x + lora(_bias(_dense(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")
     return x, k_cache, v_cache
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, num_tokens: Array,
-            page_table: Array, cache: KVCache) -> tuple[Array, KVCache]:
+            page_table: Array, cache: KVCache, lora: LoRABatch | None = None,
+            lora_impl: str = "auto") -> tuple[Array, KVCache]:
     """Runs a chunk of new tokens through the decoder, writing their K/V into the cache.
 
     Args:
@@ -102,6 +121,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, n
       num_tokens: ``[B]`` int32 how many of the T tokens are real; padding is neither written nor attended.
       page_table: ``[B, P]`` int32 pages of each sequence; must cover ``start_pos + num_tokens`` tokens.
       cache: the KV cache.
+      lora: the adapter bank and each row's slot (``[B]``, 0 = base model only); None for no adapters.
+      lora_impl: the routing formulation (``jmlora.lora.routing.LORA_IMPLS``) or "auto" (static).
 
     Returns:
       (hidden ``[B, T, E]`` after the final norm, updated cache).
@@ -120,11 +141,12 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, n
     x = params.embed[tokens]                                                        # [B, T, E]
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, dtype)
+    impl = resolve_impl(lora_impl, T)
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer_{i}"):
             x, k, v = decoder_layer(cfg, layer, x, positions, cache.k[i], cache.v[i], page_idx, slot_idx,
-                                    page_table, kv_lens)
+                                    page_table, kv_lens, _LayerLoRA(lora, i, impl))
         new_k.append(k)
         new_v.append(v)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)
@@ -138,13 +160,14 @@ def compute_logits(params: Params, hidden: Array) -> Array:
     return jnp.einsum("...e,ev->...v", hidden, params.lm_head, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_impl"), donate_argnames=("cache",))
 def forward_logits(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, num_tokens: Array,
-                   page_table: Array, cache: KVCache) -> tuple[Array, KVCache]:
+                   page_table: Array, cache: KVCache, lora: LoRABatch | None = None,
+                   lora_impl: str = "auto") -> tuple[Array, KVCache]:
     """``forward`` + LM head at every position, jitted with the cache donated.
 
     Returns:
       (logits ``[B, T, V]`` float32, updated cache).
     """
-    hidden, cache = forward(params, cfg, tokens, start_pos, num_tokens, page_table, cache)
+    hidden, cache = forward(params, cfg, tokens, start_pos, num_tokens, page_table, cache, lora, lora_impl)
     return compute_logits(params, hidden), cache

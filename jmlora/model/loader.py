@@ -20,8 +20,8 @@ from jax.sharding import Mesh
 
 from jmlora.config import ModelConfig
 from jmlora.model.params import Params, assemble_params, param_specs
-from jmlora.model.sharding import logical_sharding, make_mesh
 from jmlora.safetensors_io import FLOAT_DTYPES, SafetensorsError, SafetensorsFile
+from jmlora.sharding import logical_sharding, make_mesh
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ shard heads, e.g. ``wq: [embed, heads, head_dim]``, ``wo: [heads, head_dim, embe
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -18,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jmlora.config import ModelConfig
-from jmlora.model.sharding import logical_sharding
+from jmlora.sharding import filled, logical_sharding
 
 Array = jax.Array
 
@@ -162,11 +163,13 @@ def init_params(cfg: ModelConfig, mesh: Mesh, *, dtype=jnp.bfloat16, seed: int =
         key, sub = jax.random.split(key)
         sharding = logical_sharding(mesh, spec.axes, spec.shape)
         if spec.init == "normal":
-            make = jax.jit(lambda k, s=spec: (scale * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype),
-                           out_shardings=sharding)
-            values[spec.path] = make(sub)
+            values[spec.path] = _normal_fn(spec.shape, jnp.dtype(dtype), float(scale), sharding)(sub)
         else:
-            fill = 1.0 if spec.init == "ones" else 0.0
-            values[spec.path] = jax.jit(lambda s=spec, f=fill: jnp.full(s.shape, f, dtype),
-                                        out_shardings=sharding)()
+            values[spec.path] = filled(spec.shape, dtype, sharding, 1.0 if spec.init == "ones" else 0.0)
     return assemble_params(cfg, values)
+
+
+@functools.cache
+def _normal_fn(shape, dtype, scale, sharding):
+    """A jitted random-normal maker, cached so that same-shaped parameters (every layer's) compile once."""
+    return jax.jit(lambda k: (scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype), out_shardings=sharding)

@@ -7,9 +7,11 @@ any ``(data, model)`` mesh whose ``model`` size divides the head, KV-head, MLP a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -30,6 +32,8 @@ LOGICAL_RULES: dict[str, str | None] = {
     "pages": None,
     "page_slot": None,
     "seq": None,
+    "lora_slots": None,
+    "lora_rank": None,
 }
 
 
@@ -70,3 +74,17 @@ def logical_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int
             if mesh_axis is not None and shape[i] % mesh.shape[mesh_axis]:
                 spec[i] = None
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+@functools.cache
+def _filled_fn(shape: tuple[int, ...], dtype, value: float, sharding: NamedSharding):
+    return jax.jit(lambda: jnp.full(shape, value, dtype), out_shardings=sharding)
+
+
+def filled(shape: Sequence[int], dtype, sharding: NamedSharding, value: float = 0.0) -> jax.Array:
+    """An array of ``value`` made directly on the devices with ``sharding``.
+
+    The jitted maker is cached per (shape, dtype, value, sharding), so re-allocating caches or banks of a
+    shape seen before never compiles again.
+    """
+    return _filled_fn(tuple(shape), jnp.dtype(dtype), float(value), sharding)()

@@ -1,0 +1,97 @@
+"""Per-sequence LoRA routing: each row of a batch gets the adapter in its bank slot.
+
+``lora_delta`` computes ``expand(shrink(x, A[slot]), B[slot])`` for every token, with one of several
+formulations behind one function (``impl``):
+
+- ``"gather"``: gather each sequence's A and B (``[B, in, R]``), two batched einsums.
+- ``"onehot"``: every token against every slot's A, masked by a one-hot of its slot, then against all of B.
+  Reads each slot's weights once (no per-row copies) at the cost of ``S`` times the (tiny) low-rank flops;
+  decode-only (``T == 1``), where its extra flops are negligible.
+- ``"ragged"``: tokens sorted by slot and two ``lax.ragged_dot`` grouped matmuls (SGMV-like).
+- ``"pallas"``: the gathered low-rank Pallas kernels of ``pallas_kernels.lora`` (BGMV/SGMV per shape).
+
+Measured choices are in ``benchmarks/RESULTS.md``; ``DEFAULT_IMPL`` holds the winner per phase.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jmlora.lora.bank import AdapterBank, TargetBank
+
+Array = jax.Array
+
+LORA_IMPLS = ("gather", "onehot", "ragged", "pallas")
+# impl used when the caller passes "auto": (prefill, decode)
+DEFAULT_IMPL = {"prefill": "gather", "decode": "gather"}
+
+
+@flax.struct.dataclass
+class LoRABatch:
+    """The adapter inputs of one forward: the bank and each sequence's slot (0 = no adapter).
+
+    Attributes:
+      bank: the adapter bank.
+      slot_ids: ``[B]`` int32 slot of each batch row.
+    """
+
+    bank: AdapterBank
+    slot_ids: Array
+
+
+def resolve_impl(impl: str, num_new_tokens: int) -> str:
+    """Maps "auto" to the measured default for prefill (T > 1) or decode (T == 1); validates names."""
+    if impl == "auto":
+        return DEFAULT_IMPL["decode" if num_new_tokens == 1 else "prefill"]
+    if impl not in LORA_IMPLS:
+        raise ValueError(f"lora impl must be 'auto' or one of {LORA_IMPLS}, got {impl!r}")
+    return impl
+
+
+def lora_delta(x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: str) -> Array:
+    """The LoRA term of one projection for every token.
+
+    Args:
+      x: ``[B, T, in]`` projection input.
+      tb: the target's bank, ``a [S, in, R]``, ``b [S, R, out]``.
+      slot_ids: ``[B]`` int32 slot of each row.
+      ranks: ``[S]`` int32 true rank of each slot.
+      impl: one of ``LORA_IMPLS``.
+
+    Returns:
+      ``[B, T, out]`` in x's dtype. The shrink result is rounded to x's dtype before the expand, as PEFT
+      does when it runs ``lora_B(lora_A(x))`` in the model's dtype.
+    """
+    B, T, n_in = x.shape
+    if impl == "gather":
+        a = tb.a[slot_ids]                                                              # [B, in, R]
+        b = tb.b[slot_ids]                                                              # [B, R, out]
+        h = jnp.einsum("bti,bir->btr", x, a, preferred_element_type=jnp.float32).astype(x.dtype)
+        return jnp.einsum("btr,bro->bto", h, b, preferred_element_type=jnp.float32).astype(x.dtype)
+    if impl == "onehot":
+        S = tb.a.shape[0]
+        onehot = jax.nn.one_hot(slot_ids, S, dtype=x.dtype)                              # [B, S]
+        h = jnp.einsum("bti,sir->btsr", x, tb.a, preferred_element_type=jnp.float32).astype(x.dtype)
+        h = h * onehot[:, None, :, None]                                                # [B, T, S, R]
+        return jnp.einsum("btsr,sro->bto", h, tb.b, preferred_element_type=jnp.float32).astype(x.dtype)
+    if impl == "ragged":
+        S = tb.a.shape[0]
+        token_slots = jnp.repeat(slot_ids, T)                                           # [N]
+        order = jnp.argsort(token_slots, stable=True)
+        group_sizes = jnp.bincount(token_slots, length=S).astype(jnp.int32)            # [S]
+        xs = x.reshape(B * T, n_in)[order]                                              # [N, in]
+        h = jax.lax.ragged_dot(xs, tb.a, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+        ys = jax.lax.ragged_dot(h, tb.b, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+        y = jnp.zeros_like(ys).at[order].set(ys)                                        # unsort
+        return y.reshape(B, T, -1)
+    if impl == "pallas":
+        from pallas_kernels.lora import lora_expand, lora_shrink
+
+        token_slots = jnp.repeat(slot_ids, T)
+        xf = x.reshape(B * T, n_in)
+        h = lora_shrink(xf, tb.a, token_slots, ranks).astype(x.dtype)
+        y = lora_expand(jnp.zeros((B * T, tb.b.shape[-1]), x.dtype), h, tb.b, token_slots, ranks)
+        return y.reshape(B, T, -1).astype(x.dtype)
+    raise ValueError(f"unknown lora impl {impl!r}")
