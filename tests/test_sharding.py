@@ -11,7 +11,7 @@ from test_model import PAGE_SIZE, PAGES_PER_SEQ, PROMPTS, run_chunk, shuffled_pa
 
 from jmlora.config import ModelConfig
 from jmlora.model import init_kv_cache, load_params, make_mesh
-from jmlora.model.sharding import MODEL_AXIS, logical_sharding
+from jmlora.sharding import MODEL_AXIS, logical_sharding
 
 
 @pytest.fixture(scope="module")
