@@ -1,7 +1,8 @@
 """Rotary embeddings and attention over a paged KV cache (plain jnp reference).
 
-The cache is paged from the start: each layer's K and V are ``[num_pages, page_size, kv_heads, head_dim]``
-and every sequence owns the pages its row of ``page_table`` lists, in order. Prefill, chunked prefill and
+The cache is paged from the start: each layer's K and V are ``[kv_heads, num_pages, page_size, head_dim]``
+(head-major, the layout of JAX's Pallas GPU paged-attention kernel, and shardable by KV head) and every
+sequence owns the pages its row of ``page_table`` lists, in order. Prefill, chunked prefill and
 decode are one code path: a chunk of ``T`` new tokens per sequence starting at ``start_pos``.
 """
 
@@ -28,7 +29,7 @@ class KVCache:
     """Per-layer paged key/value caches.
 
     Attributes:
-      k, v: one array per layer, each ``[num_pages, page_size, kv_heads, head_dim]``.
+      k, v: one array per layer, each ``[kv_heads, num_pages, page_size, head_dim]``.
     """
 
     k: tuple[Array, ...]
@@ -36,19 +37,19 @@ class KVCache:
 
     @property
     def num_pages(self) -> int:
-        return self.k[0].shape[0]
+        return self.k[0].shape[1]
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
 
-KV_CACHE_AXES = ("pages", "page_slot", "kv_heads", "head_dim")
+KV_CACHE_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh: Mesh) -> KVCache:
     """Zero-filled caches (``jnp.empty`` is uninitialised memory in JAX 0.11; zeros keep masked reads finite)."""
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
     sharding = logical_sharding(mesh, KV_CACHE_AXES, shape)
     return KVCache(k=tuple(filled(shape, dtype, sharding) for _ in range(cfg.num_layers)),
                    v=tuple(filled(shape, dtype, sharding) for _ in range(cfg.num_layers)))
@@ -82,12 +83,12 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 
 def write_kv(cache: Array, new: Array, page_idx: Array, slot_idx: Array) -> Array:
-    """Scatters ``new: [B, T, K, D]`` into ``cache: [pages, page_size, K, D]``.
+    """Scatters ``new: [B, T, K, D]`` into ``cache: [K, pages, page_size, D]``.
 
     ``page_idx``/``slot_idx`` are ``[B, T]``; a page index equal to ``num_pages`` marks a padding token,
     which is dropped (never written).
     """
-    return cache.at[page_idx, slot_idx].set(new.astype(cache.dtype), mode="drop")
+    return cache.at[:, page_idx, slot_idx].set(new.transpose(2, 0, 1, 3).astype(cache.dtype), mode="drop")
 
 
 def ref_paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Array, q_positions: Array,
@@ -96,7 +97,7 @@ def ref_paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Ar
 
     Args:
       q: ``[B, T, H, D]`` queries (RoPE applied).
-      k_cache, v_cache: ``[num_pages, page_size, K, D]``.
+      k_cache, v_cache: ``[K, num_pages, page_size, D]``.
       page_table: ``[B, P]`` page ids of each sequence, in order.
       q_positions: ``[B, T]`` absolute position of each query.
       kv_lens: ``[B]`` number of valid cached tokens of each sequence (after this chunk's writes).
@@ -105,10 +106,10 @@ def ref_paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Ar
       ``[B, T, H, D]`` in q's dtype. Rows of padding queries are finite garbage.
     """
     B, T, H, D = q.shape
-    _, page_size, K, _ = k_cache.shape
+    K, _, page_size, _ = k_cache.shape
     P = page_table.shape[1]
-    k = k_cache[page_table].reshape(B, P * page_size, K, D)                 # [B, S, K, D]
-    v = v_cache[page_table].reshape(B, P * page_size, K, D)
+    k = k_cache[:, page_table].reshape(K, B, P * page_size, D).transpose(1, 2, 0, 3)   # [B, S, K, D]
+    v = v_cache[:, page_table].reshape(K, B, P * page_size, D).transpose(1, 2, 0, 3)
     qg = q.reshape(B, T, K, H // K, D)                                      # [B, T, K, G, D]
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
     key_pos = jnp.arange(P * page_size)
@@ -117,3 +118,43 @@ def ref_paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Ar
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, H, D).astype(q.dtype)
+
+
+ATTENTION_IMPLS = ("reference", "pallas_gpu")
+
+
+def resolve_attention_impl(impl: str, num_new_tokens: int) -> str:
+    """"auto" picks JAX's Pallas GPU paged-attention kernel for decode (T == 1) on GPU, else the reference."""
+    if impl == "auto":
+        return "pallas_gpu" if num_new_tokens == 1 and jax.default_backend() == "gpu" else "reference"
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be 'auto' or one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "pallas_gpu" and num_new_tokens != 1:
+        raise ValueError("the pallas_gpu attention kernel serves decode only (one new token per sequence)")
+    return impl
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+def paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Array, q_positions: Array,
+                    kv_lens: Array, *, impl: str = "reference", interpret: bool = False) -> Array:
+    """Attention over the paged cache with the chosen implementation (same contract as ``ref_paged_attention``).
+
+    ``pallas_gpu`` is ``jax.experimental.pallas.ops.gpu.paged_attention`` (Triton lowering), for decode: the
+    query of each sequence is its newest token, so attending to all ``kv_lens`` cached tokens is causal.
+    """
+    if impl == "reference":
+        return ref_paged_attention(q, k_cache, v_cache, page_table, q_positions, kv_lens)
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as pallas_paged_attention
+
+    pages_per_seq = page_table.shape[1]
+    k_splits = _largest_divisor(pages_per_seq, 16)
+    per_block = _largest_divisor(pages_per_seq // k_splits, 8)
+    # the kernel does not scale the logits: fold 1/sqrt(D) into q (in float32, then back to q's dtype)
+    q_scaled = (q[:, 0].astype(jnp.float32) / math.sqrt(q.shape[-1])).astype(q.dtype)        # [B, H, D]
+    out = pallas_paged_attention(q_scaled, k_cache, v_cache, page_table, kv_lens.astype(jnp.int32),
+                                 block_h=16, pages_per_compute_block=per_block, k_splits=k_splits,
+                                 interpret=interpret)
+    return out[:, None]

@@ -15,7 +15,14 @@ import jax.numpy as jnp
 
 from jmlora.config import ModelConfig
 from jmlora.lora.routing import LoRABatch, lora_delta, resolve_impl
-from jmlora.model.attention import KVCache, apply_rope, ref_paged_attention, rope_inv_freq, write_kv
+from jmlora.model.attention import (
+    KVCache,
+    apply_rope,
+    paged_attention,
+    resolve_attention_impl,
+    rope_inv_freq,
+    write_kv,
+)
 from jmlora.model.params import LayerParams, Params
 
 Array = jax.Array
@@ -68,7 +75,7 @@ class _LayerLoRA:
 
 def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Array, k_cache: Array,
                   v_cache: Array, page_idx: Array, slot_idx: Array, page_table: Array,
-                  kv_lens: Array, lora: _LayerLoRA) -> tuple[Array, Array, Array]:
+                  kv_lens: Array, lora: _LayerLoRA, attention_impl: str = "reference") -> tuple[Array, Array, Array]:
     """One pre-norm decoder layer.
 
     Args:
@@ -78,6 +85,7 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
       page_idx, slot_idx: ``[B, T]`` where each new token's K/V go (``num_pages`` = padding, dropped).
       page_table: ``[B, P]``; kv_lens: ``[B]`` valid cached tokens after this chunk.
       lora: adds each row's adapter to the targeted projections.
+      attention_impl: a resolved ``jmlora.model.attention.ATTENTION_IMPLS`` name.
 
     Returns:
       (x ``[B, T, E]``, k_cache, v_cache).
@@ -96,7 +104,7 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
         k = apply_rope(k, positions, inv_freq)
         k_cache = write_kv(k_cache, k, page_idx, slot_idx)
         v_cache = write_kv(v_cache, v, page_idx, slot_idx)
-        attn = ref_paged_attention(q, k_cache, v_cache, page_table, positions, kv_lens)   # [B, T, H, D]
+        attn = paged_attention(q, k_cache, v_cache, page_table, positions, kv_lens, impl=attention_impl)  # [B,T,H,D]
         B, T = attn.shape[:2]
         x = x + lora(_bias(_dense(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1), "o_proj")
     with jax.named_scope("mlp"):
@@ -110,7 +118,7 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, num_tokens: Array,
             page_table: Array, cache: KVCache, lora: LoRABatch | None = None,
-            lora_impl: str = "auto") -> tuple[Array, KVCache]:
+            lora_impl: str = "auto", attention_impl: str = "auto") -> tuple[Array, KVCache]:
     """Runs a chunk of new tokens through the decoder, writing their K/V into the cache.
 
     Args:
@@ -123,6 +131,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, n
       cache: the KV cache.
       lora: the adapter bank and each row's slot (``[B]``, 0 = base model only); None for no adapters.
       lora_impl: the routing formulation (``jmlora.lora.routing.LORA_IMPLS``) or "auto" (static).
+      attention_impl: "reference", "pallas_gpu" (decode on GPU) or "auto" (static).
 
     Returns:
       (hidden ``[B, T, E]`` after the final norm, updated cache).
@@ -142,11 +151,12 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, n
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, dtype)
     impl = resolve_impl(lora_impl, T)
+    attn_impl = resolve_attention_impl(attention_impl, T)
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer_{i}"):
             x, k, v = decoder_layer(cfg, layer, x, positions, cache.k[i], cache.v[i], page_idx, slot_idx,
-                                    page_table, kv_lens, _LayerLoRA(lora, i, impl))
+                                    page_table, kv_lens, _LayerLoRA(lora, i, impl), attn_impl)
         new_k.append(k)
         new_v.append(v)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)
@@ -160,14 +170,15 @@ def compute_logits(params: Params, hidden: Array) -> Array:
     return jnp.einsum("...e,ev->...v", hidden, params.lm_head, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_impl", "attention_impl"), donate_argnames=("cache",))
 def forward_logits(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, num_tokens: Array,
                    page_table: Array, cache: KVCache, lora: LoRABatch | None = None,
-                   lora_impl: str = "auto") -> tuple[Array, KVCache]:
+                   lora_impl: str = "auto", attention_impl: str = "auto") -> tuple[Array, KVCache]:
     """``forward`` + LM head at every position, jitted with the cache donated.
 
     Returns:
       (logits ``[B, T, V]`` float32, updated cache).
     """
-    hidden, cache = forward(params, cfg, tokens, start_pos, num_tokens, page_table, cache, lora, lora_impl)
+    hidden, cache = forward(params, cfg, tokens, start_pos, num_tokens, page_table, cache, lora, lora_impl,
+                            attention_impl)
     return compute_logits(params, hidden), cache
