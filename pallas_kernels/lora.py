@@ -1,0 +1,361 @@
+"""Public LoRA kernel entry points: backend dispatch, decode/prefill choice, custom VJPs, multi-slice forms.
+
+    y = x @ W + lora_shrink_expand(y?, x, A, B, slot_ids, ranks)   # the model calls the fused op
+
+Layouts (fixed): x [T, H]; a [S, H, R]; b [S, R, O] (scaling folded in); ranks [S] int32 (0 for slot 0 and
+empty slots); slot_ids [T] int32 in [0, S), tokens in any order. Padding (columns >= rank of a[s], rows >= rank
+of b[s]) may hold anything, NaN included, and never reaches an output.
+
+Output dtypes: ``lora_shrink`` returns float32 h [T, R] (h is tiny; float32 keeps the expand exact);
+``lora_expand`` / ``lora_shrink_expand`` return y.dtype.
+
+Backends (``backend=``):
+  None          auto: the platform's kernel ("triton" on CUDA/ROCm, "tpu" on TPU), else "reference".
+  "reference"   the jnp twins (XLA gather + einsum).
+  "triton"      Pallas kernels through the Triton lowering (the GPU choice: see ``gpu_backend``).
+  "tpu"         Pallas kernels through Mosaic TPU (decode form for every shape).
+``interpret=True`` runs a kernel backend through the Pallas interpreter (CPU tests).
+
+Forms (``form=``): "decode" (BGMV: one program per token, tokens in any order), "prefill" (SGMV: tokens
+sorted by slot inside jit, tiles of sorted rows, tensor-core dots, results scattered back to token order) or
+"auto" (prefill when T >= ``PREFILL_MIN_TOKENS`` and R >= 16, the dot's minimum).
+
+Every op is a pure function of its (local) arrays with static shapes: it jits, runs inside ``jax.shard_map``
+and has a ``jax.custom_vjp`` (gradients for x, a, b and h; none for slot_ids and ranks) whose backward pass is
+grouped jnp (sort + ``lax.ragged_dot``), matching the reference's gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import _common, expand, shrink
+from pallas_kernels.expand import ref_lora_expand
+from pallas_kernels.shrink import ref_lora_shrink
+
+BACKENDS = ("reference", "triton", "tpu")
+FORMS = ("auto", "decode", "prefill")
+PREFILL_MIN_TOKENS = 512  # measured on the H200: see benchmarks/KERNELS_NOTES.md
+
+
+def gpu_backend() -> str:
+    """The Pallas backend used on NVIDIA/AMD GPUs.
+
+    Chosen by measurement on the H200 (benchmarks/KERNELS_NOTES.md): the Triton lowering, whose pointer
+    gathers express the per-token adapter gather directly; keep this the one place that decides.
+    """
+    return "triton"
+
+
+def resolve_backend(backend: str | None, interpret: bool = False) -> str:
+    """Maps ``backend`` (None = auto) to one of BACKENDS for the default JAX platform."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        return backend
+    platform = _common.default_platform()
+    if platform in ("cuda", "rocm", "gpu"):
+        return gpu_backend()
+    if platform == "tpu":
+        return "tpu"
+    return "reference"
+
+
+def _kernel_supported(backend: str, r_max: int, dims: tuple[int, ...]) -> str | None:
+    """Why the kernels of ``backend`` cannot take these shapes, or None when they can."""
+    if backend == "triton":
+        if not _common.is_pow2(r_max):
+            return f"R={r_max} is not a power of two"
+        for d in dims:
+            if _common.largest_pow2_divisor(d, 16) < 16:
+                return f"dimension {d} is not a multiple of 16"
+    if backend == "tpu":
+        for d in dims:
+            if d % 128:
+                return f"dimension {d} is not a multiple of 128"
+    return None
+
+
+def _pick(backend, interpret, r_max, dims):
+    chosen = resolve_backend(backend, interpret)
+    if chosen == "reference":
+        return chosen
+    why = _kernel_supported(chosen, r_max, dims)
+    if why is not None:
+        if backend is not None:  # forced: tell the caller
+            raise ValueError(f"backend {chosen!r} cannot run this shape: {why}")
+        return "reference"  # auto: fall back to the reference
+    return chosen
+
+
+def _pick_form(form: str, num_tokens: int, r_max: int) -> str:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form == "auto":
+        return "prefill" if (num_tokens >= PREFILL_MIN_TOKENS and r_max >= 16) else "decode"
+    if form == "prefill" and r_max < 16:
+        raise ValueError(f"the prefill form needs R >= 16 (tensor-core dot), got R={r_max}")
+    return form
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward implementations (no autodiff), per backend.
+
+
+def _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, grouping=None):
+    """h partials [n_split, T, R] float32 (sum over axis 0 = shrink)."""
+    if backend == "reference":
+        return ref_lora_shrink(x, a, slot_ids, ranks)[None]
+    if backend == "tpu":
+        from pallas_kernels import _tpu_lora
+
+        return _tpu_lora.tpu_shrink(x, a, slot_ids, ranks, interpret=interpret)[None]
+    if _pick_form(form, x.shape[0], a.shape[2]) == "prefill":
+        return shrink.sgmv_shrink_partials(x, a, slot_ids, ranks, interpret=interpret, grouping=grouping)
+    return shrink.bgmv_shrink_partials(x, a, slot_ids, ranks, interpret=interpret)
+
+
+def _expand_from_partials(y, hp, b, slot_ids, ranks, backend, form, interpret, grouping=None):
+    if backend == "reference":
+        return ref_lora_expand(y, jnp.sum(hp, axis=0), b, slot_ids, ranks)
+    if backend == "tpu":
+        from pallas_kernels import _tpu_lora
+
+        return _tpu_lora.tpu_expand(y, jnp.sum(hp, axis=0), b, slot_ids, ranks, interpret=interpret)
+    if _pick_form(form, y.shape[0], b.shape[1]) == "prefill":
+        return expand.sgmv_expand(y, hp, b, slot_ids, ranks, interpret=interpret, grouping=grouping)
+    return expand.bgmv_expand(y, hp, b, slot_ids, ranks, interpret=interpret)
+
+
+def _grouping(backend, form, slot_ids, num_slots, r_max):
+    """One sort shared by the shrink and the expand of a fused prefill call (None elsewhere)."""
+    if backend != "triton" or _pick_form(form, slot_ids.shape[0], r_max) != "prefill":
+        return None
+    block_m = shrink.sgmv_block_sizes(slot_ids.shape[0], 16, r_max)[0]
+    if block_m != expand.sgmv_expand_block_sizes(slot_ids.shape[0], 16, r_max)[0]:
+        return None
+    return _common.group_tokens(slot_ids, num_slots, block_m)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward: grouped jnp (sort + ragged_dot), no [T, H, R] gather.
+
+
+def _grouped_shrink(x, a_masked, slot_ids):
+    """h [T, R] f32 = x[t] @ a_masked[slot[t]] through a sort and lax.ragged_dot (differentiable)."""
+    s = a_masked.shape[0]
+    perm = jnp.argsort(slot_ids, stable=True)
+    sizes = jnp.bincount(slot_ids, length=s).astype(jnp.int32)
+    hs = lax.ragged_dot(x[perm], a_masked, sizes, preferred_element_type=jnp.float32)  # [T, R]
+    return jnp.zeros_like(hs).at[perm].set(hs)
+
+
+def _grouped_expand_delta(h_masked, b_masked, slot_ids):
+    """delta [T, O] f32 = h_masked[t] @ b_masked[slot[t]] through a sort and lax.ragged_dot."""
+    s = b_masked.shape[0]
+    perm = jnp.argsort(slot_ids, stable=True)
+    sizes = jnp.bincount(slot_ids, length=s).astype(jnp.int32)
+    ds = lax.ragged_dot(
+        h_masked[perm].astype(jnp.float32), b_masked.astype(jnp.float32), sizes,
+        preferred_element_type=jnp.float32,
+    )
+    return jnp.zeros_like(ds).at[perm].set(ds)
+
+
+def _shrink_bwd_math(x, a, slot_ids, ranks, dh):
+    def f(x_, a_):
+        return _grouped_shrink(x_, _common.masked_bank_a(a_, ranks), slot_ids)
+
+    _, vjp = jax.vjp(f, x, a)
+    dx, da = vjp(dh.astype(jnp.float32))
+    return dx.astype(x.dtype), da.astype(a.dtype)
+
+
+def _expand_bwd_math(h, b, slot_ids, ranks, dy):
+    rank_t = _common.token_ranks(slot_ids, ranks)
+    live = jnp.arange(b.shape[1])[None, :] < rank_t[:, None]
+
+    def f(h_, b_):
+        hm = jnp.where(live, h_.astype(jnp.float32), 0.0)
+        return _grouped_expand_delta(hm, _common.masked_bank_b(b_, ranks), slot_ids)
+
+    _, vjp = jax.vjp(f, h, b)
+    dh, db = vjp(dy.astype(jnp.float32))
+    return dh.astype(h.dtype), db.astype(b.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Differentiable cores (static config as nondiff args).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _shrink_core(x, a, slot_ids, ranks, backend, form, interpret):
+    return jnp.sum(_shrink_partials(x, a, slot_ids, ranks, backend, form, interpret), axis=0)
+
+
+def _shrink_core_fwd(x, a, slot_ids, ranks, backend, form, interpret):
+    h = _shrink_core(x, a, slot_ids, ranks, backend, form, interpret)
+    return h, (x, a, slot_ids, ranks)
+
+
+def _shrink_core_bwd(backend, form, interpret, res, dh):
+    x, a, slot_ids, ranks = res
+    dx, da = _shrink_bwd_math(x, a, slot_ids, ranks, dh)
+    return dx, da, None, None
+
+
+_shrink_core.defvjp(_shrink_core_fwd, _shrink_core_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _expand_core(y, h, b, slot_ids, ranks, backend, form, interpret):
+    return _expand_from_partials(y, h[None], b, slot_ids, ranks, backend, form, interpret)
+
+
+def _expand_core_fwd(y, h, b, slot_ids, ranks, backend, form, interpret):
+    out = _expand_core(y, h, b, slot_ids, ranks, backend, form, interpret)
+    return out, (h, b, slot_ids, ranks)
+
+
+def _expand_core_bwd(backend, form, interpret, res, dy):
+    h, b, slot_ids, ranks = res
+    dh, db = _expand_bwd_math(h, b, slot_ids, ranks, dy)
+    return dy, dh, db, None, None
+
+
+_expand_core.defvjp(_expand_core_fwd, _expand_core_bwd)
+
+
+def _fused_forward(y, x, a, b, slot_ids, ranks, backend, form, interpret):
+    grouping = _grouping(backend, form, slot_ids, a.shape[0], a.shape[2])
+    hp = _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, grouping)
+    return _expand_from_partials(y, hp, b, slot_ids, ranks, backend, form, interpret, grouping), hp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _fused_core(y, x, a, b, slot_ids, ranks, backend, form, interpret):
+    return _fused_forward(y, x, a, b, slot_ids, ranks, backend, form, interpret)[0]
+
+
+def _fused_core_fwd(y, x, a, b, slot_ids, ranks, backend, form, interpret):
+    out, hp = _fused_forward(y, x, a, b, slot_ids, ranks, backend, form, interpret)
+    return out, (x, a, b, jnp.sum(hp, axis=0), slot_ids, ranks)
+
+
+def _fused_core_bwd(backend, form, interpret, res, dy):
+    x, a, b, h, slot_ids, ranks = res
+    dh, db = _expand_bwd_math(h, b, slot_ids, ranks, dy)
+    dx, da = _shrink_bwd_math(x, a, slot_ids, ranks, dh)
+    return dy, dx, da, db, None, None
+
+
+_fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def lora_shrink(x, a, slot_ids, ranks, *, backend=None, form="auto", interpret=False):
+    """Gathered low-rank shrink: h[t] = x[t] @ a[slot_ids[t], :, :rank].
+
+    Args:
+      x: [T, H] activations (float32 or bfloat16).
+      a: [S, H, R] stacked A; columns >= ranks[s] are padding.
+      slot_ids: [T] int32 in [0, S).
+      ranks: [S] int32.
+      backend: None (auto), "reference", "triton" or "tpu".
+      form: "auto", "decode" or "prefill".
+      interpret: run the kernel through the Pallas interpreter.
+
+    Returns:
+      h: [T, R] float32, zero in columns >= the token's rank.
+    """
+    _common.check_shrink_args(x, a, slot_ids, ranks)
+    chosen = _pick(backend, interpret, a.shape[2], (x.shape[1],))
+    return _shrink_core(x, a, slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), chosen, form, interpret)
+
+
+def lora_expand(y, h, b, slot_ids, ranks, *, backend=None, form="auto", interpret=False):
+    """Gathered low-rank expand: y_out[t] = y[t] + h[t, :rank] @ b[slot_ids[t], :rank].
+
+    Args:
+      y: [T, O] base output (the kernel backends update it in place when it is donated).
+      h: [T, R] shrink output (any float dtype); columns >= the token's rank are ignored.
+      b: [S, R, O] stacked B (scaling folded in); rows >= ranks[s] are padding.
+      slot_ids: [T] int32 in [0, S).
+      ranks: [S] int32.
+      backend, form, interpret: as in ``lora_shrink``.
+
+    Returns:
+      y_out: [T, O] in y.dtype.
+    """
+    _common.check_expand_args(y, h, b, slot_ids, ranks)
+    chosen = _pick(backend, interpret, b.shape[1], (y.shape[1],))
+    return _expand_core(
+        y, h, b, slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), chosen, form, interpret
+    )
+
+
+def lora_shrink_expand(y, x, a, b, slot_ids, ranks, *, backend=None, form="auto", interpret=False):
+    """Fused LoRA delta: y_out[t] = y[t] + (x[t] @ a[s, :, :rank]) @ b[s, :rank], s = slot_ids[t].
+
+    The kernel path launches the shrink and the expand back to back; the shrink's per-H-slice partial sums
+    go straight into the expand (no reduced h in between). A single launch would need a grid-wide reduction
+    over H before any output column, so two launches measure better.
+
+    Args:
+      y: [T, O]; x: [T, H]; a: [S, H, R]; b: [S, R, O]; slot_ids: [T] int32; ranks: [S] int32.
+      backend, form, interpret: as in ``lora_shrink``.
+
+    Returns:
+      y_out: [T, O] in y.dtype.
+    """
+    _common.check_shrink_args(x, a, slot_ids, ranks)
+    _common.check_expand_args(y, jnp.zeros((x.shape[0], a.shape[2])), b, slot_ids, ranks)
+    chosen = _pick(backend, interpret, a.shape[2], (x.shape[1], y.shape[1]))
+    return _fused_core(
+        y, x, a, b, slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), chosen, form, interpret
+    )
+
+
+def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, form="auto", interpret=False):
+    """Multi-slice LoRA for projections that share one input (q/k/v, gate/up).
+
+    Args:
+      ys: tuple of base outputs, ys[i]: [T, O_i] (O_i may differ, as for q/k/v).
+      x: [T, H] shared input.
+      adapters: tuple of (a_i [S, H, R_i], b_i [S, R_i, O_i]), one per slice.
+      slot_ids: [T] int32.
+      ranks: [S] int32 shared by all slices, or a tuple of one [S] array per slice.
+      backend, form, interpret: as in ``lora_shrink``.
+
+    Returns:
+      tuple of y_out[i]: [T, O_i] in ys[i].dtype.
+    """
+    if len(ys) != len(adapters):
+        raise ValueError(f"got {len(ys)} outputs but {len(adapters)} (a, b) pairs")
+    if not isinstance(ranks, (tuple, list)):
+        ranks = (ranks,) * len(ys)
+    if len(ranks) != len(ys):
+        raise ValueError(f"got {len(ranks)} rank vectors for {len(ys)} slices")
+    return tuple(
+        lora_shrink_expand(
+            y, x, a, b, slot_ids, r, backend=backend, form=form, interpret=interpret
+        )
+        for y, (a, b), r in zip(ys, adapters, ranks)
+    )
+
+
+def lora_shrink_multi(x, a_slices, slot_ids, ranks, *, backend=None, form="auto", interpret=False):
+    """Multi-slice shrink: one h [T, R_i] float32 per A in ``a_slices`` (shared x)."""
+    if not isinstance(ranks, (tuple, list)):
+        ranks = (ranks,) * len(a_slices)
+    return tuple(
+        lora_shrink(x, a, slot_ids, r, backend=backend, form=form, interpret=interpret)
+        for a, r in zip(a_slices, ranks)
+    )

@@ -1,0 +1,193 @@
+"""CPU tests of the LoRA kernels (pallas_kernels) in interpret mode, against their jnp references.
+
+Every input is fresh random data: ranks mixed in one bank, repeated slots, zero-adapter rows, empty groups
+(hypothesis-drawn group sizes), tokens shuffled, and padding (columns >= rank of A, rows >= rank of B)
+poisoned with NaN, which must never reach an output.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels import lora
+from pallas_kernels._common import group_tokens
+from pallas_kernels.expand import ref_lora_expand
+from pallas_kernels.shrink import ref_lora_shrink
+
+RANKS = (1, 4, 8, 16, 64, 128)
+SETTINGS = settings(max_examples=2, deadline=None)
+# (backend, form): the GPU kernels in both forms, and the TPU kernels.
+KERNELS = [("triton", "decode"), ("triton", "prefill"), ("tpu", "auto")]
+
+
+def make_inputs(seed, group_sizes, hidden, out_dim, r_max, dtype):
+    """Random x, y, NaN-padded banks and shuffled slot ids; slot 0 (rank 0) is the zero adapter."""
+    rng = np.random.default_rng(seed)
+    s = len(group_sizes)
+    ranks = np.array([0] + [int(rng.choice([r for r in RANKS if r <= r_max])) for _ in range(s - 1)], np.int32)
+    if s > 2:
+        ranks[-1] = 0  # an empty slot: rank 0, tokens routed to it must get nothing
+    a = rng.standard_normal((s, hidden, r_max)).astype(np.float32) / np.sqrt(hidden)
+    b = rng.standard_normal((s, r_max, out_dim)).astype(np.float32)
+    for i, r in enumerate(ranks):
+        a[i, :, r:] = np.nan
+        b[i, r:, :] = np.nan
+    slot_ids = np.repeat(np.arange(s), group_sizes).astype(np.int32)
+    rng.shuffle(slot_ids)
+    t = len(slot_ids)
+    x = rng.standard_normal((t, hidden)).astype(np.float32)
+    y = rng.standard_normal((t, out_dim)).astype(np.float32)
+    cast = lambda v: jnp.asarray(v, dtype)
+    return cast(x), cast(y), cast(a), cast(b), jnp.asarray(slot_ids), jnp.asarray(ranks)
+
+
+def rel_err(got, want):
+    got = jnp.asarray(got, jnp.float32)
+    want = jnp.asarray(want, jnp.float32)
+    return float(jnp.linalg.norm(got - want) / (jnp.linalg.norm(want) + 1e-30))
+
+
+def tol(dtype):
+    return 1e-5 if dtype == jnp.float32 else 2e-2
+
+
+group_sizes_st = st.lists(st.integers(0, 40), min_size=3, max_size=7).filter(lambda g: sum(g) > 0)
+
+
+# The TPU interpreter is the slowest path: it runs f32 only (its bf16 math is the same code path).
+@pytest.mark.parametrize(
+    "backend,form,dtype",
+    [(b, f, d) for b, f in KERNELS for d in (jnp.float32, jnp.bfloat16) if not (b == "tpu" and d == jnp.bfloat16)],
+)
+@SETTINGS
+@given(groups=group_sizes_st, seed=st.integers(0, 2**31 - 1), r_max=st.sampled_from([16, 128]))
+def test_shrink_expand_match_reference(backend, form, dtype, groups, seed, r_max):
+    x, y, a, b, slot_ids, ranks = make_inputs(seed, groups, 256, 384, r_max, dtype)
+    kw = dict(backend=backend, form=form, interpret=True)
+
+    h = jax.jit(functools.partial(lora.lora_shrink, **kw))(x, a, slot_ids, ranks)
+    h_ref = ref_lora_shrink(x, a, slot_ids, ranks)
+    assert h.dtype == jnp.float32 and h.shape == h_ref.shape
+    assert bool(jnp.all(jnp.isfinite(h)))
+    assert rel_err(h, h_ref) < tol(dtype)
+
+    out = jax.jit(functools.partial(lora.lora_expand, **kw))(y, h_ref, b, slot_ids, ranks)
+    out_ref = ref_lora_expand(y, h_ref, b, slot_ids, ranks)
+    assert out.dtype == y.dtype and bool(jnp.all(jnp.isfinite(out)))
+    assert rel_err(out - y, out_ref - y) < tol(dtype)
+
+    fused = jax.jit(functools.partial(lora.lora_shrink_expand, **kw))(y, x, a, b, slot_ids, ranks)
+    assert bool(jnp.all(jnp.isfinite(fused)))
+    assert rel_err(fused - y, out_ref - y) < tol(dtype)
+    # Rank-0 rows (slot 0 and the empty slot) come back exactly as y.
+    base = np.asarray(ranks)[np.asarray(slot_ids)] == 0
+    np.testing.assert_array_equal(np.asarray(fused)[base], np.asarray(y)[base])
+
+
+# The backward pass is shared jnp code; the forward of every backend is covered above.
+@pytest.mark.parametrize("backend,form", [("triton", "decode"), ("triton", "prefill")])
+@SETTINGS
+@given(groups=group_sizes_st, seed=st.integers(0, 2**31 - 1))
+def test_gradients_match_reference(backend, form, groups, seed):
+    x, y, a, b, slot_ids, ranks = make_inputs(seed, groups, 128, 256, 16, jnp.float32)
+    w = jax.random.normal(jax.random.key(seed % 1000), y.shape)
+
+    def loss_kernel(y_, x_, a_, b_):
+        out = lora.lora_shrink_expand(y_, x_, a_, b_, slot_ids, ranks, backend=backend, form=form, interpret=True)
+        return jnp.sum(w * out)
+
+    def loss_split(y_, x_, a_, b_):
+        kw = dict(backend=backend, form=form, interpret=True)
+        h = lora.lora_shrink(x_, a_, slot_ids, ranks, **kw)
+        return jnp.sum(w * lora.lora_expand(y_, h, b_, slot_ids, ranks, **kw))
+
+    def loss_ref(y_, x_, a_, b_):
+        return jnp.sum(w * ref_lora_expand(y_, ref_lora_shrink(x_, a_, slot_ids, ranks), b_, slot_ids, ranks))
+
+    want = jax.grad(loss_ref, argnums=(0, 1, 2, 3))(y, x, a, b)
+    for loss in (loss_kernel, loss_split):
+        got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(y, x, a, b)
+        for g, r in zip(got, want):
+            assert g.shape == r.shape and g.dtype == r.dtype
+            assert bool(jnp.all(jnp.isfinite(g)))  # NaN padding gets zero gradient, never NaN
+            assert rel_err(g, r) < 1e-4
+
+
+def test_multi_slice_shares_x():
+    x, y, a, b, slot_ids, ranks = make_inputs(7, [5, 9, 0, 11], 128, 256, 16, jnp.float32)
+    _, y2, a2, b2, _, ranks2 = make_inputs(8, [5, 9, 0, 11], 128, 128, 16, jnp.float32)  # O differs
+    outs = lora.lora_shrink_expand_multi(
+        (y, y2), x, ((a, b), (a2, b2)), slot_ids, (ranks, ranks2), backend="triton", interpret=True
+    )
+    for out, yy, aa, bb, rr in zip(outs, (y, y2), (a, a2), (b, b2), (ranks, ranks2)):
+        want = ref_lora_expand(yy, ref_lora_shrink(x, aa, slot_ids, rr), bb, slot_ids, rr)
+        assert out.shape == yy.shape and rel_err(out, want) < 1e-5
+    hs = lora.lora_shrink_multi(x, (a, a2), slot_ids, (ranks, ranks2), backend="triton", interpret=True)
+    assert rel_err(hs[1], ref_lora_shrink(x, a2, slot_ids, ranks2)) < 1e-5
+    with pytest.raises(ValueError, match="pairs"):
+        lora.lora_shrink_expand_multi((y,), x, ((a, b), (a2, b2)), slot_ids, ranks)
+
+
+def test_inside_shard_map():
+    """The ops are pure functions of local arrays: tokens sharded over every available device."""
+    devs = jax.devices()
+    n = len(devs)
+    x, y, a, b, slot_ids, ranks = make_inputs(3, [4 * n, 3 * n, 5 * n], 128, 256, 16, jnp.float32)
+    mesh = jax.sharding.Mesh(np.array(devs), ("data",))
+    p_tok = jax.sharding.PartitionSpec("data")
+    p_rep = jax.sharding.PartitionSpec()
+
+    def step(y_, x_, a_, b_, s_, r_, form, check_vma):
+        f = functools.partial(lora.lora_shrink_expand, backend="triton", form=form, interpret=True)
+        return jax.shard_map(
+            f, mesh=mesh, in_specs=(p_tok, p_tok, p_rep, p_rep, p_tok, p_rep), out_specs=p_tok,
+            check_vma=check_vma,
+        )(y_, x_, a_, b_, s_, r_)
+
+    want = ref_lora_expand(y, ref_lora_shrink(x, a, slot_ids, ranks), b, slot_ids, ranks)
+    for form in ("decode", "prefill"):
+        # Typing with check_vma=True (the compiled path): output specs carry the inputs' varying axes.
+        spec = jax.eval_shape(functools.partial(step, form=form, check_vma=True), y, x, a, b, slot_ids, ranks)
+        assert spec.shape == y.shape and spec.dtype == y.dtype
+        # The Pallas interpreter itself does not support check_vma=True (jax 0.11.2), hence False here.
+        out = jax.jit(functools.partial(step, form=form, check_vma=False))(y, x, a, b, slot_ids, ranks)
+        assert rel_err(out, want) < 1e-5
+
+
+def test_group_tokens_pads_with_last_row():
+    slot_ids = jnp.asarray([3, 0, 3, 1, 0], jnp.int32)
+    perm, sorted_slots = group_tokens(slot_ids, 4, 4)
+    assert perm.shape == (8,) and sorted_slots.shape == (8,)
+    np.testing.assert_array_equal(np.asarray(sorted_slots), [0, 0, 1, 3, 3, 3, 3, 3])
+    np.testing.assert_array_equal(np.asarray(slot_ids)[np.asarray(perm)], np.asarray(sorted_slots))
+
+
+def test_backend_resolution_and_validation():
+    x, y, a, b, slot_ids, ranks = make_inputs(1, [3, 4, 2], 128, 128, 16, jnp.float32)
+    assert lora.resolve_backend(None) == "reference"  # CPU platform
+    assert lora.resolve_backend("tpu") == "tpu"
+    with pytest.raises(ValueError, match="backend"):
+        lora.lora_shrink(x, a, slot_ids, ranks, backend="cuda")
+    with pytest.raises(ValueError, match="form"):
+        lora.lora_shrink(x, a, slot_ids, ranks, backend="triton", form="fast", interpret=True)
+    with pytest.raises(ValueError, match="x has shape"):
+        lora.lora_shrink(x[0], a, slot_ids, ranks)
+    with pytest.raises(ValueError, match="a has shape"):
+        lora.lora_shrink(x, a[:, :64], slot_ids, ranks)
+    with pytest.raises(ValueError, match="slot_ids"):
+        lora.lora_shrink(x, a, slot_ids[:-1], ranks)
+    with pytest.raises(ValueError, match="ranks"):
+        lora.lora_expand(y, jnp.zeros((x.shape[0], 16)), b, slot_ids, ranks[:-1])
+    # A shape the Triton kernels cannot take: forced -> ValueError, auto -> the reference.
+    a12 = jnp.zeros((3, 128, 12), jnp.float32)
+    with pytest.raises(ValueError, match="power of two"):
+        lora.lora_shrink(x, a12, slot_ids, ranks, backend="triton", interpret=True)
+    with pytest.raises(ValueError, match="prefill form needs R >= 16"):
+        lora.lora_shrink(x, a[:, :, :8], slot_ids, ranks, backend="triton", form="prefill", interpret=True)
