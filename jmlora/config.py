@@ -273,3 +273,60 @@ def _checkpoint_dtype(raw: dict[str, Any]) -> str:
         raise UnsupportedModelError(f"checkpoint dtype {name!r} is not supported "
                                     "(supported: float32, bfloat16, float16)")
     return _DTYPE_NAMES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the serving engine runs a model (vLLM's names where vLLM has one).
+
+    Attributes:
+      max_num_seqs: sequences running at once (the largest decode batch).
+      max_num_batched_tokens: new tokens in one prefill step at most.
+      max_prefill_chunk: tokens of one prompt in one prefill step at most (longer prompts are chunked).
+      page_size: tokens per KV-cache page.
+      num_kv_pages: KV pages; None sizes the cache from ``gpu_memory_utilization`` on accelerators and
+        to ``max_num_seqs`` full-length sequences on CPU.
+      gpu_memory_utilization: fraction of device memory the engine may use (weights, adapters, KV cache).
+      num_lookahead: decode steps per jitted call (sampling on device; stop checks after each call).
+      enable_lora, max_loras, max_lora_rank, max_cpu_loras: multi-LoRA serving (device slots, padded rank,
+        host cache of parsed adapters; None = 2 * max_loras).
+      lora_impl, attention_impl: kernel/formulation choices ("auto" = the measured default).
+      max_logprobs: the largest ``logprobs`` / ``prompt_logprobs`` a request may ask for.
+      seed: engine seed (random seeds of unseeded requests derive from it).
+      warmup: compile every bucket at start-up, so nothing compiles while serving.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_prefill_chunk: int = 512
+    page_size: int = 16
+    num_kv_pages: int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_lookahead: int = 4
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_impl: str = "auto"
+    attention_impl: str = "auto"
+    max_logprobs: int = 20
+    seed: int = 0
+    warmup: bool = True
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk", "page_size", "num_lookahead",
+                     "max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_kv_pages is not None and (not isinstance(self.num_kv_pages, int) or self.num_kv_pages < 1):
+            raise ValueError(f"num_kv_pages must be a positive integer or None, got {self.num_kv_pages!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.max_prefill_chunk > self.max_num_batched_tokens:
+            raise ValueError(f"max_prefill_chunk ({self.max_prefill_chunk}) cannot exceed max_num_batched_tokens "
+                             f"({self.max_num_batched_tokens})")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be a non-negative integer, got {self.max_logprobs!r}")

@@ -52,7 +52,7 @@ def test_cli_create_tiny_model_and_generate(tmp_path):
     run = _cli("generate", str(tmp_path / "tiny"), "--prompt", "Hello world", "--prompt", "The quick brown fox",
                "--max-tokens", "6", "--temperature", "0.7", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.count("--- prompt:") == 2 and "'The quick brown fox'" in run.stdout
+    assert run.stdout.count("--- [base] prompt:") == 2 and "'The quick brown fox'" in run.stdout
     again = _cli("generate", str(tmp_path / "tiny"), "--prompt", "Hello world", "--prompt", "The quick brown fox",
                  "--max-tokens", "6", "--temperature", "0.7", cwd=tmp_path)
     assert again.stdout == run.stdout, "seeded sampling must be reproducible"
@@ -62,3 +62,18 @@ def test_cli_reports_bad_model_dir(tmp_path):
     run = _cli("generate", str(tmp_path / "nothing"), "--prompt", "hi", cwd=tmp_path)
     assert run.returncode == 2
     assert "no config.json in" in run.stderr
+
+
+def test_cli_generate_with_a_lora_adapter(tmp_path):
+    import transformers
+    from lora_fixtures import make_peft_adapter
+
+    assert _cli("create-tiny-model", str(tmp_path / "tiny"), cwd=tmp_path).returncode == 0
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    adapter = make_peft_adapter(hf_model, tmp_path / "adapter", r=8, alpha=16, targets="all-linear")
+    run = _cli("generate", str(tmp_path / "tiny"), "--prompt", "Hello world", "--lora", f"mine={adapter}",
+               "--max-tokens", "6", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "--- [base] prompt: 'Hello world'" in run.stdout and "--- [mine] prompt: 'Hello world'" in run.stdout
+    bad = _cli("generate", str(tmp_path / "tiny"), "--prompt", "hi", "--lora", "oops", cwd=tmp_path)
+    assert bad.returncode == 2 and "--lora takes NAME=PATH" in bad.stderr

@@ -134,8 +134,11 @@ def resolve_attention_impl(impl: str, num_new_tokens: int) -> str:
     return impl
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, at_most + 1) if n % d == 0)
+def _largest_pow2_divisor(n: int, at_most: int) -> int:
+    d = 1
+    while d * 2 <= at_most and n % (d * 2) == 0:
+        d *= 2
+    return d
 
 
 def paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Array, q_positions: Array,
@@ -149,9 +152,11 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Array,
         return ref_paged_attention(q, k_cache, v_cache, page_table, q_positions, kv_lens)
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as pallas_paged_attention
 
+    # Triton blocks must be powers of two: pages per partition and per compute block are
     pages_per_seq = page_table.shape[1]
-    k_splits = _largest_divisor(pages_per_seq, 16)
-    per_block = _largest_divisor(pages_per_seq // k_splits, 8)
+    per_partition = _largest_pow2_divisor(pages_per_seq, max(1, pages_per_seq // 16))
+    k_splits = pages_per_seq // per_partition
+    per_block = _largest_pow2_divisor(per_partition, 8)
     # the kernel does not scale the logits: fold 1/sqrt(D) into q (in float32, then back to q's dtype)
     q_scaled = (q[:, 0].astype(jnp.float32) / math.sqrt(q.shape[-1])).astype(q.dtype)        # [B, H, D]
     out = pallas_paged_attention(q_scaled, k_cache, v_cache, page_table, kv_lens.astype(jnp.int32),

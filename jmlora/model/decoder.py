@@ -150,7 +150,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, n
     x = params.embed[tokens]                                                        # [B, T, E]
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, dtype)
-    impl = resolve_impl(lora_impl, T)
+    impl = resolve_impl(lora_impl, T, B)
     attn_impl = resolve_attention_impl(attention_impl, T)
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):

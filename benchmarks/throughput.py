@@ -1,0 +1,221 @@
+"""Decode throughput of a Llama-3-8B-shaped model with random bf16 weights made on the device.
+
+For each (prompt, new tokens) workload and batch size: the device time of one decode token step (the
+engine's jitted multi-step decode, ``num_lookahead`` steps per call, greedy sampling on the device) for
+(a) base only, (b) a different rank-16 adapter on all 7 projections for every sequence (up to 64 slots),
+(c) 8 adapters shared; beside each, the roofline (bytes one step must move / HBM bandwidth measured in this
+run). The step is timed at the workload's mid-generation context (prompt + new/2 tokens in the cache).
+Host time per step (the runner's input assembly + the scheduler) is measured at the largest batch.
+
+    PYTHONPATH=. python benchmarks/throughput.py --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmlora.config import EngineConfig, ModelConfig
+from jmlora.engine.model_runner import ModelRunner, _decode_steps
+from jmlora.engine.page_manager import PageManager
+from jmlora.engine.sampler import SamplingTensors
+from jmlora.engine.sampling_params import SamplingParams
+from jmlora.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from jmlora.engine.sequence import Sequence
+from jmlora.lora.bank import AdapterBank, TargetBank
+from jmlora.lora.routing import LoRABatch
+from jmlora.lora.slots import SlotManager
+from jmlora.model import init_params, make_mesh
+
+WORKLOADS = [(128, 128), (1024, 256)]
+
+
+def measure_bandwidth() -> float:
+    """HBM bytes/s of an elementwise read+write over 4 GiB (JAX), median of 10."""
+    x = jnp.ones((1 << 30,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    y = f(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        y = f(y).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * x.nbytes / statistics.median(times)
+
+
+def random_bank(bank: AdapterBank, rank: int) -> AdapterBank:
+    """Every slot but 0 holds a random rank-``rank`` adapter (slot 0 stays the zero adapter)."""
+    key = jax.random.key(7)
+
+    @jax.jit
+    def fill(a):
+        noise = (0.01 * jax.random.normal(key, a.shape, jnp.float32)).astype(a.dtype)
+        return noise.at[0].set(0)
+
+    layers = tuple({t: TargetBank(a=fill(tb.a), b=fill(tb.b)) for t, tb in layer.items()} for layer in bank.layers)
+    ranks = jnp.full(bank.ranks.shape, rank, jnp.int32).at[0].set(0)
+    return AdapterBank(layers=layers, ranks=ranks)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1,8,32,64,128,256")
+    parser.add_argument("--lookahead", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--max-loras", type=int, default=64)
+    parser.add_argument("--config", default="configs/llama3_8b.json")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--small", action="store_true", help="tiny model dims (CPU smoke test)")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    K = args.lookahead
+    t0 = time.perf_counter()
+    max_len = max(p + n for p, n in WORKLOADS)
+    raw = json.load(open(args.config))
+    if args.small:        # a CPU smoke test of this script
+        raw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=512)
+    cfg = ModelConfig.from_dict(raw, max_model_len=max_len)
+    mesh = make_mesh()
+    params = init_params(cfg, mesh, dtype=jnp.bfloat16)
+    bw = measure_bandwidth()
+    print(f"device {jax.devices()[0].device_kind}; HBM {bw / 1e12:.2f} TB/s; "
+          f"params made in {time.perf_counter() - t0:.0f}s")
+
+    B_max = max(batches)
+    ecfg = EngineConfig(max_num_seqs=B_max, page_size=16, num_lookahead=K, enable_lora=True, max_loras=args.max_loras,
+                        max_lora_rank=16, warmup=False, max_num_batched_tokens=2048, max_prefill_chunk=512,
+                        num_kv_pages=1)
+    P = 1 << (-(-(max_len + K) // 16) - 1).bit_length()          # the runner's page-table width
+    runner = ModelRunner(cfg, params, mesh, dataclass_replace(ecfg, num_kv_pages=B_max * P), B_max * P)
+    runner.bank = random_bank(runner.bank, 16)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params.embed.nbytes
+    slot_bytes = runner.bank_spec.slot_elements(cfg) * 2
+    kv_token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    print(f"weights {weight_bytes / 1e9:.2f} GB (without the embedding table); adapter {slot_bytes / 1e6:.1f} MB; "
+          f"KV {kv_token_bytes / 1e3:.0f} KB/token; bank {runner.bank_spec.num_slots} slots")
+
+    greedy = SamplingParams(temperature=0.0)
+
+    def inputs(B, ctx, slots):
+        st = SamplingTensors.from_params([greedy] * B, [0] * B, B)
+        table = np.arange(B * P, dtype=np.int32).reshape(B, P)
+        lora = None if slots is None else LoRABatch(runner.bank, jnp.asarray(slots, jnp.int32))
+        return (jnp.zeros(B, jnp.int32) + 5, jnp.full(B, ctx, jnp.int32), jnp.ones(B, bool), jnp.asarray(table),
+                jnp.arange(B, dtype=jnp.int32), st, jnp.zeros(B, jnp.int32), lora)
+
+    variants = {"base": lambda B: None, "distinct": lambda B: 1 + np.arange(B) % args.max_loras,
+                "shared8": lambda B: 1 + np.arange(B) % 8}
+
+    def run(B, ctx, variant):
+        tokens, pos, active, table, rows, st, steps, lora = inputs(B, ctx, variants[variant](B))
+        res, runner.cache, runner.output_counts = _decode_steps(
+            params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st, steps, runner.prompt_mask,
+            runner.output_counts, num_steps=K, lora_impl=ecfg.lora_impl, attention_impl=ecfg.attention_impl,
+            needs_penalties=False, num_logprobs=0)
+        return res
+
+    # compile every (batch, base|lora) variant in parallel threads (XLA compiles outside the GIL)
+    t = time.perf_counter()
+    lowered = []
+    for B in batches:
+        for variant in ("base", "distinct"):
+            tokens, pos, active, table, rows, st, steps, lora = inputs(B, 100, variants[variant](B))
+            lowered.append(_decode_steps.lower(params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st,
+                                               steps, runner.prompt_mask, runner.output_counts, num_steps=K,
+                                               lora_impl=ecfg.lora_impl, attention_impl=ecfg.attention_impl,
+                                               needs_penalties=False, num_logprobs=0))
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda lw: lw.compile(), lowered))
+    print(f"compiled {len(lowered)} decode variants in {time.perf_counter() - t:.0f}s")
+
+    rows_out = []
+    for prompt, new in WORKLOADS:
+        ctx = prompt + new // 2
+        for B in batches:
+            row = dict(prompt=prompt, new=new, ctx=ctx, batch=B)
+            base_bytes = weight_bytes + B * (ctx + 1) * kv_token_bytes
+            for variant in ("base", "distinct", "shared8"):
+                jax.block_until_ready(run(B, ctx, variant))
+                times = []
+                for _ in range(args.iters):
+                    t = time.perf_counter()
+                    jax.block_until_ready(run(B, ctx, variant))
+                    times.append((time.perf_counter() - t) / K)
+                step = statistics.median(times)
+                distinct = 0 if variant == "base" else min(B, args.max_loras if variant == "distinct" else 8)
+                nbytes = base_bytes + distinct * slot_bytes
+                row[variant] = dict(step_ms=step * 1e3, tok_s=B / step, roofline_ms=nbytes / bw * 1e3,
+                                    pct_roofline=100 * nbytes / bw / step, adapter_bytes_ratio=distinct * slot_bytes /
+                                    base_bytes)
+            rows_out.append(row)
+            b, d, s = row["base"], row["distinct"], row["shared8"]
+            print(f"p{prompt}/n{new} B={B:3d}: base {b['step_ms']:.2f} ms ({b['tok_s']:.0f} tok/s, "
+                  f"{b['pct_roofline']:.0f}% roof) | distinct {d['step_ms']:.2f} ms ({d['tok_s']:.0f} tok/s, "
+                  f"{d['pct_roofline']:.0f}%, +{100 * (d['step_ms'] / b['step_ms'] - 1):.0f}% vs bytes "
+                  f"+{100 * d['adapter_bytes_ratio']:.0f}%) | shared8 {s['step_ms']:.2f} ms "
+                  f"(+{100 * (s['step_ms'] / b['step_ms'] - 1):.0f}% vs bytes +{100 * s['adapter_bytes_ratio']:.0f}%)",
+                  flush=True)
+
+    # host time per decode step at the largest batch: the runner's input assembly + dispatch + result copy,
+    # against device-only time, and the scheduler's schedule() for the same batch
+    B, ctx = B_max, WORKLOADS[0][0] + WORKLOADS[0][1] // 2
+    seqs = []
+    for i in range(B):
+        seq = Sequence(f"r{i}", [5] * ctx, params=greedy, lora_name=None)
+        seq.num_computed_tokens = ctx - 1
+        seq.pages = list(range(i * P, (i + 1) * P))
+        seq.lora_slot = 1 + i % args.max_loras
+        seqs.append(seq)
+    chunks = [ScheduledChunk(s, ctx - 1, 1, True) for s in seqs]
+    runner.decode(chunks, K)
+    wall = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        runner.decode(chunks, K)
+        wall.append(time.perf_counter() - t)
+    wall_step = statistics.median(wall) / K
+    device_step = next(r for r in rows_out if r["batch"] == B and r["ctx"] == ctx)["distinct"]["step_ms"] / 1e3
+    sched = Scheduler(SchedulerConfig(max_num_seqs=B, max_num_batched_tokens=2048, max_prefill_chunk=512,
+                                      num_lookahead=K), PageManager(B * P + 8, 16), SlotManager(8, 8))
+    for i in range(B):
+        sched.add(Sequence(f"s{i}", [5] * ctx, params=greedy))
+    while any(s.is_prefill for s in sched.running) or sched.num_waiting:
+        plan = sched.schedule()
+        for c in plan.chunks:
+            if c.samples:
+                c.seq.append_token(5)
+    sched_times = []
+    for _ in range(20):
+        t = time.perf_counter()
+        plan = sched.schedule()
+        sched_times.append(time.perf_counter() - t)
+        for c in plan.chunks:
+            for _ in range(K):
+                c.seq.append_token(5)
+    sched_step = statistics.median(sched_times) / K
+    host_step = wall_step - device_step + sched_step
+    host = dict(batch=B, runner_wall_ms_per_token_step=wall_step * 1e3, device_ms_per_token_step=device_step * 1e3,
+                schedule_ms_per_token_step=sched_step * 1e3, host_fraction=host_step / device_step)
+    print(f"host at B={B}: runner.decode wall {wall_step * 1e3:.2f} ms/step vs device {device_step * 1e3:.2f} ms; "
+          f"schedule() {sched_step * 1e3:.3f} ms/step; host time = {100 * host_step / device_step:.1f}% of device")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, hbm_tb_s=bw / 1e12, weight_bytes=weight_bytes,
+                           slot_bytes=slot_bytes, lookahead=K, rows=rows_out, host=host), f, indent=1)
+
+
+def dataclass_replace(obj, **changes):
+    import dataclasses
+    return dataclasses.replace(obj, **changes)
+
+
+if __name__ == "__main__":
+    main()

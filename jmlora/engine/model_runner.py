@@ -1,0 +1,342 @@
+"""The model runner: the device side of the engine.
+
+It owns the device state (weights, paged KV cache, adapter bank, per-sequence penalty state) and runs the
+two jitted steps the scheduler plans:
+
+- **prefill**: chunks of prompts as a ``[B, T]`` batch (both bucketed), sampling for the rows whose chunk
+  ends the known tokens;
+- **decode**: ``num_lookahead`` consecutive tokens for every running sequence inside one jitted call
+  (``lax.scan`` over steps; each step samples on the device and feeds its token to the next), so the host
+  is consulted once per ``num_lookahead`` tokens; stop checks happen after the call and surplus tokens are
+  discarded.
+
+Shapes depend only on buckets (batch sizes and chunk lengths rounded up to powers of two), never on which
+adapters are in the batch, so after ``warmup`` nothing compiles for the default sampling variants.
+Sampling features that change the sampler's static flags (penalties, top-k/top-p, min-p, min_tokens,
+logprobs, prompt_logprobs) compile one more variant per bucket the first time a batch uses them.
+
+The cache has one extra *scratch page* after the pages the page manager owns: page-table padding points
+at it, so lookahead positions beyond a sequence's reserved pages write there, and kernel reads of padded
+page-table entries stay in bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jmlora.config import EngineConfig, ModelConfig
+from jmlora.engine.sampler import SampleResult, SamplingTensors, compute_prompt_logprobs, sample
+from jmlora.engine.scheduler import ScheduledChunk
+from jmlora.lora.bank import BankSpec, init_adapter_bank, write_adapter
+from jmlora.lora.peft import LoRAWeights
+from jmlora.lora.routing import LoRABatch
+from jmlora.model import KVCache, Params, compute_logits, forward, init_kv_cache
+from jmlora.sharding import filled, logical_sharding
+
+Array = jax.Array
+
+
+def _pow2_buckets(lo: int, hi: int) -> list[int]:
+    """Powers of two from ``lo`` up to the first one >= ``hi``, capped at ``hi``."""
+    buckets, b = [], lo
+    while b < hi:
+        buckets.append(b)
+        b *= 2
+    return buckets + [hi]
+
+
+def _bucket(n: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """Host copies of one step's samples, rows in chunk order.
+
+    Attributes:
+      token_ids: ``[B, K]`` sampled tokens (K = 1 for prefill, num_lookahead for decode).
+      logprobs, ranks: ``[B, K]`` of the sampled tokens under the raw model distribution.
+      top_ids, top_logprobs: ``[B, K, num_logprobs]`` or None.
+      prompt_logprobs: per chunk, None or ``(target_logprobs [n], ranks [n], top_ids [n, k], top_lp [n, k])``
+        for the chunk's positions (predicting the token after each position).
+    """
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    ranks: np.ndarray
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    prompt_logprobs: list | None = None
+
+
+class ModelRunner:
+    """Device state and jitted steps for one model (see the module docstring).
+
+    Args:
+      cfg: the model config.
+      params: weights on ``mesh``.
+      mesh: the device mesh.
+      ecfg: engine config (buckets, cache, LoRA).
+      num_pages: KV pages the page manager hands out (the cache holds one more, the scratch page).
+      eos_token_ids: for ``min_tokens`` blocking in the sampler.
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Params, mesh: Mesh, ecfg: EngineConfig, num_pages: int,
+                 eos_token_ids: tuple[int, ...] = ()):
+        self.cfg, self.params, self.mesh, self.ecfg = cfg, params, mesh, ecfg
+        self.eos_token_ids = eos_token_ids
+        self.dtype = params.embed.dtype
+        self.num_pages = num_pages
+        self.scratch_page = num_pages
+        # page-table width: a power of two, so the GPU paged-attention kernel (Triton: power-of-two blocks)
+        # splits it evenly; entries past a sequence's pages point at the scratch page and are never computed
+        pages = math.ceil((cfg.max_model_len + ecfg.num_lookahead) / ecfg.page_size)
+        self.pages_per_seq = 1 << (pages - 1).bit_length()
+        self.cache: KVCache = init_kv_cache(cfg, num_pages + 1, ecfg.page_size, self.dtype, mesh)
+        self.bank_spec = BankSpec(ecfg.max_loras, ecfg.max_lora_rank) if ecfg.enable_lora else None
+        self.bank = (init_adapter_bank(cfg, self.bank_spec, dtype=self.dtype, mesh=mesh)
+                     if ecfg.enable_lora else None)
+        # penalty state, one row per running sequence plus a scratch row for padding
+        rows = ecfg.max_num_seqs + 1
+        state_sharding = logical_sharding(mesh, (None, "vocab"), (rows, cfg.vocab_size))
+        self.prompt_mask = filled((rows, cfg.vocab_size), jnp.bool_, state_sharding)
+        self.output_counts = filled((rows, cfg.vocab_size), jnp.int32, state_sharding)
+        self.scratch_row = rows - 1
+        self._rows: dict[int, int] = {}
+        self._free_rows = list(range(rows - 2, -1, -1))
+        self.decode_buckets = _pow2_buckets(1, ecfg.max_num_seqs)
+        self.prefill_token_buckets = _pow2_buckets(min(16, ecfg.max_prefill_chunk), ecfg.max_prefill_chunk)
+        self.prefill_batch_buckets = _pow2_buckets(1, ecfg.max_num_seqs)
+
+    # -- adapters ------------------------------------------------------------------------------------------
+
+    def load_adapter(self, slot: int, weights: LoRAWeights | None) -> None:
+        """Writes an adapter into a bank slot (async on the device: overlaps with the steps queued after it)."""
+        if self.bank is None:
+            raise ValueError("this engine was built without enable_lora")
+        self.bank = write_adapter(self.bank, slot, weights, self.cfg, self.bank_spec)
+
+    # -- penalty-state rows --------------------------------------------------------------------------------
+
+    def _row(self, seq_id: int) -> int:
+        row = self._rows.get(seq_id)
+        if row is None:
+            row = self._rows[seq_id] = self._free_rows.pop()
+        return row
+
+    def release(self, seq_id: int) -> None:
+        """Frees a finished, aborted or preempted sequence's state row."""
+        row = self._rows.pop(seq_id, None)
+        if row is not None:
+            self._free_rows.append(row)
+
+    @property
+    def num_rows_in_use(self) -> int:
+        return len(self._rows)
+
+    # -- host-side batch assembly --------------------------------------------------------------------------
+
+    def _page_table(self, chunks: list[ScheduledChunk], batch: int) -> np.ndarray:
+        table = np.full((batch, self.pages_per_seq), self.scratch_page, np.int32)
+        for i, c in enumerate(chunks):
+            table[i, :len(c.seq.pages)] = c.seq.pages
+        return table
+
+    def _sampling(self, chunks: list[ScheduledChunk], batch: int) -> tuple[SamplingTensors, np.ndarray, int, bool]:
+        params = [c.seq.params for c in chunks]
+        seeds = [c.seq.sampling_seed for c in chunks]
+        st = SamplingTensors.from_params(params, seeds, batch, eos_token_ids=self.eos_token_ids)
+        steps = np.zeros(batch, np.int32)
+        steps[:len(chunks)] = [c.seq.num_output_tokens for c in chunks]
+        num_logprobs = max([p.logprobs or 0 for p in params], default=0)
+        num_logprobs = 0 if num_logprobs == 0 else self.ecfg.max_logprobs
+        return st, steps, num_logprobs, st.needs_penalties
+
+    def _lora(self, chunks: list[ScheduledChunk], batch: int) -> LoRABatch | None:
+        if self.bank is None:
+            return None
+        slots = np.zeros(batch, np.int32)
+        slots[:len(chunks)] = [c.seq.lora_slot for c in chunks]
+        return LoRABatch(self.bank, jnp.asarray(slots))
+
+    def _rows_for(self, chunks: list[ScheduledChunk], batch: int) -> np.ndarray:
+        rows = np.full(batch, self.scratch_row, np.int32)
+        rows[:len(chunks)] = [self._row(c.seq.seq_id) for c in chunks]
+        return rows
+
+    # -- steps ---------------------------------------------------------------------------------------------
+
+    def prefill(self, chunks: list[ScheduledChunk]) -> StepOutput:
+        """Runs one prefill step; rows of chunks that do not sample hold garbage samples."""
+        B = _bucket(len(chunks), self.prefill_batch_buckets)
+        T = _bucket(max(c.num_tokens for c in chunks), self.prefill_token_buckets)
+        tokens = np.zeros((B, T), np.int32)
+        start = np.zeros(B, np.int32)
+        num_tokens = np.zeros(B, np.int32)
+        prompt_lens = np.zeros(B, np.int32)
+        samples = np.zeros(B, bool)
+        want_prompt_lp = [c.seq.params.prompt_logprobs is not None for c in chunks]
+        targets = np.zeros((B, T), np.int32) if any(want_prompt_lp) else None
+        for i, c in enumerate(chunks):
+            tokens[i, :c.num_tokens] = c.token_ids
+            start[i], num_tokens[i], samples[i] = c.start, c.num_tokens, c.samples
+            prompt_lens[i] = c.seq.num_prompt_tokens
+            if targets is not None and want_prompt_lp[i]:
+                upto = min(c.start + c.num_tokens + 1, c.seq.num_prompt_tokens)
+                nxt = c.seq.token_ids(c.start + 1, upto)
+                targets[i, :len(nxt)] = nxt
+        st, steps, num_logprobs, needs_penalties = self._sampling(chunks, B)
+        num_prompt_lp = self.ecfg.max_logprobs if targets is not None else None
+        result, prompt_lp, self.cache, self.prompt_mask, self.output_counts = _prefill_step(
+            self.params, self.cfg, self.cache, self._lora(chunks, B), jnp.asarray(tokens), jnp.asarray(start),
+            jnp.asarray(num_tokens), jnp.asarray(self._page_table(chunks, B)), jnp.asarray(self._rows_for(chunks, B)),
+            jnp.asarray(prompt_lens), jnp.asarray(samples), st, jnp.asarray(steps), self.prompt_mask,
+            self.output_counts, jnp.asarray(targets) if targets is not None else None,
+            lora_impl=self.ecfg.lora_impl, attention_impl=self.ecfg.attention_impl,
+            needs_penalties=needs_penalties, num_logprobs=num_logprobs, num_prompt_logprobs=num_prompt_lp)
+        out = _to_host(result, len(chunks), k_axis=False)
+        if prompt_lp is not None:
+            host = [np.asarray(a).reshape(B, T, *a.shape[1:]) for a in prompt_lp]
+            out.prompt_logprobs = [tuple(a[i, :c.num_tokens] for a in host) if want_prompt_lp[i] else None
+                                   for i, c in enumerate(chunks)]
+        return out
+
+    def decode(self, chunks: list[ScheduledChunk], num_steps: int) -> StepOutput:
+        """Runs ``num_steps`` decode steps for every chunk's sequence in one jitted call."""
+        B = _bucket(len(chunks), self.decode_buckets)
+        tokens = np.zeros(B, np.int32)
+        pos = np.zeros(B, np.int32)
+        active = np.zeros(B, bool)
+        for i, c in enumerate(chunks):
+            tokens[i], pos[i], active[i] = c.token_ids[0], c.start, True
+        st, steps, num_logprobs, needs_penalties = self._sampling(chunks, B)
+        result, self.cache, self.output_counts = _decode_steps(
+            self.params, self.cfg, self.cache, self._lora(chunks, B), jnp.asarray(tokens), jnp.asarray(pos),
+            jnp.asarray(active), jnp.asarray(self._page_table(chunks, B)), jnp.asarray(self._rows_for(chunks, B)),
+            st, jnp.asarray(steps), self.prompt_mask, self.output_counts, num_steps=num_steps,
+            lora_impl=self.ecfg.lora_impl, attention_impl=self.ecfg.attention_impl,
+            needs_penalties=needs_penalties, num_logprobs=num_logprobs)
+        return _to_host(result, len(chunks), k_axis=True)
+
+    def warmup(self) -> int:
+        """Compiles every bucket (greedy and plain sampling variants); returns how many shapes ran."""
+        from jmlora.engine.sampling_params import SamplingParams
+        from jmlora.engine.sequence import Sequence
+
+        count = 0
+        for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
+            for B in self.decode_buckets:
+                seqs = [_dummy_seq(Sequence, params) for _ in range(B)]
+                self.decode([ScheduledChunk(s, 1, 1, True) for s in seqs], self.ecfg.num_lookahead)
+                self._release_all(seqs)
+                count += 1
+            for B in self.prefill_batch_buckets:
+                for T in self.prefill_token_buckets:
+                    if B * T > max(self.ecfg.max_num_batched_tokens, T) * 2:
+                        continue
+                    seqs = [_dummy_seq(Sequence, params, T) for _ in range(B)]
+                    self.prefill([ScheduledChunk(s, 0, T, True) for s in seqs])
+                    self._release_all(seqs)
+                    count += 1
+        jax.block_until_ready(self.cache)
+        return count
+
+    def _release_all(self, seqs) -> None:
+        for seq in seqs:
+            self.release(seq.seq_id)
+
+
+def _dummy_seq(sequence_cls, params, length: int = 2):
+    """A warm-up sequence with no pages: its KV writes land in the scratch page."""
+    seq = sequence_cls("warmup", [0] * length, params=params)
+    seq.sampling_seed = 0
+    return seq
+
+
+def _to_host(result: SampleResult, n: int, *, k_axis: bool) -> StepOutput:
+    def host(a):
+        if a is None:
+            return None
+        a = np.asarray(a)
+        a = a.swapaxes(0, 1) if k_axis else a[:, None]       # -> [B, K, ...]
+        return a[:n]
+    return StepOutput(token_ids=host(result.token_ids), logprobs=host(result.logprobs), ranks=host(result.ranks),
+                      top_ids=host(result.top_ids), top_logprobs=host(result.top_logprobs))
+
+
+def _reset_and_record(prompt_mask, output_counts, rows, tokens, positions, valid, prompt_lens, reset, vocab):
+    """Prefill bookkeeping of the penalty state: reset rows starting at position 0, then record the chunk's
+    tokens (prompt positions in the prompt mask, recomputed outputs after a preemption in the counts)."""
+    prompt_mask = prompt_mask.at[rows].set(prompt_mask[rows] & ~reset[:, None])
+    output_counts = output_counts.at[rows].set(jnp.where(reset[:, None], 0, output_counts[rows]))
+    is_prompt = positions < prompt_lens[:, None]
+    row_idx = jnp.broadcast_to(rows[:, None], tokens.shape)
+    prompt_mask = prompt_mask.at[row_idx, jnp.where(valid & is_prompt, tokens, vocab)].set(True, mode="drop")
+    output_counts = output_counts.at[row_idx, jnp.where(valid & ~is_prompt, tokens, vocab)].add(1, mode="drop")
+    return prompt_mask, output_counts
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_impl", "attention_impl", "needs_penalties", "num_logprobs",
+                                             "num_prompt_logprobs"),
+                   donate_argnames=("cache", "prompt_mask", "output_counts"))
+def _prefill_step(params, cfg, cache, lora, tokens, start, num_tokens, page_table, rows, prompt_lens, samples, st,
+                  steps, prompt_mask, output_counts, targets, *, lora_impl, attention_impl, needs_penalties,
+                  num_logprobs, num_prompt_logprobs):
+    """One prefill step: forward over ``tokens [B, T]``, penalty-state bookkeeping, sampling at each row's
+    last token; with ``num_prompt_logprobs`` also the logprobs of ``targets [B, T]`` at every position."""
+    B, T = tokens.shape
+    hidden, cache = forward(params, cfg, tokens, start, num_tokens, page_table, cache, lora, lora_impl,
+                            attention_impl)                                             # [B, T, E]
+    offsets = jnp.arange(T, dtype=jnp.int32)
+    valid = offsets[None, :] < num_tokens[:, None]
+    prompt_mask, output_counts = _reset_and_record(prompt_mask, output_counts, rows, tokens,
+                                                   start[:, None] + offsets[None, :], valid, prompt_lens,
+                                                   start == 0, cfg.vocab_size)
+    last = hidden[jnp.arange(B), jnp.maximum(num_tokens - 1, 0)]                      # [B, E]
+    logits = compute_logits(params, last)                                              # [B, V]
+    result = sample(logits, st, steps, prompt_mask[rows] if needs_penalties else None,
+                    output_counts[rows] if needs_penalties else None, needs_penalties=needs_penalties,
+                    num_logprobs=num_logprobs)
+    new_ids = jnp.where(samples, result.token_ids, cfg.vocab_size)
+    output_counts = output_counts.at[rows, new_ids].add(1, mode="drop")
+    prompt_lp = None
+    if num_prompt_logprobs is not None:
+        all_logits = compute_logits(params, hidden).reshape(B * T, -1)
+        prompt_lp = compute_prompt_logprobs(all_logits, targets.reshape(-1), num_prompt_logprobs)
+    return result, prompt_lp, cache, prompt_mask, output_counts
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "lora_impl", "attention_impl", "needs_penalties",
+                                             "num_logprobs"),
+                   donate_argnames=("cache", "output_counts"))
+def _decode_steps(params, cfg, cache, lora, tokens, pos, active, page_table, rows, st, steps, prompt_mask,
+                  output_counts, *, num_steps, lora_impl, attention_impl, needs_penalties, num_logprobs):
+    """``num_steps`` decode steps: each feeds every active row's newest token at its position, samples on
+    the device and feeds the sample to the next step. Returns ``SampleResult`` fields stacked ``[K, B]``."""
+    n_new = active.astype(jnp.int32)
+
+    def step(carry, k):
+        cache, tok, output_counts = carry
+        hidden, cache = forward(params, cfg, tok[:, None], pos + k, n_new, page_table, cache, lora, lora_impl,
+                                attention_impl)
+        logits = compute_logits(params, hidden[:, 0])                                   # [B, V]
+        result = sample(logits, st, steps + k, prompt_mask[rows] if needs_penalties else None,
+                        output_counts[rows] if needs_penalties else None, needs_penalties=needs_penalties,
+                        num_logprobs=num_logprobs)
+        output_counts = output_counts.at[rows, jnp.where(active, result.token_ids, cfg.vocab_size)].add(
+            1, mode="drop")
+        return (cache, result.token_ids, output_counts), result
+
+    (cache, _, output_counts), results = jax.lax.scan(step, (cache, tokens, output_counts),
+                                                      jnp.arange(num_steps, dtype=jnp.int32))
+    return results, cache, output_counts

@@ -1,0 +1,249 @@
+"""The engine and the LLM batch API on a tiny Llama with real PEFT adapters, against transformers + PEFT.
+
+Every test ends with the engine idle: no request in flight, every KV page free, no adapter referenced, no
+penalty-state row held (``engine.is_idle()``), and the scheduler/page/slot invariants hold.
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+import torch
+from hf_models import make_hf_model
+from jax._src.dispatch import BACKEND_COMPILE_EVENT
+from lora_fixtures import load_peft_model, make_peft_adapter
+
+from jmlora.engine.llm_engine import RequestError
+from jmlora.engine.sampling_params import SamplingParams
+from jmlora.entrypoints.llm import LLM
+from jmlora.lora import AdapterError
+from jmlora.lora.request import LoRARequest
+from jmlora.tiny import build_tokenizer
+
+PROMPTS = [[1, 5, 9, 33, 100, 7, 250, 3], [1, 4, 3], [1, 400, 300, 200, 100, 50, 25, 12, 6, 3, 2, 1, 77, 9, 13, 17,
+                                                        21, 30, 40, 41, 42, 43],
+           [1, 7, 7, 7, 7], [1, 11, 22, 33, 44, 55, 66], [1, 99]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engine")
+    model_dir, hf_model = make_hf_model(tmp / "base", "llama", num_hidden_layers=2)
+    build_tokenizer().save(str(model_dir / "tokenizer.json"))
+    specs = [dict(r=4, alpha=8, targets=["q_proj", "v_proj"]), dict(r=8, alpha=16, targets="all-linear"),
+             dict(r=16, alpha=16, targets=["gate_proj", "up_proj", "down_proj"]),
+             dict(r=8, alpha=32, targets="all-linear", use_rslora=True)]
+    loras = [LoRARequest(f"a{i}", i + 1, str(make_peft_adapter(hf_model, tmp / f"a{i}", seed=i, **spec)))
+             for i, spec in enumerate(specs)]
+    return model_dir, hf_model, loras, tmp
+
+
+def make_llm(model_dir, **kwargs) -> LLM:
+    defaults = dict(dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16, max_num_seqs=4,
+                    max_model_len=64, max_num_batched_tokens=32, max_prefill_chunk=16, num_lookahead=3, warmup=False)
+    return LLM(str(model_dir), **{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def llm(world):
+    return make_llm(world[0])
+
+
+def assert_idle(llm: LLM):
+    engine = llm.llm_engine
+    engine.check_invariants()
+    assert engine.is_idle(), "pages, adapter references or state rows leaked"
+
+
+_peft_cache: dict = {}
+
+
+def reference_greedy(world, prompt, lora: LoRARequest | None, max_tokens=8):
+    _, hf_model, _, _ = world
+    if lora is not None and lora.lora_name not in _peft_cache:
+        _peft_cache[lora.lora_name] = load_peft_model(hf_model, lora.lora_path)
+    model = hf_model if lora is None else _peft_cache[lora.lora_name]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_mixed_adapter_batch_matches_peft_and_requests_alone(world, llm):
+    loras = world[2]
+    mix = [None, loras[0], loras[1], loras[0], loras[2], loras[3]]      # 4 distinct adapters, 2 slots
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, lora_request=mix, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outs] == PROMPTS                 # input order
+    for prompt, lora, out in zip(PROMPTS, mix, outs):
+        completion = out.outputs[0]
+        assert completion.token_ids == reference_greedy(world, prompt, lora), f"adapter {lora}"
+        assert completion.finish_reason == "length" and out.finished
+        alone = llm.generate([{"prompt_token_ids": prompt}], GREEDY, lora_request=lora, use_tqdm=False)[0]
+        assert alone.outputs[0].token_ids == completion.token_ids
+    assert llm.llm_engine.stats["adapter_loads"] >= 4
+    assert_idle(llm)
+
+
+def test_preemption_under_tiny_kv_budget_gives_identical_outputs(world, llm):
+    loras = world[2]
+    mix = [loras[1], None, loras[0], loras[1], None, loras[3]]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    expected = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, lora_request=mix, use_tqdm=False)
+    tight = make_llm(world[0], num_kv_pages=17, page_size=4)           # 68 token slots for 4 running sequences
+    got = tight.generate([{"prompt_token_ids": p} for p in PROMPTS], params, lora_request=mix, use_tqdm=False)
+    assert tight.llm_engine.stats["preemptions"] > 0
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert_idle(tight)
+
+
+def test_seeded_sampling_reproducible_whatever_the_batch(world, llm):
+    loras = world[2]
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=10, ignore_eos=True)
+    alone = llm.generate([{"prompt_token_ids": PROMPTS[0]}], seeded, lora_request=loras[1], use_tqdm=False)[0]
+    others = [SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)] * 3
+    crowd = llm.generate([{"prompt_token_ids": p} for p in (PROMPTS[3], PROMPTS[1], PROMPTS[0], PROMPTS[2])],
+                         [others[0], others[1], seeded, others[2]], lora_request=[None, loras[0], loras[1], None],
+                         use_tqdm=False)
+    assert crowd[2].outputs[0].token_ids == alone.outputs[0].token_ids
+    two = llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=10,
+                                                                          ignore_eos=True), use_tqdm=False)[0]
+    assert len(two.outputs) == 2 and two.outputs[0].token_ids != two.outputs[1].token_ids
+    assert_idle(llm)
+
+
+def test_stop_strings_and_stop_tokens(world, llm):
+    free = llm.generate(["Hello world"], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert len(free.text) > 4
+    stop = free.text[2:4]
+    cut = llm.generate(["Hello world"], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == free.text[:free.text.find(stop)]
+    stop_id = free.token_ids[3]
+    by_id = llm.generate(["Hello world"], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
+                                                         stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
+    assert by_id.token_ids == free.token_ids[:free.token_ids.index(stop_id) + 1]
+    assert by_id.stop_reason == stop_id
+    assert_idle(llm)
+
+
+def test_logprobs_and_prompt_logprobs_match_transformers(world, llm):
+    _, hf_model, _, _ = world
+    prompt = PROMPTS[2]
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True,
+                                                                      logprobs=3, prompt_logprobs=2),
+                       use_tqdm=False)[0]
+    full = prompt + out.outputs[0].token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([full])).logits[0].float(), -1).numpy()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        entry = out.prompt_logprobs[pos]
+        assert prompt[pos] in entry and len(entry) >= 2
+        assert abs(entry[prompt[pos]].logprob - ref[pos - 1, prompt[pos]]) < 1e-4
+    for j, (token, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+        row = ref[len(prompt) - 1 + j]
+        assert abs(entry[token].logprob - row[token]) < 1e-4 and entry[token].rank == 1     # greedy: the top token
+        top3 = row.argsort()[::-1][:3]
+        assert set(top3) <= set(entry)
+    assert_idle(llm)
+
+
+def test_streaming_engine_abort_returns_resources(world, llm):
+    engine = llm.llm_engine
+    loras = world[2]
+    ids = [engine.add_request(None, {"prompt_token_ids": p}, SamplingParams(temperature=0.0, max_tokens=30,
+                                                                           ignore_eos=True), lora)
+           for p, lora in zip(PROMPTS, [loras[0], None, loras[1], loras[2], None, loras[0]])]
+    seen = {}
+    for step in range(200):
+        if step == 3:
+            for rid in (ids[2], ids[5]):         # one running, one still waiting (4 sequences at most run)
+                seen[rid] = engine.abort(rid)
+                assert seen[rid].finished and seen[rid].outputs[0].finish_reason == "abort"
+            assert engine.abort(ids[2]) is None  # a second abort is a no-op
+        for out in engine.step():
+            seen[out.request_id] = out
+            assert len(out.outputs[0].token_ids) <= 30
+        engine.check_invariants()
+        if not engine.has_unfinished_requests():
+            break
+    assert all(seen[i].finished for i in ids)
+    assert {i for i in ids if seen[i].outputs[0].finish_reason == "length"} == set(ids) - {ids[2], ids[5]}
+    assert_idle(llm)
+
+
+def test_bad_adapter_is_a_clear_error_and_nothing_else_breaks(world, llm):
+    model_dir, hf_model, loras, tmp = world
+    bad = LoRARequest("dora", 99, str(make_peft_adapter(hf_model, tmp / "dora", r=4, alpha=8, targets=["q_proj"],
+                                                        use_dora=True)))
+    with pytest.raises(AdapterError, match="prompt 1: .*DoRA"):
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}, {"prompt_token_ids": PROMPTS[1]}], GREEDY,
+                     lora_request=[loras[0], bad], use_tqdm=False)
+    assert_idle(llm)
+    # through the streaming engine (no pre-validation): the bad request fails alone, the others complete
+    engine = llm.llm_engine
+    good = engine.add_request(None, {"prompt_token_ids": PROMPTS[0]}, GREEDY, loras[0])
+    engine.slot_manager.unregister("dora")
+    engine._lora_paths.pop("dora")
+    failed = engine.add_request(None, {"prompt_token_ids": PROMPTS[1]}, GREEDY, bad)
+    results = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            results[out.request_id] = out
+    assert isinstance(results[failed].error, AdapterError)
+    assert results[good].outputs[0].token_ids == reference_greedy(world, PROMPTS[0], loras[0])
+    assert llm.generate([{"prompt_token_ids": PROMPTS[3]}], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == \
+        reference_greedy(world, PROMPTS[3], None)
+    assert_idle(llm)
+
+
+def test_request_validation(world, llm):
+    with pytest.raises(RequestError, match="prompt 0: prompt_token_ids must be integers in"):
+        llm.generate([{"prompt_token_ids": [1, 100000]}], use_tqdm=False)
+    with pytest.raises(RequestError, match="max_model_len is 64"):
+        llm.generate([{"prompt_token_ids": [1] * 64}], use_tqdm=False)
+    with pytest.raises(ValueError, match="sampling_params has 1 entries for 2 prompts"):
+        llm.generate(["a", "b"], [GREEDY], use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    no_lora = make_llm(world[0], enable_lora=False)
+    with pytest.raises(RequestError, match="without enable_lora"):
+        no_lora.generate(["a"], lora_request=world[2][0], use_tqdm=False)
+    assert_idle(llm)
+
+
+def test_no_compilation_after_startup(world):
+    _, _, loras, _ = world
+    llm = make_llm(world[0], max_num_seqs=2, max_prefill_chunk=16, max_num_batched_tokens=32, warmup=True)
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for mix in ([None, loras[0]], [loras[1], loras[2]], [loras[3]], [loras[0], loras[0]], [None]):
+            prompts = [{"prompt_token_ids": p} for p in PROMPTS[:len(mix)]]
+            llm.generate(prompts, GREEDY, lora_request=mix, use_tqdm=False)
+            llm.generate(prompts, SamplingParams(temperature=0.8, seed=3, max_tokens=5), lora_request=mix,
+                         use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert llm.llm_engine.stats["adapter_loads"] >= 4
+    assert not compiles, f"{len(compiles)} XLA compilations after start-up"
+    assert_idle(llm)
+
+
+def test_chat_renders_the_template(tmp_path):
+    from jmlora.tiny import create_tiny_checkpoint
+
+    model_dir = create_tiny_checkpoint(tmp_path / "tiny")
+    llm = LLM(str(model_dir), max_num_seqs=2, max_model_len=64, max_num_batched_tokens=32, max_prefill_chunk=32,
+              warmup=False)
+    out = llm.chat([{"role": "user", "content": "Hello world"}], SamplingParams(temperature=0, max_tokens=4),
+                   use_tqdm=False)[0]
+    assert llm.get_tokenizer().decode(out.prompt_token_ids) == "<|user|>\nHello world\n<|assistant|>\n"
+    assert 1 <= len(out.outputs[0].token_ids) <= 4
