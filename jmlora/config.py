@@ -294,6 +294,7 @@ class EngineConfig:
       max_logprobs: the largest ``logprobs`` / ``prompt_logprobs`` a request may ask for.
       seed: engine seed (random seeds of unseeded requests derive from it).
       warmup: compile every bucket at start-up, so nothing compiles while serving.
+      decode_unroll: unroll the ``num_lookahead`` decode steps into straight-line code instead of a device loop.
     """
 
     max_num_seqs: int = 64
@@ -312,6 +313,7 @@ class EngineConfig:
     max_logprobs: int = 20
     seed: int = 0
     warmup: bool = True
+    decode_unroll: bool = False
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk", "page_size", "num_lookahead",

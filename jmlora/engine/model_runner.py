@@ -225,7 +225,7 @@ class ModelRunner:
             jnp.asarray(active), jnp.asarray(self._page_table(chunks, B)), jnp.asarray(self._rows_for(chunks, B)),
             st, jnp.asarray(steps), self.prompt_mask, self.output_counts, num_steps=num_steps,
             lora_impl=self.ecfg.lora_impl, attention_impl=self.ecfg.attention_impl,
-            needs_penalties=needs_penalties, num_logprobs=num_logprobs)
+            needs_penalties=needs_penalties, num_logprobs=num_logprobs, unroll=self.ecfg.decode_unroll)
         return _to_host(result, len(chunks), k_axis=True)
 
     def warmup(self) -> int:
@@ -317,12 +317,14 @@ def _prefill_step(params, cfg, cache, lora, tokens, start, num_tokens, page_tabl
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "lora_impl", "attention_impl", "needs_penalties",
-                                             "num_logprobs"),
+                                             "num_logprobs", "unroll"),
                    donate_argnames=("cache", "output_counts"))
 def _decode_steps(params, cfg, cache, lora, tokens, pos, active, page_table, rows, st, steps, prompt_mask,
-                  output_counts, *, num_steps, lora_impl, attention_impl, needs_penalties, num_logprobs):
+                  output_counts, *, num_steps, lora_impl, attention_impl, needs_penalties, num_logprobs,
+                  unroll=False):
     """``num_steps`` decode steps: each feeds every active row's newest token at its position, samples on
-    the device and feeds the sample to the next step. Returns ``SampleResult`` fields stacked ``[K, B]``."""
+    the device and feeds the sample to the next step. Returns ``SampleResult`` fields stacked ``[K, B]``.
+    ``unroll`` unrolls the steps into straight-line code (no device while loop)."""
     n_new = active.astype(jnp.int32)
 
     def step(carry, k):
@@ -338,5 +340,6 @@ def _decode_steps(params, cfg, cache, lora, tokens, pos, active, page_table, row
         return (cache, result.token_ids, output_counts), result
 
     (cache, _, output_counts), results = jax.lax.scan(step, (cache, tokens, output_counts),
-                                                      jnp.arange(num_steps, dtype=jnp.int32))
+                                                      jnp.arange(num_steps, dtype=jnp.int32),
+                                                      unroll=num_steps if unroll else 1)
     return results, cache, output_counts

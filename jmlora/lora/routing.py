@@ -80,14 +80,14 @@ def lora_delta(x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: st
     if impl == "gather":
         a = tb.a[slot_ids]                                                              # [B, in, R]
         b = tb.b[slot_ids]                                                              # [B, R, out]
-        h = jnp.einsum("bti,bir->btr", x, a, preferred_element_type=jnp.float32).astype(x.dtype)
-        return jnp.einsum("btr,bro->bto", h, b, preferred_element_type=jnp.float32).astype(x.dtype)
+        h = jnp.einsum("bti,bir->btr", x, a)
+        return jnp.einsum("btr,bro->bto", h, b)
     if impl == "onehot":
         S = tb.a.shape[0]
         onehot = jax.nn.one_hot(slot_ids, S, dtype=x.dtype)                              # [B, S]
-        h = jnp.einsum("bti,sir->btsr", x, tb.a, preferred_element_type=jnp.float32).astype(x.dtype)
+        h = jnp.einsum("bti,sir->btsr", x, tb.a)
         h = h * onehot[:, None, :, None]                                                # [B, T, S, R]
-        return jnp.einsum("btsr,sro->bto", h, tb.b, preferred_element_type=jnp.float32).astype(x.dtype)
+        return jnp.einsum("btsr,sro->bto", h, tb.b)
     if impl == "ragged":
         S = tb.a.shape[0]
         token_slots = jnp.repeat(slot_ids, T)                                           # [N]

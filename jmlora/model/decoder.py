@@ -54,8 +54,10 @@ def _bias(y: Array, b: Array | None) -> Array:
 
 
 def _dense(x: Array, w: Array, spec: str) -> Array:
-    """An einsum in x's dtype with float32 accumulation."""
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    """An einsum with output in x's dtype. XLA accumulates bf16 products in float32 on GPU/TPU/CPU anyway;
+    asking for a float32 result and casting back cost one extra kernel per matmul on the H200 (measured
+    in benchmarks/RESULTS.md, "Decode step diagnostics")."""
+    return jnp.einsum(spec, x, w)
 
 
 class _LayerLoRA:
