@@ -247,3 +247,45 @@ def test_chat_renders_the_template(tmp_path):
                    use_tqdm=False)[0]
     assert llm.get_tokenizer().decode(out.prompt_token_ids) == "<|user|>\nHello world\n<|assistant|>\n"
     assert 1 <= len(out.outputs[0].token_ids) <= 4
+
+
+def test_interleaved_arrivals_with_mixed_adapters_lengths_and_params(world, llm):
+    """Requests arrive while others run (continuous batching); greedy ones must equal PEFT, seeded sampled
+    ones must equal the same request run alone, whatever joined or left around them."""
+    import random
+
+    loras = [None, *world[2]]
+    rng = random.Random(0)
+    engine = llm.llm_engine
+    plan = []
+    for i in range(14):
+        prompt = [1] + [rng.randrange(2, 500) for _ in range(rng.randrange(1, 30))]
+        lora = rng.choice(loras)
+        if i % 3 == 0:
+            params = SamplingParams(temperature=0.8, top_k=50, seed=100 + i, max_tokens=rng.randrange(3, 12),
+                                    ignore_eos=True)
+        else:
+            params = SamplingParams(temperature=0.0, max_tokens=rng.randrange(3, 12), ignore_eos=True)
+        plan.append((prompt, lora, params))
+    finished, pending, step = {}, list(enumerate(plan)), 0
+    while pending or engine.has_unfinished_requests():
+        for _ in range(rng.randrange(0, 3)):           # 0-2 new requests join before each step
+            if pending:
+                i, (prompt, lora, params) = pending.pop(0)
+                engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, params, lora)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        engine.check_invariants()
+        step += 1
+        assert step < 500
+    assert len(finished) == len(plan)
+    for i, (prompt, lora, params) in enumerate(plan):
+        tokens = finished[f"r{i}"].outputs[0].token_ids
+        assert len(tokens) == params.max_tokens
+        if params.temperature == 0.0:
+            assert tokens == reference_greedy(world, prompt, lora, params.max_tokens), f"request {i}"
+        else:
+            alone = llm.generate([{"prompt_token_ids": prompt}], params, lora_request=lora, use_tqdm=False)[0]
+            assert tokens == alone.outputs[0].token_ids, f"request {i}"
+    assert_idle(llm)

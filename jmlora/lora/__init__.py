@@ -9,7 +9,6 @@ The functional API for JAX users::
     logits, cache = forward_logits(params, cfg, ..., cache, LoRABatch(bank, slot_ids))   # slot_ids: [B]
 """
 
-from jmlora.lora.bank import AdapterBank, BankSpec, TargetBank, adapter_arrays, init_adapter_bank, write_adapter
 from jmlora.lora.peft import (
     LORA_TARGETS,
     AdapterError,
@@ -19,7 +18,6 @@ from jmlora.lora.peft import (
     projection_module_name,
     target_shapes,
 )
-from jmlora.lora.routing import LORA_IMPLS, LoRABatch, lora_delta
 from jmlora.lora.slots import (
     AdapterInUseError,
     NoFreeSlotError,
@@ -53,3 +51,19 @@ __all__ = [
     "projection_module_name",
     "target_shapes",
 ]
+
+# The device side (bank, routing) imports JAX; the host side above does not, so the scheduler and slot manager
+# stay importable (and testable) without it. The device names load on first use.
+_DEVICE_NAMES = {
+    "AdapterBank": "bank", "BankSpec": "bank", "TargetBank": "bank", "adapter_arrays": "bank",
+    "init_adapter_bank": "bank", "write_adapter": "bank", "LORA_IMPLS": "routing", "LoRABatch": "routing",
+    "lora_delta": "routing",
+}
+
+
+def __getattr__(name):
+    module = _DEVICE_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jmlora.lora' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f"jmlora.lora.{module}"), name)
