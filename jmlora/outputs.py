@@ -81,6 +81,8 @@ class RequestOutput:
       outputs: the completions, ordered by ``index``.
       finished: True when every completion has finished.
       lora_request: the adapter request the prompt ran with, or None for the base model.
+      error: why the engine gave up on the request (e.g. its adapter failed to load), else None. Not in vLLM:
+        the streaming engine reports a failed request here instead of raising mid-batch.
     """
 
     request_id: str
@@ -90,3 +92,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     lora_request: Any = None
+    error: Exception | None = None

@@ -89,13 +89,28 @@ def test_bank_memory_matches_spec(base):
 
 
 def _bad_adapters(hf_model, tmp):
-    good = make_peft_adapter(hf_model, tmp / "ok_for_truncation", r=4, alpha=8, targets=["q_proj"], seed=9)
-    weights = good / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])
+    """One adapter directory per kind of rejection (the messages are checked in test_lora_peft.py)."""
+    def plain(name, seed):
+        return make_peft_adapter(hf_model, tmp / name, r=4, alpha=8, targets=["q_proj"], seed=seed)
+
+    truncated = plain("truncated", 9)
+    (truncated / "adapter_model.safetensors").write_bytes((truncated / "adapter_model.safetensors").read_bytes()[:-100])
+    bad_json = plain("bad_json", 10)
+    (bad_json / "adapter_config.json").write_text("{not json")
+    non_finite = plain("non_finite", 11)
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(str(non_finite / "adapter_model.safetensors"))
+    next(iter(tensors.values()))[0, 0] = np.inf
+    save_file(tensors, str(non_finite / "adapter_model.safetensors"))
     return {
         "dora": make_peft_adapter(hf_model, tmp / "dora", r=4, alpha=8, targets=["q_proj"], use_dora=True),
         "rank_too_big": make_peft_adapter(hf_model, tmp / "big", r=32, alpha=8, targets=["q_proj"]),
-        "truncated": good,
+        "modules_to_save": make_peft_adapter(hf_model, tmp / "mts", r=4, alpha=8, targets=["q_proj"],
+                                             modules_to_save=["lm_head"]),
+        "bias": make_peft_adapter(hf_model, tmp / "bias", r=4, alpha=8, targets=["q_proj"], bias="all"),
+        "bin_only": make_peft_adapter(hf_model, tmp / "bin", r=4, alpha=8, targets=["q_proj"],
+                                      safe_serialization=False),
+        "truncated": truncated, "malformed_json": bad_json, "non_finite": non_finite,
     }
 
 

@@ -185,14 +185,13 @@ def test_bad_adapter_is_a_clear_error_and_nothing_else_breaks(world, llm):
     # through the streaming engine (no pre-validation): the bad request fails alone, the others complete
     engine = llm.llm_engine
     good = engine.add_request(None, {"prompt_token_ids": PROMPTS[0]}, GREEDY, loras[0])
-    engine.slot_manager.unregister("dora")
-    engine._lora_paths.pop("dora")
     failed = engine.add_request(None, {"prompt_token_ids": PROMPTS[1]}, GREEDY, bad)
     results = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             results[out.request_id] = out
-    assert isinstance(results[failed].error, AdapterError)
+    assert isinstance(results[failed].error, AdapterError) and results[failed].finished
+    assert results[failed].outputs[0].finish_reason == "abort" and results[good].error is None
     assert results[good].outputs[0].token_ids == reference_greedy(world, PROMPTS[0], loras[0])
     assert llm.generate([{"prompt_token_ids": PROMPTS[3]}], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == \
         reference_greedy(world, PROMPTS[3], None)
@@ -247,6 +246,7 @@ def test_chat_renders_the_template(tmp_path):
                    use_tqdm=False)[0]
     assert llm.get_tokenizer().decode(out.prompt_token_ids) == "<|user|>\nHello world\n<|assistant|>\n"
     assert 1 <= len(out.outputs[0].token_ids) <= 4
+    assert_idle(llm)
 
 
 def test_interleaved_arrivals_with_mixed_adapters_lengths_and_params(world, llm):

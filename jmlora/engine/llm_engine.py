@@ -350,13 +350,11 @@ class LLMEngine:
                                         logprobs=list(s.logprobs) if s.logprobs is not None else None,
                                         finish_reason=s.finish_reason, stop_reason=s.stop_reason)
                        for s in request.seqs]
-        out = RequestOutput(request_id=request.request_id, prompt=request.prompt,
-                            prompt_token_ids=request.prompt_token_ids,
-                            prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs else None,
-                            outputs=completions, finished=request.finished, lora_request=request.lora_request)
-        if request.error is not None:
-            out.error = request.error
-        return out
+        return RequestOutput(request_id=request.request_id, prompt=request.prompt,
+                             prompt_token_ids=request.prompt_token_ids,
+                             prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs else None,
+                             outputs=completions, finished=request.finished, lora_request=request.lora_request,
+                             error=request.error)
 
     def check_invariants(self) -> None:
         """Pages, slot references and state rows match the live requests (for tests)."""

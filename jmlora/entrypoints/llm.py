@@ -95,7 +95,7 @@ class LLM:
             for rid in ids:
                 engine.abort(rid)
             raise
-        failed = [(i, r) for i, r in enumerate(results) if getattr(r, "error", None) is not None]
+        failed = [(i, r) for i, r in enumerate(results) if r.error is not None]
         if failed:
             i, r = failed[0]
             raise RequestError(f"prompt {i} failed: {r.error}") from r.error
