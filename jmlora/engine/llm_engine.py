@@ -30,6 +30,8 @@ from jmlora.outputs import CompletionOutput, Logprob, RequestOutput
 
 logger = logging.getLogger(__name__)
 
+_MAX_STAGED = 2   # adapters copied to the device ahead of their load (83.9 MB each for a Llama-3-8B rank 16)
+
 
 class RequestError(ValueError):
     """A request the engine refuses (bad prompt, bad adapter, too long, ...), naming the problem."""
@@ -96,7 +98,9 @@ class LLMEngine:
         self._lora_paths: dict[str, str] = {}
         self._seed_rng = np.random.default_rng(ecfg.seed)
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "preemptions": 0, "adapter_loads": 0}
+        self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "preemptions": 0, "adapter_loads": 0,
+                      "adapters_staged": 0, "adapter_loads_staged": 0}
+        self._staged: dict[tuple[str, str | None], tuple] = {}   # (name, path) -> device arrays being copied
         if ecfg.warmup:
             self.num_warmup_shapes = self.runner.warmup()
 
@@ -215,6 +219,7 @@ class LLMEngine:
             return None
         for seq in self.scheduler.abort(str(request_id)):
             self.runner.release(seq.seq_id)
+        self._drop_unwanted_staged()
         for s in request.seqs:
             if s.finish_reason is None:
                 s.finish_reason = "abort"
@@ -238,17 +243,19 @@ class LLMEngine:
         for seq in plan.preempted:
             self.runner.release(seq.seq_id)
         for name, slot in plan.adapter_loads:
-            self.runner.load_adapter(slot, self.slot_manager.get_weights(name))
+            staged = self._staged.pop((name, self._lora_paths.get(name)), None)
+            self.runner.load_adapter(slot, None if staged else self.slot_manager.get_weights(name), staged)
+            self.stats["adapter_loads_staged"] += staged is not None
         self.stats["steps"] += 1
         self.stats["preemptions"] += len(plan.preempted)
         self.stats["adapter_loads"] += len(plan.adapter_loads)
         if plan.kind != "idle":
             self.stats[f"{plan.kind}_steps"] += 1
         if plan.kind == "prefill":
-            result = self.runner.prefill(plan.chunks)
+            result = self.runner.prefill(plan.chunks, while_running=self._stage_waiting_adapters)
             self._collect_prompt_logprobs(plan.chunks, result)
         elif plan.kind == "decode":
-            result = self.runner.decode(plan.chunks, plan.num_lookahead)
+            result = self.runner.decode(plan.chunks, plan.num_lookahead, while_running=self._stage_waiting_adapters)
         else:
             result = None
         if result is not None:
@@ -265,6 +272,33 @@ class LLMEngine:
             if request.finished:
                 self._requests.pop(request.request_id, None)
         return outputs
+
+    def _stage_waiting_adapters(self) -> None:
+        """While the device runs a step: start copying the adapters that the first waiting requests need and
+        that are not on the device, so their later load into the bank is a device-to-device copy instead of a
+        host-to-device one (at most ``_MAX_STAGED`` adapters are held)."""
+        if self.runner.bank is None:
+            return
+        self._drop_unwanted_staged()
+        for seq in self.scheduler.waiting[:self.config.max_num_seqs]:
+            name = seq.lora_name
+            key = (name, self._lora_paths.get(name))
+            if name is None or key in self._staged or self.slot_manager.slot_of(name) is not None:
+                continue
+            if len(self._staged) >= _MAX_STAGED:
+                break
+            try:
+                weights = self.slot_manager.get_weights(name)
+            except Exception:       # noqa: BLE001 - a bad adapter fails its request when scheduled, not here
+                continue
+            self._staged[key] = self.runner.stage_adapter(weights)
+            self.stats["adapters_staged"] += 1
+
+    def _drop_unwanted_staged(self) -> None:
+        """Frees staged adapters that no waiting request needs any more (aborted or failed requests)."""
+        wanted = {(s.lora_name, self._lora_paths.get(s.lora_name)) for s in self.scheduler.waiting}
+        for key in [k for k in self._staged if k not in wanted]:
+            del self._staged[key]
 
     def _fail(self, seq: Sequence, exc: Exception, touched: dict) -> None:
         request = self._requests.get(seq.request_id)
@@ -368,7 +402,7 @@ class LLMEngine:
 
     def is_idle(self) -> bool:
         """No request in flight, every page free and no adapter referenced (a leak check)."""
-        return (not self._requests and self.page_manager.num_free == self.page_manager.num_pages
+        return (not self._requests and not self._staged and self.page_manager.num_free == self.page_manager.num_pages
                 and all(self.slot_manager.refcount(n) == 0 for n in self.slot_manager.resident())
                 and self.runner.num_rows_in_use == 0)
 

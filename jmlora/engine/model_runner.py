@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ from jax.sharding import Mesh
 from jmlora.config import EngineConfig, ModelConfig
 from jmlora.engine.sampler import SampleResult, SamplingTensors, compute_prompt_logprobs, sample
 from jmlora.engine.scheduler import ScheduledChunk
-from jmlora.lora.bank import BankSpec, init_adapter_bank, write_adapter
+from jmlora.lora.bank import BankSpec, adapter_arrays, init_adapter_bank, write_adapter, write_adapter_arrays
 from jmlora.lora.peft import LoRAWeights
 from jmlora.lora.routing import LoRABatch
 from jmlora.model import KVCache, Params, compute_logits, forward, init_kv_cache
@@ -120,11 +121,27 @@ class ModelRunner:
 
     # -- adapters ------------------------------------------------------------------------------------------
 
-    def load_adapter(self, slot: int, weights: LoRAWeights | None) -> None:
-        """Writes an adapter into a bank slot (async on the device: overlaps with the steps queued after it)."""
+    def load_adapter(self, slot: int, weights: LoRAWeights | None, staged: tuple | None = None) -> None:
+        """Writes an adapter into a bank slot (async on the device, ordered before the steps queued after it).
+
+        Args:
+          slot: 1..max_loras.
+          weights: the parsed adapter (or None for the zero adapter); used when nothing was staged.
+          staged: ``(device arrays, rank)`` from ``stage_adapter``: the write is then device to device.
+        """
         if self.bank is None:
             raise ValueError("this engine was built without enable_lora")
-        self.bank = write_adapter(self.bank, slot, weights, self.cfg, self.bank_spec)
+        if staged is not None:
+            self.bank = write_adapter_arrays(self.bank, slot, *staged)
+        else:
+            self.bank = write_adapter(self.bank, slot, weights, self.cfg, self.bank_spec)
+
+    def stage_adapter(self, weights: LoRAWeights) -> tuple:
+        """Starts copying a padded adapter to the device without touching the bank; returns what
+        ``load_adapter(staged=...)`` takes. ``jax.device_put`` is asynchronous, so the copy overlaps with
+        whatever the device is running."""
+        layers, rank = adapter_arrays(weights, self.cfg, self.bank_spec, self.dtype)
+        return jax.device_put(layers), rank
 
     # -- penalty-state rows --------------------------------------------------------------------------------
 
@@ -176,8 +193,11 @@ class ModelRunner:
 
     # -- steps ---------------------------------------------------------------------------------------------
 
-    def prefill(self, chunks: list[ScheduledChunk]) -> StepOutput:
-        """Runs one prefill step; rows of chunks that do not sample hold garbage samples."""
+    def prefill(self, chunks: list[ScheduledChunk], while_running: Callable[[], None] | None = None) -> StepOutput:
+        """Runs one prefill step; rows of chunks that do not sample hold garbage samples.
+
+        ``while_running`` is called after the step is dispatched and before waiting for its results (host
+        work that overlaps with the device, e.g. staging adapters)."""
         B = _bucket(len(chunks), self.prefill_batch_buckets)
         T = _bucket(max(c.num_tokens for c in chunks), self.prefill_token_buckets)
         tokens = np.zeros((B, T), np.int32)
@@ -204,6 +224,8 @@ class ModelRunner:
             self.output_counts, jnp.asarray(targets) if targets is not None else None,
             lora_impl=self.ecfg.lora_impl, attention_impl=self.ecfg.attention_impl,
             needs_penalties=needs_penalties, num_logprobs=num_logprobs, num_prompt_logprobs=num_prompt_lp)
+        if while_running is not None:
+            while_running()
         out = _to_host(result, len(chunks), k_axis=False)
         if prompt_lp is not None:
             host = [np.asarray(a).reshape(B, T, *a.shape[1:]) for a in prompt_lp]
@@ -211,8 +233,10 @@ class ModelRunner:
                                    for i, c in enumerate(chunks)]
         return out
 
-    def decode(self, chunks: list[ScheduledChunk], num_steps: int) -> StepOutput:
-        """Runs ``num_steps`` decode steps for every chunk's sequence in one jitted call."""
+    def decode(self, chunks: list[ScheduledChunk], num_steps: int,
+               while_running: Callable[[], None] | None = None) -> StepOutput:
+        """Runs ``num_steps`` decode steps for every chunk's sequence in one jitted call (``while_running``:
+        as in ``prefill``)."""
         B = _bucket(len(chunks), self.decode_buckets)
         tokens = np.zeros(B, np.int32)
         pos = np.zeros(B, np.int32)
@@ -226,6 +250,8 @@ class ModelRunner:
             st, jnp.asarray(steps), self.prompt_mask, self.output_counts, num_steps=num_steps,
             lora_impl=self.ecfg.lora_impl, attention_impl=self.ecfg.attention_impl,
             needs_penalties=needs_penalties, num_logprobs=num_logprobs, unroll=self.ecfg.decode_unroll)
+        if while_running is not None:
+            while_running()
         return _to_host(result, len(chunks), k_axis=True)
 
     def warmup(self) -> int:

@@ -178,6 +178,17 @@ def write_adapter(bank: AdapterBank, slot: int, weights: LoRAWeights | None, cfg
     return _write_slot(bank, jnp.int32(slot), layers, jnp.int32(rank))
 
 
+def write_adapter_arrays(bank: AdapterBank, slot: int, layers: tuple, rank: int) -> AdapterBank:
+    """Writes pre-padded arrays from ``adapter_arrays`` (host numpy, or already on the device) into ``slot``.
+
+    With device arrays (e.g. staged earlier with ``jax.device_put``, overlapping the copy with other work) the
+    write is a device-to-device copy. Donates ``bank``; the slot must be valid (see ``write_adapter``).
+    """
+    if not 1 <= slot < bank.num_slots:
+        raise ValueError(f"slot must be in 1..{bank.num_slots - 1} (slot 0 is the zero adapter), got {slot}")
+    return _write_slot(bank, jnp.int32(slot), layers, jnp.int32(rank))
+
+
 def _zero_arrays(cfg: ModelConfig, spec: BankSpec, dtype) -> tuple:
     shapes = target_shapes(cfg)
     R = spec.max_lora_rank
