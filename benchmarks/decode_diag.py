@@ -59,7 +59,7 @@ def main():
     K, P, ctx, Bmax = 4, 128, args.ctx, 64
     cache = init_kv_cache(cfg, Bmax * P + 1, 16, jnp.bfloat16, mesh)
     V = cfg.vocab_size
-    mask = filled((Bmax + 1, V), jnp.bool_, logical_sharding(mesh, (None, None)))
+    masks = [filled((Bmax + 1, V), jnp.bool_, logical_sharding(mesh, (None, None)))]
     counts = [filled((Bmax + 1, V), jnp.int32, logical_sharding(mesh, (None, None)))]
     state = {"cache": cache}
     greedy = SamplingParams(temperature=0.0)
@@ -74,7 +74,9 @@ def main():
     lowered = []
     for B, attn in configs:
         a = args_for(B)
-        lowered.append(_decode_steps.lower(params, cfg, state["cache"], None, *a[:5], a[5], a[6], mask, counts[0],
+        lowered.append(_decode_steps.lower(params, cfg, state["cache"], None, *a[:5], a[5], a[6], masks[0],
+                                           counts[0],
+                                           jnp.zeros(B, bool), a[1],
                                            num_steps=K, lora_impl="auto", attention_impl=attn,
                                            needs_penalties=False, num_logprobs=0, unroll=args.unroll))
     t = time.perf_counter()
@@ -88,7 +90,8 @@ def main():
         a = args_for(B)
 
         def call(exe=exe, a=a):
-            res, state["cache"], counts[0] = exe(params, state["cache"], None, *a[:5], a[5], a[6], mask, counts[0])
+            res, state["cache"], masks[0], counts[0] = exe(params, state["cache"], None, *a[:5], a[5], a[6], masks[0],
+                                                           counts[0], jnp.zeros(len(a[0]), bool), a[1])
             jax.block_until_ready(res)
 
         step = median_time(call) / K

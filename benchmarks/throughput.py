@@ -116,10 +116,11 @@ def main():
 
     def run(B, ctx, variant, prepared=None):
         tokens, pos, active, table, rows, st, steps, lora = prepared or inputs(B, ctx, variants[variant](B))
-        res, runner.cache, runner.output_counts = _decode_steps(
+        no_record = jnp.zeros(B, bool)
+        res, runner.cache, runner.prompt_mask, runner.output_counts = _decode_steps(
             params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st, steps, runner.prompt_mask,
-            runner.output_counts, num_steps=K, lora_impl=ecfg.lora_impl, attention_impl=ecfg.attention_impl,
-            needs_penalties=False, num_logprobs=0)
+            runner.output_counts, no_record, pos, num_steps=K, lora_impl=ecfg.lora_impl,
+            attention_impl=ecfg.attention_impl, needs_penalties=False, num_logprobs=0)
         return res
 
     # compile every (batch, base|lora) variant in parallel threads (XLA compiles outside the GIL)
@@ -129,7 +130,8 @@ def main():
         for variant in ("base", "distinct"):
             tokens, pos, active, table, rows, st, steps, lora = inputs(B, 100, variants[variant](B))
             lowered.append(_decode_steps.lower(params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st,
-                                               steps, runner.prompt_mask, runner.output_counts, num_steps=K,
+                                               steps, runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool),
+                                               pos, num_steps=K,
                                                lora_impl=ecfg.lora_impl, attention_impl=ecfg.attention_impl,
                                                needs_penalties=False, num_logprobs=0))
     with ThreadPoolExecutor(8) as pool:

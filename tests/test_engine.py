@@ -97,6 +97,17 @@ def test_preemption_under_tiny_kv_budget_gives_identical_outputs(world, llm):
     got = tight.generate([{"prompt_token_ids": p} for p in PROMPTS], params, lora_request=mix, use_tqdm=False)
     assert tight.llm_engine.stats["preemptions"] > 0
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    # prompt logprobs and repetition/frequency penalties survive preemption (recomputed outputs are outputs)
+    special = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, prompt_logprobs=1,
+                             repetition_penalty=1.8, frequency_penalty=0.7)
+    before = tight.llm_engine.stats["preemptions"]
+    got = tight.generate([{"prompt_token_ids": p} for p in PROMPTS], special, lora_request=mix, use_tqdm=False)
+    assert tight.llm_engine.stats["preemptions"] > before
+    roomy = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], special, lora_request=mix, use_tqdm=False)
+    for a, b in zip(got, roomy):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [None if e is None else sorted(e) for e in a.prompt_logprobs] == \
+            [None if e is None else sorted(e) for e in b.prompt_logprobs]
     assert_idle(tight)
 
 
@@ -123,6 +134,19 @@ def test_stop_strings_and_stop_tokens(world, llm):
                        use_tqdm=False)[0].outputs[0]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
     assert cut.text == free.text[:free.text.find(stop)]
+    # a stop string produced before min_tokens does not end the sequence later (vLLM searches new text only)
+    late = llm.generate(["Hello world"], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop=[stop],
+                                                        min_tokens=6), use_tqdm=False)[0].outputs[0]
+    if free.text.count(stop) == 1 and len(llm.get_tokenizer().decode(free.token_ids[:5])) >= 4:
+        assert late.finish_reason == "length" and late.token_ids == free.token_ids
+    # streamed text never shows a prefix of a stop string that is taken back later
+    engine = llm.llm_engine
+    engine.add_request("stream", "Hello world", SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
+                                                               stop=[stop]))
+    texts = []
+    while engine.has_unfinished_requests():
+        texts += [o.outputs[0].text for o in engine.step()]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:])) and texts[-1] == cut.text
     stop_id = free.token_ids[3]
     by_id = llm.generate(["Hello world"], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
                                                          stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
@@ -204,8 +228,9 @@ def test_bad_adapter_is_a_clear_error_and_nothing_else_breaks(world, llm):
 def test_request_validation(world, llm):
     with pytest.raises(RequestError, match="prompt 0: prompt_token_ids must be integers in"):
         llm.generate([{"prompt_token_ids": [1, 100000]}], use_tqdm=False)
-    with pytest.raises(RequestError, match="max_model_len is 64"):
-        llm.generate([{"prompt_token_ids": [1] * 64}], use_tqdm=False)
+    with pytest.raises(RequestError, match="prompt 1: .*max_model_len is 64"):
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [1] * 64}], use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests(), "a failed generate left requests queued"
     with pytest.raises(ValueError, match="sampling_params has 1 entries for 2 prompts"):
         llm.generate(["a", "b"], [GREEDY], use_tqdm=False)
     with pytest.raises(ValueError, match="temperature"):
@@ -229,6 +254,9 @@ def test_no_compilation_after_startup(world):
     try:
         for mix in ([None, loras[0]], [loras[1], loras[2]], [loras[3]], [loras[0], loras[0]], [None]):
             prompts = [{"prompt_token_ids": p} for p in PROMPTS[:len(mix)]]
+            # one long prompt among short ones: the step is split, never compiled at a larger padded shape
+            llm.generate([{"prompt_token_ids": PROMPTS[2]}, {"prompt_token_ids": [1, 5]}], GREEDY,
+                         lora_request=[mix[0], mix[-1]], use_tqdm=False)
             llm.generate(prompts, GREEDY, lora_request=mix, use_tqdm=False)
             llm.generate(prompts, SamplingParams(temperature=0.8, seed=3, max_tokens=5), lora_request=mix,
                          use_tqdm=False)
@@ -292,3 +320,69 @@ def test_interleaved_arrivals_with_mixed_adapters_lengths_and_params(world, llm)
             alone = llm.generate([{"prompt_token_ids": prompt}], params, lora_request=lora, use_tqdm=False)[0]
             assert tokens == alone.outputs[0].token_ids, f"request {i}"
     assert_idle(llm)
+
+
+def test_penalty_state_covers_a_prompt_token_fed_by_decode(world):
+    """A prefill chunk cut one token short leaves the last prompt token to the decode step; the repetition
+    penalty must still see it. The prompt is searched so that its last token is the greedy choice unless that
+    token is penalised, so a missing record shows as emitting it."""
+    import numpy as np
+
+    hf_model, R = world[1], 5.0
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        q = [1] + rng.integers(3, 500, size=15).tolist()
+        candidates = [x for x in range(3, 512) if x not in q]
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([q + [x] for x in candidates])).logits[:, -1].double().numpy()
+        seen = np.zeros(logits.shape[1], bool)
+        seen[q] = True
+        penalised = np.where(seen, np.where(logits > 0, logits / R, logits * R), logits)
+        hits = [i for i, x in enumerate(candidates) if penalised[i].argmax() == x]
+        if hits:
+            break
+    assert hits, "no suitable prompt found"
+    i = hits[0]
+    x = candidates[i]
+    seen[x] = True                                         # the correct penalty: every prompt token is seen
+    row = np.where(seen, np.where(logits[i] > 0, logits[i] / R, logits[i] * R), logits[i])
+    expected_first = int(row.argmax())
+    assert expected_first != x
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, repetition_penalty=R)
+    for chunk in (16, 32):                                # 17 tokens: cut one short, and in one chunk
+        llm16 = make_llm(world[0], enable_lora=False, max_prefill_chunk=chunk, num_lookahead=1)
+        out = llm16.generate([{"prompt_token_ids": q + [x]}], params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids[0] == expected_first, f"max_prefill_chunk={chunk}"
+
+
+def test_penalty_state_matches_the_tokens_after_every_decode_step(world):
+    """White box: after each decode step, every decoding sequence's device row holds exactly its prompt tokens
+    (mask) and its output token counts, also across preemptions (where outputs are recomputed)."""
+    import numpy as np
+
+    llm_tight = make_llm(world[0], enable_lora=False, num_lookahead=1, page_size=4, num_kv_pages=20,
+                         max_num_batched_tokens=20, max_prefill_chunk=16)
+    engine = llm_tight.llm_engine
+    rng = np.random.default_rng(100)
+    for i in range(6):
+        prompt = [1] + rng.integers(3, 500, size=int(rng.integers(3, 20))).tolist()
+        engine.add_request(None, {"prompt_token_ids": prompt}, SamplingParams(
+            temperature=0.7, seed=i, max_tokens=35, ignore_eos=True, frequency_penalty=0.5))
+    checked = 0
+    while engine.has_unfinished_requests():
+        before = engine.stats["decode_steps"]
+        engine.step()
+        if engine.stats["decode_steps"] == before:
+            continue
+        mask, counts = np.asarray(engine.runner.prompt_mask), np.asarray(engine.runner.output_counts)
+        for seq in engine.scheduler.running:
+            if seq.is_prefill:
+                continue
+            row = engine.runner._rows[seq.seq_id]
+            want = np.zeros(mask.shape[1], bool)
+            want[seq.prompt_token_ids] = True
+            np.testing.assert_array_equal(mask[row], want)
+            np.testing.assert_array_equal(counts[row], np.bincount(seq.output_token_ids, minlength=mask.shape[1]))
+            checked += 1
+    assert engine.stats["preemptions"] > 0 and checked > 100
+    assert_idle(llm_tight)

@@ -101,6 +101,7 @@ class LLMEngine:
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "preemptions": 0, "adapter_loads": 0,
                       "adapters_staged": 0, "adapter_loads_staged": 0}
         self._staged: dict[tuple[str, str | None], tuple] = {}   # (name, path) -> device arrays being copied
+        self._unstageable: set[tuple[str, str | None]] = set()    # adapters that failed to parse: not retried
         if ecfg.warmup:
             self.num_warmup_shapes = self.runner.warmup()
 
@@ -240,6 +241,8 @@ class LLMEngine:
         touched: dict[str, _Request] = {}
         for seq, exc in plan.failed:
             self._fail(seq, exc, touched)
+        if plan.failed:
+            self._drop_unwanted_staged()
         for seq in plan.preempted:
             self.runner.release(seq.seq_id)
         for name, slot in plan.adapter_loads:
@@ -287,9 +290,12 @@ class LLMEngine:
                 continue
             if len(self._staged) >= _MAX_STAGED:
                 break
+            if key in self._unstageable:
+                continue
             try:
                 weights = self.slot_manager.get_weights(name)
             except Exception:       # noqa: BLE001 - a bad adapter fails its request when scheduled, not here
+                self._unstageable.add(key)
                 continue
             self._staged[key] = self.runner.stage_adapter(weights)
             self.stats["adapters_staged"] += 1
@@ -360,6 +366,7 @@ class LLMEngine:
     def _check_stop(self, state: _SeqState, token: int) -> None:
         seq, params = state.seq, state.seq.params
         n_out = seq.num_output_tokens
+        old_len = len(state.text)
         state.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
         if n_out >= params.min_tokens:
             if token in params.stop_token_ids:
@@ -369,7 +376,9 @@ class LLMEngine:
                 state.finish_reason = "stop"
                 return
             for stop in params.stop:
-                idx = state.text.find(stop)
+                # only where this token's text could complete a match (as vLLM): an occurrence made before
+                # min_tokens was reached does not stop the sequence later
+                idx = state.text.find(stop, max(0, old_len - len(stop) + 1))
                 if idx >= 0:
                     state.text = state.text[:idx + len(stop)] if params.include_stop_str_in_output else state.text[:idx]
                     state.finish_reason, state.stop_reason = "stop", stop
@@ -378,8 +387,17 @@ class LLMEngine:
         if n_out >= max_tokens or seq.num_tokens >= self.model_config.max_model_len:
             state.finish_reason = "length"
 
+    @staticmethod
+    def _visible_text(state: _SeqState) -> str:
+        """While streaming, hold back the characters that could still become a stop string (vLLM does too)."""
+        hold = state.seq.params.output_text_buffer_length
+        if state.finish_reason is not None or not hold:
+            return state.text
+        return state.text[:max(0, len(state.text) - hold)]
+
     def _output(self, request: _Request) -> RequestOutput:
-        completions = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.seq.output_token_ids),
+        completions = [CompletionOutput(index=s.index, text=self._visible_text(s),
+                                        token_ids=list(s.seq.output_token_ids),
                                         cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
                                         logprobs=list(s.logprobs) if s.logprobs is not None else None,
                                         finish_reason=s.finish_reason, stop_reason=s.stop_reason)

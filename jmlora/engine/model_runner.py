@@ -114,6 +114,10 @@ class ModelRunner:
         self.output_counts = filled((rows, cfg.vocab_size), jnp.int32, state_sharding)
         self.scratch_row = rows - 1
         self._rows: dict[int, int] = {}
+        # seq_id -> leading tokens of the sequence recorded in its penalty-state row (prompt tokens in the
+        # prompt mask, outputs in the counts): decode must record the token it feeds when it is not among them
+        # (a prefill cut one token short, or an output recomputed after preemption)
+        self._recorded: dict[int, int] = {}
         self._free_rows = list(range(rows - 2, -1, -1))
         self.decode_buckets = _pow2_buckets(1, ecfg.max_num_seqs)
         self.prefill_token_buckets = _pow2_buckets(min(16, ecfg.max_prefill_chunk), ecfg.max_prefill_chunk)
@@ -154,6 +158,7 @@ class ModelRunner:
     def release(self, seq_id: int) -> None:
         """Frees a finished, aborted or preempted sequence's state row."""
         row = self._rows.pop(seq_id, None)
+        self._recorded.pop(seq_id, None)
         if row is not None:
             self._free_rows.append(row)
 
@@ -193,11 +198,47 @@ class ModelRunner:
 
     # -- steps ---------------------------------------------------------------------------------------------
 
+    def _prefill_fits(self, batch: int, tokens: int) -> bool:
+        """The (batch, chunk) buckets that warm-up compiles: padding at most 2x the step's token budget."""
+        return batch * tokens <= 2 * max(self.ecfg.max_num_batched_tokens, tokens)
+
     def prefill(self, chunks: list[ScheduledChunk], while_running: Callable[[], None] | None = None) -> StepOutput:
         """Runs one prefill step; rows of chunks that do not sample hold garbage samples.
 
-        ``while_running`` is called after the step is dispatched and before waiting for its results (host
-        work that overlaps with the device, e.g. staging adapters)."""
+        Chunks whose padded ``[B, T]`` batch would exceed the warmed-up buckets (one long chunk among many
+        short ones) run as several calls, longest chunks together, so nothing compiles and little is padded.
+        ``while_running`` is called after the (first) call is dispatched and before waiting for its results
+        (host work that overlaps with the device, e.g. staging adapters)."""
+        order = sorted(range(len(chunks)), key=lambda i: -chunks[i].num_tokens)
+        groups: list[list[int]] = []
+        for i in order:
+            if groups:
+                T = _bucket(chunks[groups[-1][0]].num_tokens, self.prefill_token_buckets)
+                if self._prefill_fits(_bucket(len(groups[-1]) + 1, self.prefill_batch_buckets), T):
+                    groups[-1].append(i)
+                    continue
+            groups.append([i])
+        if len(groups) == 1:
+            return self._prefill_call(chunks, while_running)
+        outs = [self._prefill_call([chunks[i] for i in g], while_running if k == 0 else None)
+                for k, g in enumerate(groups)]
+        position = {i: (k, j) for k, g in enumerate(groups) for j, i in enumerate(g)}
+
+        def gather(field):
+            parts = [getattr(o, field) for o in outs]
+            if parts[0] is None:
+                return None
+            return np.stack([parts[position[i][0]][position[i][1]] for i in range(len(chunks))])
+
+        merged = StepOutput(token_ids=gather("token_ids"), logprobs=gather("logprobs"), ranks=gather("ranks"),
+                            top_ids=gather("top_ids"), top_logprobs=gather("top_logprobs"))
+        if any(o.prompt_logprobs is not None for o in outs):
+            merged.prompt_logprobs = [None if outs[position[i][0]].prompt_logprobs is None
+                                      else outs[position[i][0]].prompt_logprobs[position[i][1]]
+                                      for i in range(len(chunks))]
+        return merged
+
+    def _prefill_call(self, chunks: list[ScheduledChunk], while_running: Callable[[], None] | None) -> StepOutput:
         B = _bucket(len(chunks), self.prefill_batch_buckets)
         T = _bucket(max(c.num_tokens for c in chunks), self.prefill_token_buckets)
         tokens = np.zeros((B, T), np.int32)
@@ -211,7 +252,10 @@ class ModelRunner:
             tokens[i, :c.num_tokens] = c.token_ids
             start[i], num_tokens[i], samples[i] = c.start, c.num_tokens, c.samples
             prompt_lens[i] = c.seq.num_prompt_tokens
-            if targets is not None and want_prompt_lp[i]:
+            self._recorded[c.seq.seq_id] = c.start + c.num_tokens + int(c.samples)
+            if targets is not None and want_prompt_lp[i] and c.start + 1 < c.seq.num_prompt_tokens:
+                # (a chunk that starts at or past the prompt's end, e.g. recomputing outputs after a
+                # preemption, predicts no prompt token)
                 upto = min(c.start + c.num_tokens + 1, c.seq.num_prompt_tokens)
                 nxt = c.seq.token_ids(c.start + 1, upto)
                 targets[i, :len(nxt)] = nxt
@@ -241,13 +285,19 @@ class ModelRunner:
         tokens = np.zeros(B, np.int32)
         pos = np.zeros(B, np.int32)
         active = np.zeros(B, bool)
+        record_fed = np.zeros(B, bool)
+        prompt_lens = np.zeros(B, np.int32)
         for i, c in enumerate(chunks):
             tokens[i], pos[i], active[i] = c.token_ids[0], c.start, True
+            prompt_lens[i] = c.seq.num_prompt_tokens
+            record_fed[i] = self._recorded.get(c.seq.seq_id, 0) <= c.start
+            self._recorded[c.seq.seq_id] = c.start + 1 + num_steps
         st, steps, num_logprobs, needs_penalties = self._sampling(chunks, B)
-        result, self.cache, self.output_counts = _decode_steps(
+        result, self.cache, self.prompt_mask, self.output_counts = _decode_steps(
             self.params, self.cfg, self.cache, self._lora(chunks, B), jnp.asarray(tokens), jnp.asarray(pos),
             jnp.asarray(active), jnp.asarray(self._page_table(chunks, B)), jnp.asarray(self._rows_for(chunks, B)),
-            st, jnp.asarray(steps), self.prompt_mask, self.output_counts, num_steps=num_steps,
+            st, jnp.asarray(steps), self.prompt_mask, self.output_counts, jnp.asarray(record_fed),
+            jnp.asarray(prompt_lens), num_steps=num_steps,
             lora_impl=self.ecfg.lora_impl, attention_impl=self.ecfg.attention_impl,
             needs_penalties=needs_penalties, num_logprobs=num_logprobs, unroll=self.ecfg.decode_unroll)
         if while_running is not None:
@@ -268,7 +318,7 @@ class ModelRunner:
                 count += 1
             for B in self.prefill_batch_buckets:
                 for T in self.prefill_token_buckets:
-                    if B * T > max(self.ecfg.max_num_batched_tokens, T) * 2:
+                    if not self._prefill_fits(B, T):
                         continue
                     seqs = [_dummy_seq(Sequence, params, T) for _ in range(B)]
                     self.prefill([ScheduledChunk(s, 0, T, True) for s in seqs])
@@ -344,14 +394,21 @@ def _prefill_step(params, cfg, cache, lora, tokens, start, num_tokens, page_tabl
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "lora_impl", "attention_impl", "needs_penalties",
                                              "num_logprobs", "unroll"),
-                   donate_argnames=("cache", "output_counts"))
+                   donate_argnames=("cache", "prompt_mask", "output_counts"))
 def _decode_steps(params, cfg, cache, lora, tokens, pos, active, page_table, rows, st, steps, prompt_mask,
-                  output_counts, *, num_steps, lora_impl, attention_impl, needs_penalties, num_logprobs,
-                  unroll=False):
+                  output_counts, record_fed, prompt_lens, *, num_steps, lora_impl, attention_impl, needs_penalties,
+                  num_logprobs, unroll=False):
     """``num_steps`` decode steps: each feeds every active row's newest token at its position, samples on
     the device and feeds the sample to the next step. Returns ``SampleResult`` fields stacked ``[K, B]``.
-    ``unroll`` unrolls the steps into straight-line code (no device while loop)."""
+    Rows with ``record_fed`` first record their fed token in the penalty state (prompt mask if it is a
+    prompt position, ``< prompt_lens``, else the output counts). ``unroll`` unrolls the steps into
+    straight-line code (no device while loop)."""
     n_new = active.astype(jnp.int32)
+    fed_is_prompt = pos < prompt_lens
+    prompt_mask = prompt_mask.at[rows, jnp.where(record_fed & fed_is_prompt, tokens, cfg.vocab_size)].set(
+        True, mode="drop")
+    output_counts = output_counts.at[rows, jnp.where(record_fed & ~fed_is_prompt, tokens, cfg.vocab_size)].add(
+        1, mode="drop")
 
     def step(carry, k):
         cache, tok, output_counts = carry
@@ -368,4 +425,4 @@ def _decode_steps(params, cfg, cache, lora, tokens, pos, active, page_table, row
     (cache, _, output_counts), results = jax.lax.scan(step, (cache, tokens, output_counts),
                                                       jnp.arange(num_steps, dtype=jnp.int32),
                                                       unroll=num_steps if unroll else 1)
-    return results, cache, output_counts
+    return results, cache, prompt_mask, output_counts

@@ -81,10 +81,15 @@ class LLM:
                     engine.validate_lora(lora)
             except ValueError as e:
                 raise type(e)(f"prompt {i}: {e}") from e
-        ids = [engine.add_request(None, p, sp, lr) for p, sp, lr in zip(prompts, params, loras)]
-        order = {rid: i for i, rid in enumerate(ids)}
+        ids: list[str] = []
         results: list[RequestOutput | None] = [None] * n
         try:
+            for i, (p, sp, lr) in enumerate(zip(prompts, params, loras)):
+                try:
+                    ids.append(engine.add_request(None, p, sp, lr))
+                except ValueError as e:
+                    raise type(e)(f"prompt {i}: {e}") from e
+            order = {rid: i for i, rid in enumerate(ids)}
             with tqdm(total=n, desc="Processed prompts", disable=not use_tqdm) as bar:
                 while any(r is None for r in results):
                     for out in engine.step():
