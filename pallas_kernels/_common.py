@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def _shape_error(name: str, got, want: str) -> ValueError:
@@ -93,11 +94,16 @@ def group_tokens(slot_ids, num_slots: int, block_m: int):
       Padding rows (Tp - T of them, all in the last tile) repeat the last sorted row: they compute exactly
       the values of that row, so their duplicate stores are harmless (no masks, no out-of-range rows).
     """
-    del num_slots  # kept in the signature: callers pass the bank size
     t = slot_ids.shape[0]
     tp = -(-t // block_m) * block_m
-    perm = jnp.argsort(slot_ids, stable=True).astype(jnp.int32)  # [T]
-    sorted_slots = slot_ids[perm].astype(jnp.int32)
+    if num_slots * t < 2**31:
+        # One int32 key per token (slot, then token index): a keys-only sort, which XLA on GPU runs as a CUB
+        # radix sort; a stable argsort (key + index operands) took ~38 us at T = 8192 on the H200.
+        keys = lax.sort(slot_ids.astype(jnp.int32) * t + jnp.arange(t, dtype=jnp.int32))
+        perm, sorted_slots = keys % t, keys // t
+    else:
+        perm = jnp.argsort(slot_ids, stable=True).astype(jnp.int32)  # [T]
+        sorted_slots = slot_ids[perm].astype(jnp.int32)
     perm = jnp.pad(perm, (0, tp - t), mode="edge")
     sorted_slots = jnp.pad(sorted_slots, (0, tp - t), mode="edge")
     return perm, sorted_slots

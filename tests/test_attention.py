@@ -6,12 +6,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmlora.model.attention import paged_attention, ref_paged_attention, resolve_attention_impl
+from jmlora.model.attention import (
+    paged_attention,
+    pallas_gpu_tuning,
+    ref_paged_attention,
+    resolve_attention_impl,
+)
 
 
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("pages_per_seq", [8, 12])
-def test_pallas_gpu_decode_kernel_matches_reference(dtype, atol, pages_per_seq):
+@pytest.mark.parametrize("knobs", [{}, dict(k_splits=1, pages_per_compute_block=4)])   # tuned / large batch
+def test_pallas_gpu_decode_kernel_matches_reference(dtype, atol, pages_per_seq, knobs):
     B, H, K, D, page_size, num_pages = 3, 8, 2, 32, 4, 48
     rng = np.random.default_rng(pages_per_seq)
     q = jnp.asarray(rng.standard_normal((B, 1, H, D)), dtype)
@@ -28,7 +34,7 @@ def test_pallas_gpu_decode_kernel_matches_reference(dtype, atol, pages_per_seq):
             v_cache[:, page_table[b, pos // page_size], pos % page_size] = -1e4
     args = (q, jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype), jnp.asarray(page_table),
             jnp.asarray(lengths - 1)[:, None], jnp.asarray(lengths))
-    out = paged_attention(*args, impl="pallas_gpu", interpret=True)
+    out = paged_attention(*args, impl="pallas_gpu", interpret=True, **knobs)
     assert np.abs(np.asarray(out, np.float32)).max() < 10, "garbage beyond the length leaked"
     ref = ref_paged_attention(*args)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=atol, rtol=0)
@@ -41,3 +47,13 @@ def test_attention_impl_choice():
         resolve_attention_impl("pallas_gpu", 8)
     with pytest.raises(ValueError, match="attention impl must be"):
         resolve_attention_impl("flash", 1)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 32, 64, 256])
+@pytest.mark.parametrize("pages_per_seq", [4, 12, 128])
+def test_pallas_gpu_tuning_fits_the_kernel(batch, pages_per_seq):
+    k_splits, per_block, warps = pallas_gpu_tuning(batch, 8, pages_per_seq)
+    assert pages_per_seq % k_splits == 0 and (pages_per_seq // k_splits) % per_block == 0
+    assert k_splits & (k_splits - 1) == 0 and per_block & (per_block - 1) == 0 and warps in (4, 8)
+    if batch * 8 >= 256:
+        assert k_splits == 1            # the batch alone fills the GPU: no partial outputs to combine

@@ -30,14 +30,15 @@ def default_impl(num_new_tokens: int, batch: int, platform: str) -> str:
     """The formulation measured fastest for a shape (benchmarks/RESULTS.md, "LoRA routing").
 
     Prefill (T > 1): "gather" on CPU and on the H200 (41 us vs 64 us Pallas, 172 us ragged_dot at 4 x 512
-    tokens). Decode: on GPU the Pallas BGMV kernels up to 128 rows (37 vs 53 us one-hot, 79 us gather at 64
-    rows, r = 16), "onehot" from 256 rows (64 vs 79 us); on CPU "onehot" (2-4x faster than gather).
+    tokens). Decode: on GPU the Pallas BGMV kernels at every batch size (37 vs 53 us one-hot, 79 us gather at
+    64 rows, r = 16; alone, one-hot won at 256 rows, 64 vs 79 us, but inside the decode step XLA re-lays-out
+    the whole bank for its einsum every step: 7 ms of copies per step at batch 256, "Decode step profile");
+    on CPU "onehot" (2-4x faster than gather).
     """
+    del batch
     if num_new_tokens > 1:
         return "gather"
-    if platform == "gpu":
-        return "pallas" if batch < 256 else "onehot"
-    return "onehot"
+    return "pallas" if platform == "gpu" else "onehot"
 
 
 @flax.struct.dataclass
@@ -107,3 +108,25 @@ def lora_delta(x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: st
         y = lora_expand(jnp.zeros((B * T, tb.b.shape[-1]), x.dtype), h, tb.b, token_slots, ranks)
         return y.reshape(B, T, -1).astype(x.dtype)
     raise ValueError(f"unknown lora impl {impl!r}")
+
+
+def apply_lora(y: Array, x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: str) -> Array:
+    """``y`` plus the LoRA term of one projection (``lora_delta``), in y's dtype.
+
+    Args:
+      y: ``[B, T, ...out]`` the base projection's output.
+      x: ``[B, T, in]`` its input.
+      tb, slot_ids, ranks, impl: as in ``lora_delta``.
+
+    The "pallas" formulation adds into y in place (one shrink and one expand kernel; the shrink's float32
+    partial sums go straight into the expand, so h is not rounded to x's dtype in between as PEFT rounds it:
+    the result is the more exact one). The others add ``lora_delta``.
+    """
+    B, T = x.shape[:2]
+    if impl == "pallas":
+        from pallas_kernels.lora import lora_shrink_expand
+
+        out = lora_shrink_expand(y.reshape(B * T, -1), x.reshape(B * T, -1), tb.a, tb.b, jnp.repeat(slot_ids, T),
+                                 ranks)
+        return out.reshape(y.shape)
+    return y + lora_delta(x, tb, slot_ids, ranks, impl).reshape(y.shape).astype(y.dtype)

@@ -141,25 +141,49 @@ def _largest_pow2_divisor(n: int, at_most: int) -> int:
     return d
 
 
+# Enough (batch x KV head x split) programs to fill the H200's 132 SMs about twice over.
+_TARGET_PROGRAMS = 256
+
+
+def pallas_gpu_tuning(batch: int, num_kv_heads: int, pages_per_seq: int) -> tuple[int, int, int]:
+    """(k_splits, pages_per_compute_block, num_warps) for JAX's Pallas GPU paged-attention kernel.
+
+    Measured on the H200 (benchmarks/RESULTS.md, "Decode attention"): split the context only as far as the
+    batch needs to fill the GPU (every split writes a partial output that XLA then combines, empty or not),
+    4 pages (64 tokens) per step from batch 64 up, and 4 warps. Triton blocks must be powers of two, so
+    both counts divide the (power-of-two) page-table width.
+    """
+    want = min(16, max(1, _TARGET_PROGRAMS // max(1, batch * num_kv_heads)))    # 16: the most measured
+    per_block = 4 if batch >= 64 else 8
+    k_splits = 1
+    while k_splits * 2 <= want and pages_per_seq % (k_splits * 2) == 0:
+        k_splits *= 2
+    per_block = _largest_pow2_divisor(pages_per_seq // k_splits, per_block)
+    return k_splits, per_block, 4
+
+
 def paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Array, q_positions: Array,
-                    kv_lens: Array, *, impl: str = "reference", interpret: bool = False) -> Array:
+                    kv_lens: Array, *, impl: str = "reference", interpret: bool = False,
+                    k_splits: int | None = None, pages_per_compute_block: int | None = None,
+                    num_warps: int | None = None) -> Array:
     """Attention over the paged cache with the chosen implementation (same contract as ``ref_paged_attention``).
 
     ``pallas_gpu`` is ``jax.experimental.pallas.ops.gpu.paged_attention`` (Triton lowering), for decode: the
     query of each sequence is its newest token, so attending to all ``kv_lens`` cached tokens is causal.
+    ``k_splits``, ``pages_per_compute_block`` and ``num_warps`` tune that kernel (None: ``pallas_gpu_tuning``).
     """
     if impl == "reference":
         return ref_paged_attention(q, k_cache, v_cache, page_table, q_positions, kv_lens)
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as pallas_paged_attention
 
-    # Triton blocks must be powers of two: pages per partition and per compute block are
-    pages_per_seq = page_table.shape[1]
-    per_partition = _largest_pow2_divisor(pages_per_seq, max(1, pages_per_seq // 16))
-    k_splits = pages_per_seq // per_partition
-    per_block = _largest_pow2_divisor(per_partition, 8)
+    default_splits, default_block, default_warps = pallas_gpu_tuning(q.shape[0], k_cache.shape[0],
+                                                                     page_table.shape[1])
+    k_splits = k_splits or default_splits
+    per_block = min(pages_per_compute_block or default_block, page_table.shape[1] // k_splits)
+    num_warps = num_warps or default_warps
     # the kernel does not scale the logits: fold 1/sqrt(D) into q (in float32, then back to q's dtype)
     q_scaled = (q[:, 0].astype(jnp.float32) / math.sqrt(q.shape[-1])).astype(q.dtype)        # [B, H, D]
     out = pallas_paged_attention(q_scaled, k_cache, v_cache, page_table, kv_lens.astype(jnp.int32),
                                  block_h=16, pages_per_compute_block=per_block, k_splits=k_splits,
-                                 interpret=interpret)
+                                 num_warps=num_warps, interpret=interpret)
     return out[:, None]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jmlora.config import ModelConfig
-from jmlora.lora.routing import LoRABatch, lora_delta, resolve_impl
+from jmlora.lora.routing import LoRABatch, apply_lora, resolve_impl
 from jmlora.model.attention import (
     KVCache,
     apply_rope,
@@ -71,8 +71,7 @@ class _LayerLoRA:
         """y: the base projection's output ``[B, T, ...out]``; x: its input ``[B, T, in]``."""
         if target not in self.targets:
             return y
-        delta = lora_delta(x, self.targets[target], self.lora.slot_ids, self.lora.bank.ranks, self.impl)
-        return y + delta.reshape(y.shape).astype(y.dtype)
+        return apply_lora(y, x, self.targets[target], self.lora.slot_ids, self.lora.bank.ranks, self.impl)
 
 
 def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Array, k_cache: Array,

@@ -1,0 +1,207 @@
+"""Where the decode step's device time goes, kernel by kernel, and a sweep of the paged-attention knobs.
+
+Parts (all on the Llama-3-8B shape, bf16, random weights made on the device):
+
+- ``attn``: one layer's paged attention (JAX's Pallas GPU kernel + its split combine, as the decoder calls
+  it) for batch x context shapes over ``k_splits`` x ``pages_per_compute_block`` x ``num_warps``; the cache
+  pages touched per timed call are rotated so they exceed the L2. Time per layer call, and the KV floor.
+- ``step``: the engine's jitted decode step (``_decode_steps``) under the JAX profiler, per kernel family
+  (``benchmarks/device_profile.py``), base and every-row-its-own-adapter, at the given batches.
+- ``lora``: the LoRA kernels of issue 4 (prefill and decode shapes) under the profiler, per kernel.
+
+    PYTHONPATH=. python benchmarks/decode_profile.py --parts attn,step,lora --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from device_profile import kernel_times, print_kernels  # noqa: E402
+from throughput import measure_bandwidth, random_bank  # noqa: E402
+
+from jmlora.config import EngineConfig, ModelConfig  # noqa: E402
+from jmlora.engine import model_runner  # noqa: E402
+from jmlora.engine.sampler import SamplingTensors  # noqa: E402
+from jmlora.engine.sampling_params import SamplingParams  # noqa: E402
+from jmlora.lora.routing import LoRABatch  # noqa: E402
+from jmlora.model import attention, init_params, make_mesh  # noqa: E402
+
+P_WIDTH = 128          # the runner's page-table width for max_model_len 1280 (+ lookahead), page size 16
+
+
+def _median_per_call(fn, n_calls=10, trials=5):
+    jax.block_until_ready(fn())
+    out = []
+    for _ in range(trials):
+        t = time.perf_counter()
+        for _ in range(n_calls):
+            r = fn()
+        jax.block_until_ready(r)
+        out.append((time.perf_counter() - t) / n_calls)
+    return statistics.median(out)
+
+
+def attn_sweep(cfg, bw, log, batches, ctxs, small):
+    K, D, H, ps = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads, 16
+    page_bytes = 2 * K * ps * D * 2                                # K and V of one page, all KV heads
+    num_pages = 20000 if not small else 512
+    kc = jax.random.normal(jax.random.key(0), (K, num_pages, ps, D), jnp.bfloat16)
+    vc = jax.random.normal(jax.random.key(1), (K, num_pages, ps, D), jnp.bfloat16)
+    results = []
+    grid = [(ks, ppcb, w) for ks in (1, 2, 4, 8, 16) for ppcb, w in ((8, 8), (8, 4), (16, 4), (4, 4))]
+    cases = []
+    for B in batches:
+        for ctx in ctxs:
+            used = -(-(ctx + 1) // ps)
+            rot = max(1, min(4, math.ceil(128e6 / (B * used * page_bytes)), num_pages // (B * used)))
+            tables = np.zeros((rot, B, P_WIDTH), np.int32)
+            for r in range(rot):
+                tables[r, :, :used] = (r * B * used + np.arange(B * used)).reshape(B, used)
+            tables = jnp.asarray(tables)
+            lens = jnp.full((B,), ctx + 1, jnp.int32)
+            q = jax.random.normal(jax.random.key(2), (B, 1, H, D), jnp.bfloat16)
+            ref = jax.jit(lambda q, t, kc, vc, lens: attention.ref_paged_attention(
+                q, kc, vc, t, (lens - 1)[:, None], lens))(q, tables[0], kc, vc, lens)
+            for ks, ppcb, w in [(None, None, 8)] + grid:
+                def f(q, tables, kc, vc, lens, ks=ks, ppcb=ppcb, w=w):
+                    return jnp.stack([attention.paged_attention(q, kc, vc, tables[r], (lens - 1)[:, None], lens,
+                                                                impl="pallas_gpu", k_splits=ks,
+                                                                pages_per_compute_block=ppcb, num_warps=w)
+                                      for r in range(tables.shape[0])])
+                cases.append((B, ctx, lens, rot, (ks, ppcb, w), jax.jit(f), q, tables, ref))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        compiled = list(pool.map(lambda c: c[5].lower(c[6], c[7], kc, vc, c[2]).compile(), cases))
+    log(f"attn: compiled {len(cases)} variants in {time.perf_counter() - t0:.0f}s")
+    best = {}
+    for (B, ctx, lens, rot, knobs, _, q, tables, ref), exe in zip(cases, compiled):
+        out = exe(q, tables, kc, vc, lens)[0].astype(jnp.float32)
+        ref = ref.astype(jnp.float32)
+        err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+        us = _median_per_call(lambda exe=exe, a=(q, tables, kc, vc, lens): exe(*a)) / rot * 1e6
+        floor = B * (ctx + 1) * 2 * K * D * 2 / bw * 1e6
+        results.append(dict(batch=B, ctx=ctx, knobs=knobs, us=us, floor_us=floor, err=err))
+        key = (B, ctx)
+        if err < 2e-2 and (key not in best or us < best[key][0]):
+            best[key] = (us, knobs)
+        log(f"attn B={B:3d} ctx={ctx:4d} (k_splits, pages/block, warps)={knobs}: {us:7.1f} us/layer "
+            f"(KV floor {floor:.1f}) err {err:.1e}")
+    for (B, ctx), (us, knobs) in sorted(best.items()):
+        default = next(r["us"] for r in results if r["batch"] == B and r["ctx"] == ctx and r["knobs"][0] is None)
+        log(f"attn best B={B:3d} ctx={ctx:4d}: {knobs} {us:.1f} us vs default {default:.1f} us")
+    return results
+
+
+def step_profile(cfg, params, mesh, log, batches, ctx, K=4):
+    ecfg = EngineConfig(max_num_seqs=max(batches), page_size=16, num_lookahead=K, enable_lora=True, max_loras=64,
+                        max_lora_rank=16, warmup=False, max_num_batched_tokens=2048, max_prefill_chunk=512,
+                        num_kv_pages=max(batches) * P_WIDTH)
+    runner = model_runner.ModelRunner(cfg, params, mesh, ecfg, max(batches) * P_WIDTH)
+    runner.bank = random_bank(runner.bank, 16)
+    greedy = SamplingParams(temperature=0.0)
+    cases = []
+    for B in batches:
+        for variant in ("base", "distinct"):
+            st = SamplingTensors.from_params([greedy] * B, [0] * B, B)
+            table = jnp.asarray(np.arange(B * P_WIDTH, dtype=np.int32).reshape(B, P_WIDTH))
+            lora = None if variant == "base" else LoRABatch(runner.bank, jnp.asarray(1 + np.arange(B) % 64,
+                                                                                      jnp.int32))
+            pos = jnp.full(B, ctx, jnp.int32)
+            args = (lora, jnp.full(B, 5, jnp.int32), pos, jnp.ones(B, bool), table, jnp.arange(B, dtype=jnp.int32),
+                    st, jnp.zeros(B, jnp.int32))
+            lowered = model_runner._decode_steps.lower(
+                params, cfg, runner.cache, *args, runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool),
+                pos, num_steps=K, lora_impl="auto", attention_impl="auto", needs_penalties=False, num_logprobs=0)
+            cases.append((B, variant, args, lowered))
+    t = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        compiled = list(pool.map(lambda c: c[3].compile(), cases))
+    log(f"step: compiled {len(cases)} decode variants in {time.perf_counter() - t:.0f}s")
+    out = {}
+    for (B, variant, args, _), exe in zip(cases, compiled):
+        def call(exe=exe, args=args, B=B):
+            res, runner.cache, runner.prompt_mask, runner.output_counts = exe(
+                params, runner.cache, *args, runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool), args[2])
+            return jax.block_until_ready(res)
+
+        wall = _median_per_call(call, n_calls=3, trials=5) / K
+        prof = kernel_times(call, n_calls=3)
+        print_kernels(f"step B={B} {variant} ctx={ctx} (wall {wall * 1e3:.2f} ms/step)", prof, per=K, log=log)
+        out[f"B{B}_{variant}"] = dict(wall_ms=wall * 1e3, busy_us=prof["total_us"] / K,
+                                      kernels=[(n, us / K, c / K) for n, us, c in prof["kernels"][:60]])
+    return out
+
+
+def lora_profile(log):
+    from kernels import make_case
+
+    from pallas_kernels import lora
+
+    out = {}
+    for shape in [(8192, 4096, 4096, 16, 4), (2048, 4096, 4096, 16, 4), (8192, 4096, 4096, 64, 64),
+                  (256, 4096, 14336, 16, 256), (64, 4096, 4096, 64, 64)]:
+        t, h, o, r, nd = shape
+        a, b, ranks, sets = make_case(t, h, o, r, nd, 1, seed=3, prefill=t > 256)
+        x, y, slots = sets[0]
+        f = jax.jit(lambda y, x, s, a, b, ranks: lora.lora_shrink_expand(y, x, a, b, s, ranks))
+        prof = kernel_times(lambda f=f, args=(y, x, slots, a, b, ranks): jax.block_until_ready(f(*args)), n_calls=5)
+        print_kernels(f"lora_shrink_expand {shape}", prof, top=12, log=log)
+        out[str(shape)] = prof
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--parts", default="attn,step,lora")
+    p.add_argument("--batches", default="32,64,256")
+    p.add_argument("--attn-batches", default="1,32,64,256")
+    p.add_argument("--ctx", type=int, default=192)
+    p.add_argument("--out", default=".")
+    p.add_argument("--small", action="store_true", help="tiny dims (CPU smoke test of the script)")
+    args = p.parse_args()
+    parts = set(args.parts.split(","))
+    logf = open(os.path.join(args.out, "decode_profile_log.txt"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    raw = json.load(open("configs/llama3_8b.json"))
+    if args.small:
+        raw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=512)
+    cfg = ModelConfig.from_dict(raw, max_model_len=1280)
+    bw = measure_bandwidth()
+    log(f"device {jax.devices()[0].device_kind}; HBM {bw / 1e12:.2f} TB/s (elementwise)")
+    results = {"hbm_tb_s": bw / 1e12}
+    if "step" in parts:
+        mesh = make_mesh()
+        params = init_params(cfg, mesh, dtype=jnp.bfloat16)
+        results["step"] = step_profile(cfg, params, mesh, log, [int(b) for b in args.batches.split(",")], args.ctx)
+        del params
+    if "lora" in parts:
+        results["lora"] = lora_profile(log)
+    if "attn" in parts:
+        results["attn"] = attn_sweep(cfg, bw, log, [int(b) for b in args.attn_batches.split(",")], (192, 1152),
+                                     args.small)
+    with open(os.path.join(args.out, "decode_profile.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
