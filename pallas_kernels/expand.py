@@ -55,27 +55,48 @@ def ref_lora_expand(y, h, b, slot_ids, ranks):
 # Decode form (BGMV): one program per (token, block of O).
 
 
+def _expand_token(s, rank, hv, b_ref, o_ref, t, n0, block_n):
+    """o[t, n0:n0+block_n] += hv[:rank] @ b[s, :rank, n0:n0+block_n] (hv: [R] float32)."""
+    r_max = b_ref.shape[1]
+    rows = lax.broadcasted_iota(jnp.int32, (r_max,), 0)
+    hv = jnp.where(rows < rank, hv, 0.0)
+    live = lax.broadcasted_iota(jnp.int32, (r_max, block_n), 0) < rank
+    bv = plgpu.load(b_ref.at[s, :, pl.ds(n0, block_n)], mask=live, other=0)  # [R, BN], dead rows unread
+    yv = o_ref[t, pl.ds(n0, block_n)].astype(jnp.float32)  # [BN]
+    out = yv + jnp.sum(hv[:, None] * bv.astype(jnp.float32), axis=0)
+    o_ref[t, pl.ds(n0, block_n)] = out.astype(o_ref.dtype)
+
+
 def _bgmv_expand_kernel(slot_ref, rank_ref, h_ref, b_ref, y_ref, o_ref, *, block_n):
     # slot_ref: [T]; rank_ref: [S]; h_ref: [n_split, T, R] f32 partials; b_ref: [S, R, O];
     # y_ref, o_ref: [T, O] (aliased)
     del y_ref  # o_ref aliases it
     t = pl.program_id(0)
     n = pl.program_id(1)
-    r_max = b_ref.shape[1]
     s = slot_ref[t]
     rank = rank_ref[s]
 
     @pl.when(rank > 0)
     def _():
-        n0 = pl.multiple_of(n * block_n, block_n)
-        rows = lax.broadcasted_iota(jnp.int32, (r_max,), 0)
         hv = jnp.sum(h_ref[:, t, :].astype(jnp.float32), axis=0)  # [R]
-        hv = jnp.where(rows < rank, hv, 0.0)
-        live = lax.broadcasted_iota(jnp.int32, (r_max, block_n), 0) < rank
-        bv = plgpu.load(b_ref.at[s, :, pl.ds(n0, block_n)], mask=live, other=0)  # [R, BN], dead rows unread
-        yv = o_ref[t, pl.ds(n0, block_n)].astype(jnp.float32)  # [BN]
-        out = yv + jnp.sum(hv[:, None] * bv.astype(jnp.float32), axis=0)
-        o_ref[t, pl.ds(n0, block_n)] = out.astype(o_ref.dtype)
+        _expand_token(s, rank, hv, b_ref, o_ref, t, pl.multiple_of(n * block_n, block_n), block_n)
+
+
+def _bgmv_expand_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts):
+    # h_ref: [n, n_split, T, R] f32 partials; refs: n b_refs [S, R, O_i], n y_refs, n o_refs (aliased).
+    # Grid axis 1 runs over the O-blocks of all slices: slice i owns blocks starts[i] .. starts[i + 1] - 1.
+    n_slices = len(starts) - 1
+    b_refs, o_refs = refs[:n_slices], refs[2 * n_slices:]
+    t = pl.program_id(0)
+    n = pl.program_id(1)
+    s = slot_ref[t]
+    rank = rank_ref[s]
+    for i in range(n_slices):
+        @pl.when((rank > 0) & (n >= starts[i]) & (n < starts[i + 1]))
+        def _(i=i):
+            hv = jnp.sum(h_ref[i, :, t, :].astype(jnp.float32), axis=0)  # [R]
+            n0 = pl.multiple_of((n - starts[i]) * block_n, block_n)
+            _expand_token(s, rank, hv, b_refs[i], o_refs[i], t, n0, block_n)
 
 
 def bgmv_expand_block_n(out_dim: int, r_max: int) -> int:
@@ -109,6 +130,40 @@ def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4,
         interpret=interpret,
         name="lora_bgmv_expand",
     )(*args)
+
+
+def bgmv_expand_multi(ys, h_partials, b_slices, slot_ids, ranks, *, block_n=None, num_warps=4, num_stages=2,
+                      interpret=False):
+    """Decode-form expand of several slices (q/k/v, gate/up) in one launch.
+
+    Args:
+      ys: tuple of n base outputs [T, O_i]; h_partials: [n, n_split, T, R] (``bgmv_shrink_partials_multi``);
+      b_slices: tuple of n [S, R, O_i] banks (same R); slot_ids: [T] int32; ranks: [S] int32.
+
+    Returns:
+      tuple of y_out[i]: [T, O_i] in ys[i].dtype (each aliases ys[i]).
+    """
+    t = ys[0].shape[0]
+    r_max = b_slices[0].shape[1]
+    n = len(ys)
+    block_n = block_n or min(bgmv_expand_block_n(y.shape[1], r_max) for y in ys)   # powers of two: divides all
+    for y in ys:
+        if y.shape[1] % block_n:
+            raise ValueError(f"O={y.shape[1]} must be divisible by block_n={block_n}")
+    starts = [0]
+    for y in ys:
+        starts.append(starts[-1] + y.shape[1] // block_n)
+    kernel = functools.partial(_bgmv_expand_multi_kernel, block_n=block_n, starts=tuple(starts))
+    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), h_partials, *b_slices, *ys)
+    return tuple(pl.pallas_call(
+        kernel,
+        out_shape=tuple(_common.out_struct(y.shape, y.dtype, *args) for y in ys),
+        grid=(t, starts[-1]),
+        input_output_aliases={3 + n + i: i for i in range(n)},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lora_bgmv_expand_multi",
+    )(*args))
 
 
 # ----------------------------------------------------------------------------------------------------------

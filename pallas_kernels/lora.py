@@ -256,6 +256,41 @@ def _fused_core_bwd(backend, form, interpret, res, dy):
 _fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
 
 
+def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret):
+    """Slices sharing x and one ranks vector: returns (outputs, per-slice h [T, R] float32)."""
+    same_r = len({a.shape[2] for a in a_slices} | {b.shape[1] for b in b_slices}) == 1
+    if backend == "triton" and same_r and _pick_form(form, x.shape[0], a_slices[0].shape[2]) == "decode":
+        hp = shrink.bgmv_shrink_partials_multi(x, a_slices, slot_ids, ranks, interpret=interpret)
+        outs = expand.bgmv_expand_multi(ys, hp, b_slices, slot_ids, ranks, interpret=interpret)
+        return outs, tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
+    res = [_fused_forward(y, x, a, b, slot_ids, ranks, backend, form, interpret)
+           for y, a, b in zip(ys, a_slices, b_slices)]
+    return tuple(o for o, _ in res), tuple(jnp.sum(hp, axis=0) for _, hp in res)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _multi_core(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret):
+    return _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret)[0]
+
+
+def _multi_core_fwd(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret):
+    outs, hs = _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret)
+    return outs, (x, a_slices, b_slices, hs, slot_ids, ranks)
+
+
+def _multi_core_bwd(backend, form, interpret, res, dys):
+    x, a_slices, b_slices, hs, slot_ids, ranks = res
+    dx, das, dbs = jnp.zeros_like(x), [], []
+    for a, b, h, dy in zip(a_slices, b_slices, hs, dys):
+        dh, db = _expand_bwd_math(h, b, slot_ids, ranks, dy)
+        dx_i, da = _shrink_bwd_math(x, a, slot_ids, ranks, dh)
+        dx, das, dbs = dx + dx_i, das + [da], dbs + [db]
+    return tuple(dys), dx, tuple(das), tuple(dbs), None, None
+
+
+_multi_core.defvjp(_multi_core_fwd, _multi_core_bwd)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public API.
 
@@ -331,7 +366,8 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
       x: [T, H] shared input.
       adapters: tuple of (a_i [S, H, R_i], b_i [S, R_i, O_i]), one per slice.
       slot_ids: [T] int32.
-      ranks: [S] int32 shared by all slices, or a tuple of one [S] array per slice.
+      ranks: [S] int32 shared by all slices (an adapter bank: the Triton decode form then runs every slice
+        in one shrink and one expand launch), or a tuple of one [S] array per slice (one call per slice).
       backend, form, interpret: as in ``lora_shrink``.
 
     Returns:
@@ -339,16 +375,21 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
     """
     if len(ys) != len(adapters):
         raise ValueError(f"got {len(ys)} outputs but {len(adapters)} (a, b) pairs")
-    if not isinstance(ranks, (tuple, list)):
-        ranks = (ranks,) * len(ys)
-    if len(ranks) != len(ys):
-        raise ValueError(f"got {len(ranks)} rank vectors for {len(ys)} slices")
-    return tuple(
-        lora_shrink_expand(
-            y, x, a, b, slot_ids, r, backend=backend, form=form, interpret=interpret
+    if isinstance(ranks, (tuple, list)):
+        if len(ranks) != len(ys):
+            raise ValueError(f"got {len(ranks)} rank vectors for {len(ys)} slices")
+        return tuple(
+            lora_shrink_expand(y, x, a, b, slot_ids, r, backend=backend, form=form, interpret=interpret)
+            for y, (a, b), r in zip(ys, adapters, ranks)
         )
-        for y, (a, b), r in zip(ys, adapters, ranks)
-    )
+    # one ranks vector (an adapter bank): the decode kernels take every slice in one shrink + one expand launch
+    for y, (a, b) in zip(ys, adapters):
+        _common.check_shrink_args(x, a, slot_ids, ranks)
+        _common.check_expand_args(y, jnp.zeros((x.shape[0], a.shape[2])), b, slot_ids, ranks)
+    r_max = max(a.shape[2] for a, _ in adapters)
+    chosen = _pick(backend, interpret, r_max, (x.shape[1], *(y.shape[1] for y in ys)))
+    return _multi_core(tuple(ys), x, tuple(a for a, _ in adapters), tuple(b for _, b in adapters),
+                       slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), chosen, form, interpret)
 
 
 def lora_shrink_multi(x, a_slices, slot_ids, ranks, *, backend=None, form="auto", interpret=False):

@@ -51,10 +51,9 @@ def ref_lora_shrink(x, a, slot_ids, ranks):
 # Decode form (BGMV): one program per (token, H-slice).
 
 
-def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *, block_k, k_per_split):
-    # slot_ref: [T] int32, rank_ref: [S] int32, x_ref: [T, H], a_ref: [S, H, R], h_ref: [n_split, T, R] f32
-    t = pl.program_id(0)
-    sp = pl.program_id(1)
+def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_split):
+    """Token t's partial of x[t] @ a[slot[t]] over H-slice sp: [R] float32. (Program ids are read by the
+    caller, at the kernel's top level: the interpreter cannot evaluate them inside a ``pl.when``.)"""
     r_max = a_ref.shape[2]
     s = slot_ref[t]
     rank = rank_ref[s]
@@ -75,7 +74,25 @@ def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *, block_k, k_p
     part = lambda: lax.fori_loop(0, n_k, functools.partial(body, masked=True), zero)
     # rank 0 (slot 0, empty slots): no load at all.
     acc = lax.cond(rank >= r_max, full, lambda: lax.cond(rank > 0, part, lambda: zero))
-    h_ref[sp, t, :] = jnp.sum(acc, axis=0)
+    return jnp.sum(acc, axis=0)
+
+
+def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *, block_k, k_per_split):
+    # slot_ref: [T] int32, rank_ref: [S] int32, x_ref: [T, H], a_ref: [S, H, R], h_ref: [n_split, T, R] f32
+    t, sp = pl.program_id(0), pl.program_id(1)
+    h_ref[sp, t, :] = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
+                                    k_per_split=k_per_split)
+
+
+def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_split):
+    # refs: n a_refs [S, H, R], then h_ref [n, n_split, T, R] f32; grid axis 2 picks the slice
+    *a_refs, h_ref = refs
+    t, sp, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    for i, a_ref in enumerate(a_refs):
+        @pl.when(j == i)
+        def _(i=i, a_ref=a_ref):
+            h_ref[i, sp, t, :] = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
+                                               k_per_split=k_per_split)
 
 
 def bgmv_block_sizes(num_tokens: int, hidden: int, r_max: int) -> tuple[int, int]:
@@ -117,6 +134,37 @@ def bgmv_shrink_partials(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="lora_bgmv_shrink",
+    )(*args)
+
+
+def bgmv_shrink_partials_multi(
+    x, a_slices, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, interpret=False
+):
+    """Decode-form shrink of several A's that share x (q/k/v, gate/up) in one launch.
+
+    Args:
+      x: [T, H]; a_slices: tuple of n [S, H, R] banks (same H and R); slot_ids: [T]; ranks: [S].
+      block_k, n_split: as in ``bgmv_shrink_partials``.
+
+    Returns:
+      h_partials: [n, n_split, T, R] float32; ``h_partials[i]`` are slice i's partials.
+    """
+    t, hidden = x.shape
+    r_max = a_slices[0].shape[2]
+    dk, dn = bgmv_block_sizes(t * len(a_slices), hidden, r_max)
+    block_k = block_k or dk
+    n_split = n_split or dn
+    if hidden % (block_k * n_split):
+        raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
+    kernel = functools.partial(_bgmv_shrink_multi_kernel, block_k=block_k, k_per_split=hidden // n_split)
+    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), x, *a_slices)
+    return pl.pallas_call(
+        kernel,
+        out_shape=_common.out_struct((len(a_slices), n_split, t, r_max), jnp.float32, *args),
+        grid=(t, n_split, len(a_slices)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lora_bgmv_shrink_multi",
     )(*args)
 
 

@@ -130,3 +130,20 @@ def apply_lora(y: Array, x: Array, tb: TargetBank, slot_ids: Array, ranks: Array
                                  ranks)
         return out.reshape(y.shape)
     return y + lora_delta(x, tb, slot_ids, ranks, impl).reshape(y.shape).astype(y.dtype)
+
+
+def apply_lora_group(ys: tuple[Array, ...], x: Array, tbs: tuple[TargetBank, ...], slot_ids: Array, ranks: Array,
+                     impl: str) -> tuple[Array, ...]:
+    """``apply_lora`` for projections that share their input x (q/k/v, gate/up).
+
+    With "pallas" every projection's LoRA term comes from one shrink and one expand launch (decode form);
+    the other formulations apply each projection in turn.
+    """
+    if impl != "pallas":
+        return tuple(apply_lora(y, x, tb, slot_ids, ranks, impl) for y, tb in zip(ys, tbs))
+    from pallas_kernels.lora import lora_shrink_expand_multi
+
+    B, T = x.shape[:2]
+    outs = lora_shrink_expand_multi(tuple(y.reshape(B * T, -1) for y in ys), x.reshape(B * T, -1),
+                                    tuple((tb.a, tb.b) for tb in tbs), jnp.repeat(slot_ids, T), ranks)
+    return tuple(o.reshape(y.shape) for o, y in zip(outs, ys))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jmlora.config import ModelConfig
-from jmlora.lora.routing import LoRABatch, apply_lora, resolve_impl
+from jmlora.lora.routing import LoRABatch, apply_lora, apply_lora_group, resolve_impl
 from jmlora.model.attention import (
     KVCache,
     apply_rope,
@@ -73,6 +73,18 @@ class _LayerLoRA:
             return y
         return apply_lora(y, x, self.targets[target], self.lora.slot_ids, self.lora.bank.ranks, self.impl)
 
+    def group(self, ys: tuple[Array, ...], x: Array, targets: tuple[str, ...]) -> tuple[Array, ...]:
+        """``__call__`` for projections that share the input x (q/k/v, gate/up), applied together."""
+        present = [i for i, t in enumerate(targets) if t in self.targets]
+        if len(present) < 2:
+            return tuple(self(y, x, t) for y, t in zip(ys, targets))
+        outs = apply_lora_group(tuple(ys[i] for i in present), x, tuple(self.targets[targets[i]] for i in present),
+                                self.lora.slot_ids, self.lora.bank.ranks, self.impl)
+        out = list(ys)
+        for i, o in zip(present, outs):
+            out[i] = o
+        return tuple(out)
+
 
 def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Array, k_cache: Array,
                   v_cache: Array, page_idx: Array, slot_idx: Array, page_table: Array,
@@ -95,9 +107,10 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
     inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
     with jax.named_scope("attention"):
         h = rms_norm(x, layer.attn_norm, eps, offset)
-        q = lora(_bias(_dense(h, layer.wq, "bte,ehd->bthd"), layer.bq), h, "q_proj")      # [B, T, H, D]
-        k = lora(_bias(_dense(h, layer.wk, "bte,ekd->btkd"), layer.bk), h, "k_proj")      # [B, T, K, D]
-        v = lora(_bias(_dense(h, layer.wv, "bte,ekd->btkd"), layer.bv), h, "v_proj")      # [B, T, K, D]
+        q = _bias(_dense(h, layer.wq, "bte,ehd->bthd"), layer.bq)                       # [B, T, H, D]
+        k = _bias(_dense(h, layer.wk, "bte,ekd->btkd"), layer.bk)                       # [B, T, K, D]
+        v = _bias(_dense(h, layer.wv, "bte,ekd->btkd"), layer.bv)                       # [B, T, K, D]
+        q, k, v = lora.group((q, k, v), h, ("q_proj", "k_proj", "v_proj"))
         if cfg.qk_norm:
             q = rms_norm(q, layer.q_norm, eps, offset)
             k = rms_norm(k, layer.k_norm, eps, offset)
@@ -110,8 +123,9 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
         x = x + lora(_bias(_dense(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1), "o_proj")
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer.mlp_norm, eps, offset)
-        gate = lora(_bias(_dense(h, layer.w_gate, "bte,em->btm"), layer.b_gate), h, "gate_proj")   # [B, T, M]
-        up = lora(_bias(_dense(h, layer.w_up, "bte,em->btm"), layer.b_up), h, "up_proj")
+        gate = _bias(_dense(h, layer.w_gate, "bte,em->btm"), layer.b_gate)                 # [B, T, M]
+        up = _bias(_dense(h, layer.w_up, "bte,em->btm"), layer.b_up)
+        gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
         h = _activation(cfg.activation)(gate) * up
         x = x + lora(_bias(_dense(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")
     return x, k_cache, v_cache
