@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable
 
@@ -169,9 +170,13 @@ class ModelRunner:
     # -- host-side batch assembly --------------------------------------------------------------------------
 
     def _page_table(self, chunks: list[ScheduledChunk], batch: int) -> np.ndarray:
+        """``[batch, pages_per_seq]``: each chunk's pages, then the scratch page. One flat conversion of all
+        page lists (a row-by-row copy of Python lists cost ~1.7 ms at batch 256 on a 2-core host)."""
         table = np.full((batch, self.pages_per_seq), self.scratch_page, np.int32)
-        for i, c in enumerate(chunks):
-            table[i, :len(c.seq.pages)] = c.seq.pages
+        lens = np.fromiter((len(c.seq.pages) for c in chunks), np.int64, len(chunks))
+        flat = np.fromiter(itertools.chain.from_iterable(c.seq.pages for c in chunks), np.int32, int(lens.sum()))
+        starts = np.repeat(np.cumsum(lens) - lens, lens)
+        table[np.repeat(np.arange(len(chunks)), lens), np.arange(len(flat)) - starts] = flat
         return table
 
     def _sampling(self, chunks: list[ScheduledChunk], batch: int) -> tuple[SamplingTensors, np.ndarray, int, bool]:
