@@ -55,14 +55,24 @@ def _median_per_call(fn, n_calls=10, trials=5):
     return statistics.median(out)
 
 
-def attn_sweep(cfg, bw, log, batches, ctxs, small):
+def gqa_grid():
+    """Candidate configurations of the GQA decode-attention kernel."""
+    return [attention.DecodeAttentionConfig("gqa", bp, w) for bp in (1, 2, 4) for w in (2, 4, 8)]
+
+
+def time_attention(cfg, log, batches, ctxs, configs_for, small=False):
+    """One layer's decode attention (as the decoder calls it) for each batch x context x configuration.
+
+    ``configs_for(B)`` lists the configurations to try at batch B (None = the code's current choice). The
+    cache pages each timed call touches are rotated so they exceed the L2. Returns dicts with batch, ctx,
+    config, us (per layer call), kv_bytes (the floor's bytes) and err (relative to the jnp reference);
+    configurations that fail to compile are logged and skipped.
+    """
     K, D, H, ps = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads, 16
     page_bytes = 2 * K * ps * D * 2                                # K and V of one page, all KV heads
     num_pages = 20000 if not small else 512
     kc = jax.random.normal(jax.random.key(0), (K, num_pages, ps, D), jnp.bfloat16)
     vc = jax.random.normal(jax.random.key(1), (K, num_pages, ps, D), jnp.bfloat16)
-    results = []
-    grid = [(ks, ppcb, w) for ks in (1, 2, 4, 8, 16) for ppcb, w in ((8, 8), (8, 4), (16, 4), (4, 4))]
     cases = []
     for B in batches:
         for ctx in ctxs:
@@ -76,34 +86,77 @@ def attn_sweep(cfg, bw, log, batches, ctxs, small):
             q = jax.random.normal(jax.random.key(2), (B, 1, H, D), jnp.bfloat16)
             ref = jax.jit(lambda q, t, kc, vc, lens: attention.ref_paged_attention(
                 q, kc, vc, t, (lens - 1)[:, None], lens))(q, tables[0], kc, vc, lens)
-            for ks, ppcb, w in [(None, None, 8)] + grid:
-                def f(q, tables, kc, vc, lens, ks=ks, ppcb=ppcb, w=w):
+            for config in configs_for(B):
+                def f(q, tables, kc, vc, lens, config=config):
                     return jnp.stack([attention.paged_attention(q, kc, vc, tables[r], (lens - 1)[:, None], lens,
-                                                                impl="pallas_gpu", k_splits=ks,
-                                                                pages_per_compute_block=ppcb, num_warps=w)
+                                                                impl="pallas_gpu", config=config)
                                       for r in range(tables.shape[0])])
-                cases.append((B, ctx, lens, rot, (ks, ppcb, w), jax.jit(f), q, tables, ref))
+                cases.append((B, ctx, lens, rot, config, jax.jit(f), q, tables, ref))
+
+    def compile_case(c):
+        try:
+            return c[5].lower(c[6], c[7], kc, vc, c[2]).compile()
+        except Exception as e:  # a configuration the compiler refuses: skip it, say why
+            return e
+
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
-        compiled = list(pool.map(lambda c: c[5].lower(c[6], c[7], kc, vc, c[2]).compile(), cases))
+        compiled = list(pool.map(compile_case, cases))
     log(f"attn: compiled {len(cases)} variants in {time.perf_counter() - t0:.0f}s")
-    best = {}
-    for (B, ctx, lens, rot, knobs, _, q, tables, ref), exe in zip(cases, compiled):
+    results = []
+    for (B, ctx, lens, rot, config, _, q, tables, ref), exe in zip(cases, compiled):
+        if isinstance(exe, Exception):
+            log(f"attn B={B:3d} ctx={ctx:4d} {config}: FAILED {type(exe).__name__}: {str(exe)[:300]}")
+            continue
         out = exe(q, tables, kc, vc, lens)[0].astype(jnp.float32)
         ref = ref.astype(jnp.float32)
         err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
         us = _median_per_call(lambda exe=exe, a=(q, tables, kc, vc, lens): exe(*a)) / rot * 1e6
-        floor = B * (ctx + 1) * 2 * K * D * 2 / bw * 1e6
-        results.append(dict(batch=B, ctx=ctx, knobs=knobs, us=us, floor_us=floor, err=err))
-        key = (B, ctx)
-        if err < 2e-2 and (key not in best or us < best[key][0]):
-            best[key] = (us, knobs)
-        log(f"attn B={B:3d} ctx={ctx:4d} (k_splits, pages/block, warps)={knobs}: {us:7.1f} us/layer "
-            f"(KV floor {floor:.1f}) err {err:.1e}")
-    for (B, ctx), (us, knobs) in sorted(best.items()):
-        default = next(r["us"] for r in results if r["batch"] == B and r["ctx"] == ctx and r["knobs"][0] is None)
-        log(f"attn best B={B:3d} ctx={ctx:4d}: {knobs} {us:.1f} us vs default {default:.1f} us")
+        kv_bytes = B * (ctx + 1) * page_bytes / ps
+        results.append(dict(batch=B, ctx=ctx, config=config, us=us, err=err, kv_bytes=kv_bytes))
+        log(f"attn B={B:3d} ctx={ctx:4d} {config}: {us:7.1f} us/layer err {err:.1e}")
     return results
+
+
+def attn_sweep(cfg, bw, log, batches, ctxs, small):
+    grid = [attention.DecodeAttentionConfig("split", ppcb, w, ks) for ks in (1, 2, 4, 8, 16)
+            for ppcb, w in ((8, 8), (8, 4), (16, 4), (4, 4))]
+    results = time_attention(cfg, log, batches, ctxs, lambda B: [None] + grid + gqa_grid(), small)
+    best = {}
+    for r in results:
+        key = (r["batch"], r["ctx"])
+        r["floor_us"] = r["kv_bytes"] / bw * 1e6
+        if r["err"] < 2e-2 and (key not in best or r["us"] < best[key][0]):
+            best[key] = (r["us"], r["config"])
+    for (B, ctx), (us, config) in sorted(best.items()):
+        default = next(r["us"] for r in results if r["batch"] == B and r["ctx"] == ctx and r["config"] is None)
+        floor = next(r["floor_us"] for r in results if r["batch"] == B and r["ctx"] == ctx)
+        log(f"attn best B={B:3d} ctx={ctx:4d}: {config} {us:.1f} us vs current choice {default:.1f} us "
+            f"(KV floor {floor:.1f} us)")
+    return results
+
+
+def tune_attention(cfg, log, batches, ctxs):
+    """Fills ``attention.DECODE_ATTENTION_TABLE`` with the fastest correct configuration per batch (summed over
+    the contexts) among the current rule and the GQA kernel's grid; returns the table."""
+    results = time_attention(cfg, log, batches, ctxs, lambda B: [None] + gqa_grid())
+    table = {}
+    for B in batches:
+        totals = {}
+        for r in results:
+            if r["batch"] == B:
+                key = r["config"] or attention.pallas_gpu_tuning(B, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                                 P_WIDTH)
+                ok = r["err"] < 2e-2
+                totals[key] = totals.get(key, 0.0) + (r["us"] if ok else float("inf"))
+        if not totals:
+            continue
+        best = min(totals, key=totals.get)
+        table[B] = best
+        rule = attention.pallas_gpu_tuning(B, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, P_WIDTH)
+        log(f"tuned B={B}: {best} ({totals[best]:.1f} us over contexts {ctxs}; rule {totals.get(rule, 0):.1f})")
+    attention.DECODE_ATTENTION_TABLE.update(table)
+    return table
 
 
 def step_profile(cfg, params, mesh, log, batches, ctx, K=4):

@@ -73,6 +73,9 @@ def main():
     parser.add_argument("--config", default="configs/llama3_8b.json")
     parser.add_argument("--out", default=None)
     parser.add_argument("--small", action="store_true", help="tiny model dims (CPU smoke test)")
+    parser.add_argument("--tune-attention", action="store_true",
+                        help="first time the decode-attention kernels per batch and use the fastest (the table "
+                             "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     K = args.lookahead
@@ -83,6 +86,12 @@ def main():
         raw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, vocab_size=512)
     cfg = ModelConfig.from_dict(raw, max_model_len=max_len)
+    tuned = {}
+    if args.tune_attention:
+        from decode_profile import tune_attention
+
+        tuned = tune_attention(cfg, print, batches, [p + n // 2 for p, n in WORKLOADS])
+        print(f"DECODE_ATTENTION_TABLE = {tuned}")
     mesh = make_mesh()
     params = init_params(cfg, mesh, dtype=jnp.bfloat16)
     bw = measure_bandwidth()
@@ -212,6 +221,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=jax.devices()[0].device_kind, hbm_tb_s=bw / 1e12, weight_bytes=weight_bytes,
+                           attention_table={str(b): str(c) for b, c in tuned.items()},
                            slot_bytes=slot_bytes, lookahead=K, rows=rows_out, host=host), f, indent=1)
 
 

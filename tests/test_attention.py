@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from jmlora.model.attention import (
+    DECODE_ATTENTION_TABLE,
+    DecodeAttentionConfig,
     paged_attention,
     pallas_gpu_tuning,
     ref_paged_attention,
@@ -16,8 +18,8 @@ from jmlora.model.attention import (
 
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("pages_per_seq", [8, 12])
-@pytest.mark.parametrize("knobs", [{}, dict(k_splits=1, pages_per_compute_block=4)])   # tuned / large batch
-def test_pallas_gpu_decode_kernel_matches_reference(dtype, atol, pages_per_seq, knobs):
+@pytest.mark.parametrize("config", [None, DecodeAttentionConfig("split", 4, 4, 1), DecodeAttentionConfig("gqa", 2, 4)])
+def test_pallas_gpu_decode_kernel_matches_reference(dtype, atol, pages_per_seq, config):
     B, H, K, D, page_size, num_pages = 3, 8, 2, 32, 4, 48
     rng = np.random.default_rng(pages_per_seq)
     q = jnp.asarray(rng.standard_normal((B, 1, H, D)), dtype)
@@ -34,7 +36,9 @@ def test_pallas_gpu_decode_kernel_matches_reference(dtype, atol, pages_per_seq, 
             v_cache[:, page_table[b, pos // page_size], pos % page_size] = -1e4
     args = (q, jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype), jnp.asarray(page_table),
             jnp.asarray(lengths - 1)[:, None], jnp.asarray(lengths))
-    out = paged_attention(*args, impl="pallas_gpu", interpret=True, **knobs)
+    if config is not None and config.kernel == "gqa" and pages_per_seq & (pages_per_seq - 1):
+        pytest.skip("the GQA kernel takes power-of-two page-table widths (the runner's)")
+    out = paged_attention(*args, impl="pallas_gpu", interpret=True, config=config)
     assert np.abs(np.asarray(out, np.float32)).max() < 10, "garbage beyond the length leaked"
     ref = ref_paged_attention(*args)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=atol, rtol=0)
@@ -51,9 +55,15 @@ def test_attention_impl_choice():
 
 @pytest.mark.parametrize("batch", [1, 3, 8, 32, 64, 256])
 @pytest.mark.parametrize("pages_per_seq", [4, 12, 128])
-def test_pallas_gpu_tuning_fits_the_kernel(batch, pages_per_seq):
-    k_splits, per_block, warps = pallas_gpu_tuning(batch, 8, pages_per_seq)
-    assert pages_per_seq % k_splits == 0 and (pages_per_seq // k_splits) % per_block == 0
-    assert k_splits & (k_splits - 1) == 0 and per_block & (per_block - 1) == 0 and warps in (4, 8)
-    if batch * 8 >= 256:
-        assert k_splits == 1            # the batch alone fills the GPU: no partial outputs to combine
+def test_pallas_gpu_tuning_fits_the_kernels(batch, pages_per_seq):
+    cfg = pallas_gpu_tuning(batch, 32, 8, 128, pages_per_seq)
+    assert cfg.kernel in ("split", "gqa") and cfg.num_warps in (4, 8)
+    assert cfg.block_pages & (cfg.block_pages - 1) == 0 and pages_per_seq % cfg.block_pages == 0
+    if cfg.kernel == "split":
+        assert pages_per_seq % cfg.k_splits == 0 and (pages_per_seq // cfg.k_splits) % cfg.block_pages == 0
+        if batch * 8 >= 256:
+            assert cfg.k_splits == 1        # the batch alone fills the GPU: no partial outputs to combine
+    # a table entry the shapes cannot take (GQA group of 3) falls back to the rule
+    for B, entry in DECODE_ATTENTION_TABLE.items():
+        if entry.kernel == "gqa":
+            assert pallas_gpu_tuning(B, 24, 8, 128, pages_per_seq).kernel == "split"

@@ -8,6 +8,7 @@ decode are one code path: a chunk of ``T`` new tokens per sequence starting at `
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.struct
@@ -145,45 +146,79 @@ def _largest_pow2_divisor(n: int, at_most: int) -> int:
 _TARGET_PROGRAMS = 256
 
 
-def pallas_gpu_tuning(batch: int, num_kv_heads: int, pages_per_seq: int) -> tuple[int, int, int]:
-    """(k_splits, pages_per_compute_block, num_warps) for JAX's Pallas GPU paged-attention kernel.
+@dataclasses.dataclass(frozen=True)
+class DecodeAttentionConfig:
+    """Which Pallas GPU decode-attention kernel runs, with its knobs.
 
-    Measured on the H200 (benchmarks/RESULTS.md, "Decode attention"): split the context only as far as the
-    batch needs to fill the GPU (every split writes a partial output that XLA then combines, empty or not),
-    4 pages (64 tokens) per step from batch 64 up, and 4 warps. Triton blocks must be powers of two, so
-    both counts divide the (power-of-two) page-table width.
+    Attributes:
+      kernel: "gqa" (``pallas_kernels.decode_attention``: one program per sequence and KV head, no combine)
+        or "split" (JAX's ``pallas.ops.gpu.paged_attention``: 16-row query blocks, ``k_splits`` partial
+        outputs combined by XLA).
+      block_pages: pages per loop step.
+      num_warps: Triton warps per program.
+      k_splits: context splits ("split" only).
     """
+
+    kernel: str
+    block_pages: int
+    num_warps: int
+    k_splits: int = 1
+
+
+# Measured choices per batch size (benchmarks/RESULTS.md, "Decode attention"), filled in from
+# ``benchmarks/throughput.py --tune-attention``; batches not listed use ``pallas_gpu_tuning``'s rule.
+DECODE_ATTENTION_TABLE: dict[int, DecodeAttentionConfig] = {}
+
+
+def pallas_gpu_tuning(batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                      pages_per_seq: int) -> DecodeAttentionConfig:
+    """The decode-attention kernel and knobs for a batch on GPU.
+
+    From the H200 sweep (benchmarks/RESULTS.md, "Decode attention"): JAX's split kernel splits the context
+    only as far as the batch needs to fill the GPU (every split writes a partial output that XLA then
+    combines, empty or not), 4 pages per step from batch 64 up, 4 warps. Once (sequence x KV head) alone fill
+    the GPU, the GQA kernel needs no split at all. Block counts are powers of two dividing the page-table
+    width (Triton blocks).
+    """
+    from pallas_kernels import decode_attention
+
+    chosen = DECODE_ATTENTION_TABLE.get(batch)
+    if chosen is not None and (chosen.kernel != "gqa" or decode_attention.supported(
+            num_heads, num_kv_heads, head_dim, pages_per_seq, chosen.block_pages)):
+        return chosen
     want = min(16, max(1, _TARGET_PROGRAMS // max(1, batch * num_kv_heads)))    # 16: the most measured
     per_block = 4 if batch >= 64 else 8
     k_splits = 1
     while k_splits * 2 <= want and pages_per_seq % (k_splits * 2) == 0:
         k_splits *= 2
     per_block = _largest_pow2_divisor(pages_per_seq // k_splits, per_block)
-    return k_splits, per_block, 4
+    return DecodeAttentionConfig("split", per_block, 4, k_splits)
 
 
 def paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Array, q_positions: Array,
                     kv_lens: Array, *, impl: str = "reference", interpret: bool = False,
-                    k_splits: int | None = None, pages_per_compute_block: int | None = None,
-                    num_warps: int | None = None) -> Array:
+                    config: DecodeAttentionConfig | None = None) -> Array:
     """Attention over the paged cache with the chosen implementation (same contract as ``ref_paged_attention``).
 
-    ``pallas_gpu`` is ``jax.experimental.pallas.ops.gpu.paged_attention`` (Triton lowering), for decode: the
-    query of each sequence is its newest token, so attending to all ``kv_lens`` cached tokens is causal.
-    ``k_splits``, ``pages_per_compute_block`` and ``num_warps`` tune that kernel (None: ``pallas_gpu_tuning``).
+    ``pallas_gpu`` is decode only: the query of each sequence is its newest token, so attending to all
+    ``kv_lens`` cached tokens is causal. ``config`` picks the kernel and its knobs (None: ``pallas_gpu_tuning``).
     """
     if impl == "reference":
         return ref_paged_attention(q, k_cache, v_cache, page_table, q_positions, kv_lens)
+    B, _, H, D = q.shape
+    config = config or pallas_gpu_tuning(B, H, k_cache.shape[0], D, page_table.shape[1])
+    if config.kernel == "gqa":
+        from pallas_kernels.decode_attention import paged_decode_attention
+
+        out = paged_decode_attention(q[:, 0], k_cache, v_cache, page_table, kv_lens, block_pages=config.block_pages,
+                                     num_warps=config.num_warps, interpret=interpret)
+        return out[:, None]
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as pallas_paged_attention
 
-    default_splits, default_block, default_warps = pallas_gpu_tuning(q.shape[0], k_cache.shape[0],
-                                                                     page_table.shape[1])
-    k_splits = k_splits or default_splits
-    per_block = min(pages_per_compute_block or default_block, page_table.shape[1] // k_splits)
-    num_warps = num_warps or default_warps
+    per_block = min(config.block_pages, page_table.shape[1] // config.k_splits)
     # the kernel does not scale the logits: fold 1/sqrt(D) into q (in float32, then back to q's dtype)
-    q_scaled = (q[:, 0].astype(jnp.float32) / math.sqrt(q.shape[-1])).astype(q.dtype)        # [B, H, D]
+    q_scaled = (q[:, 0].astype(jnp.float32) / math.sqrt(D)).astype(q.dtype)                # [B, H, D]
     out = pallas_paged_attention(q_scaled, k_cache, v_cache, page_table, kv_lens.astype(jnp.int32),
-                                 block_h=16, pages_per_compute_block=per_block, k_splits=k_splits,
-                                 num_warps=num_warps, interpret=interpret)
+                                 block_h=16, pages_per_compute_block=per_block, k_splits=config.k_splits,
+                                 num_warps=config.num_warps, interpret=interpret)
     return out[:, None]
