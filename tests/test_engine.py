@@ -225,6 +225,67 @@ def test_bad_adapter_is_a_clear_error_and_nothing_else_breaks(world, llm):
     assert_idle(llm)
 
 
+def _run_all(engine) -> dict:
+    results = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            results[out.request_id] = out
+        engine.check_invariants()
+    return results
+
+
+def test_a_failed_device_step_fails_its_requests_and_the_engine_keeps_serving(world, llm, monkeypatch):
+    """Fault injection (nothing on CPU makes the real call fail on demand): the first decode call raises."""
+    engine, loras = llm.llm_engine, world[2]
+    mix = [loras[0], None, loras[1], None, loras[0], None]
+    ids = [engine.add_request(None, {"prompt_token_ids": p}, GREEDY, lora) for p, lora in zip(PROMPTS, mix)]
+    real_decode, calls = engine.runner.decode, []
+
+    def decode_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected device failure")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "decode", decode_failing_once)
+    results = _run_all(engine)
+    failed = [i for i in ids if results[i].error is not None]
+    assert 0 < len(failed) < len(ids)          # the batch of that step (at most 4 sequences), not the waiting ones
+    for i, rid in enumerate(ids):
+        out = results[rid]
+        assert out.finished
+        if rid in failed:
+            assert isinstance(out.error, RuntimeError) and out.outputs[0].finish_reason == "abort"
+        else:
+            assert out.outputs[0].token_ids == reference_greedy(world, PROMPTS[i], mix[i])
+    monkeypatch.undo()
+    assert llm.generate([{"prompt_token_ids": PROMPTS[1]}], GREEDY, lora_request=loras[0], use_tqdm=False)[0] \
+        .outputs[0].token_ids == reference_greedy(world, PROMPTS[1], loras[0])
+    assert_idle(llm)
+
+
+def test_a_failed_adapter_write_evicts_the_adapter(world, llm, monkeypatch):
+    """The bank write of an adapter raises: its requests fail, and the slot is not trusted afterwards (the next
+    request with that adapter loads it again and matches PEFT)."""
+    engine, loras = llm.llm_engine, world[2]
+    for name in list(engine.slot_manager.resident()):
+        engine.slot_manager.evict(name)
+    real_load = engine.runner.load_adapter
+
+    def load_failing(*args, **kwargs):
+        raise RuntimeError("injected bank write failure")
+
+    monkeypatch.setattr(engine.runner, "load_adapter", load_failing)
+    rid = engine.add_request(None, {"prompt_token_ids": PROMPTS[0]}, GREEDY, loras[3])
+    results = _run_all(engine)
+    assert isinstance(results[rid].error, RuntimeError) and results[rid].outputs[0].finish_reason == "abort"
+    assert engine.slot_manager.slot_of(loras[3].lora_name) is None
+    monkeypatch.setattr(engine.runner, "load_adapter", real_load)
+    out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY, lora_request=loras[3], use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == reference_greedy(world, PROMPTS[0], loras[3])
+    assert_idle(llm)
+
+
 def test_request_validation(world, llm):
     with pytest.raises(RequestError, match="prompt 0: prompt_token_ids must be integers in"):
         llm.generate([{"prompt_token_ids": [1, 100000]}], use_tqdm=False)

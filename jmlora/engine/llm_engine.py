@@ -245,22 +245,26 @@ class LLMEngine:
             self._drop_unwanted_staged()
         for seq in plan.preempted:
             self.runner.release(seq.seq_id)
-        for name, slot in plan.adapter_loads:
-            staged = self._staged.pop((name, self._lora_paths.get(name)), None)
-            self.runner.load_adapter(slot, None if staged else self.slot_manager.get_weights(name), staged)
-            self.stats["adapter_loads_staged"] += staged is not None
         self.stats["steps"] += 1
         self.stats["preemptions"] += len(plan.preempted)
-        self.stats["adapter_loads"] += len(plan.adapter_loads)
         if plan.kind != "idle":
             self.stats[f"{plan.kind}_steps"] += 1
-        if plan.kind == "prefill":
-            result = self.runner.prefill(plan.chunks, while_running=self._stage_waiting_adapters)
-            self._collect_prompt_logprobs(plan.chunks, result)
-        elif plan.kind == "decode":
-            result = self.runner.decode(plan.chunks, plan.num_lookahead, while_running=self._stage_waiting_adapters)
-        else:
-            result = None
+        try:
+            for name, slot in plan.adapter_loads:
+                staged = self._staged.pop((name, self._lora_paths.get(name)), None)
+                self.runner.load_adapter(slot, None if staged else self.slot_manager.get_weights(name), staged)
+                self.stats["adapter_loads_staged"] += staged is not None
+                self.stats["adapter_loads"] += 1
+            if plan.kind == "prefill":
+                result = self.runner.prefill(plan.chunks, while_running=self._stage_waiting_adapters)
+                self._collect_prompt_logprobs(plan.chunks, result)
+            elif plan.kind == "decode":
+                result = self.runner.decode(plan.chunks, plan.num_lookahead,
+                                            while_running=self._stage_waiting_adapters)
+            else:
+                result = None
+        except Exception as exc:  # noqa: BLE001 - the step's requests fail with it; the engine keeps serving
+            return self._fail_step(plan, exc, touched)
         if result is not None:
             for i, chunk in enumerate(plan.chunks):
                 request = self._requests.get(chunk.seq.request_id)
@@ -269,12 +273,40 @@ class LLMEngine:
                 touched[request.request_id] = request
                 if chunk.samples:
                     self._append(request, chunk.seq, result, i)
+        return self._outputs(touched)
+
+    def _outputs(self, touched: dict[str, _Request]) -> list[RequestOutput]:
+        """The step's outputs; finished requests are forgotten."""
         outputs = []
         for request in touched.values():
             outputs.append(self._output(request))
             if request.finished:
                 self._requests.pop(request.request_id, None)
         return outputs
+
+    def _fail_step(self, plan, exc: Exception, touched: dict[str, _Request]) -> list[RequestOutput]:
+        """A step whose adapter writes or device call raised: every request with a sequence in it ends with
+        ``error = exc`` (its pages, adapter references and state rows returned), and the adapters this step was
+        loading are evicted, since their bank slots may hold anything. The other requests are untouched. (A
+        failure after the device consumed the donated KV cache is not recoverable this way: the next steps
+        then fail their requests too.)"""
+        logger.error("step failed (%s requests): %s", len({c.seq.request_id for c in plan.chunks}), exc)
+        for request_id in dict.fromkeys(c.seq.request_id for c in plan.chunks):
+            request = self._requests.get(request_id)
+            if request is None:
+                continue
+            for seq in self.scheduler.abort(request_id):
+                self.runner.release(seq.seq_id)
+            request.error = exc
+            for s in request.seqs:
+                if s.finish_reason is None:
+                    s.finish_reason = "abort"
+            touched[request_id] = request
+        for name, _ in plan.adapter_loads:
+            if self.slot_manager.refcount(name) == 0 and not self.slot_manager.is_pinned(name):
+                self.slot_manager.evict(name)
+        self._drop_unwanted_staged()
+        return self._outputs(touched)
 
     def _stage_waiting_adapters(self) -> None:
         """While the device runs a step: start copying the adapters that the first waiting requests need and
