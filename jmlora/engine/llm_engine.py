@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from jmlora.config import EngineConfig
+from jmlora.engine.detokenizer import IncrementalDetokenizer
 from jmlora.engine.model_runner import ModelRunner, StepOutput
 from jmlora.engine.page_manager import PageManager
 from jmlora.engine.sampling_params import SamplingParams
@@ -43,6 +44,7 @@ class _SeqState:
 
     seq: Sequence
     index: int
+    detokenizer: IncrementalDetokenizer
     text: str = ""
     logprobs: list | None = None
     cumulative_logprob: float = 0.0
@@ -205,7 +207,8 @@ class LLMEngine:
                            lora_name=lora_request.lora_name if lora_request else None)
             seq.sampling_seed = (params.seed + i if params.seed is not None
                                  else int(self._seed_rng.integers(0, 2**31 - 1)))
-            seqs.append(_SeqState(seq, i, logprobs=[] if params.logprobs is not None else None))
+            seqs.append(_SeqState(seq, i, IncrementalDetokenizer(self.tokenizer.decode, params.skip_special_tokens),
+                                  logprobs=[] if params.logprobs is not None else None))
         request = _Request(request_id, text, ids, params, lora_request, seqs,
                            prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         self._requests[request_id] = request
@@ -399,13 +402,15 @@ class LLMEngine:
         seq, params = state.seq, state.seq.params
         n_out = seq.num_output_tokens
         old_len = len(state.text)
-        state.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+        state.text = state.detokenizer.update(seq.output_token_ids)
         if n_out >= params.min_tokens:
             if token in params.stop_token_ids:
                 state.finish_reason, state.stop_reason = "stop", token
+                state.text = state.detokenizer.final(seq.output_token_ids)
                 return
             if not params.ignore_eos and token in self.eos_token_ids:
                 state.finish_reason = "stop"
+                state.text = state.detokenizer.final(seq.output_token_ids)
                 return
             for stop in params.stop:
                 # only where this token's text could complete a match (as vLLM): an occurrence made before
@@ -418,6 +423,7 @@ class LLMEngine:
         max_tokens = params.max_tokens if params.max_tokens is not None else self.model_config.max_model_len
         if n_out >= max_tokens or seq.num_tokens >= self.model_config.max_model_len:
             state.finish_reason = "length"
+            state.text = state.detokenizer.final(seq.output_token_ids)
 
     @staticmethod
     def _visible_text(state: _SeqState) -> str:
