@@ -119,6 +119,7 @@ class ModelRunner:
         # prompt mask, outputs in the counts): decode must record the token it feeds when it is not among them
         # (a prefill cut one token short, or an output recomputed after preemption)
         self._recorded: dict[int, int] = {}
+        self._sampling_cache: tuple | None = None       # ((batch, seq ids), SamplingTensors) of the last call
         self._free_rows = list(range(rows - 2, -1, -1))
         self.decode_buckets = _pow2_buckets(1, ecfg.max_num_seqs)
         self.prefill_token_buckets = _pow2_buckets(min(16, ecfg.max_prefill_chunk), ecfg.max_prefill_chunk)
@@ -181,8 +182,16 @@ class ModelRunner:
 
     def _sampling(self, chunks: list[ScheduledChunk], batch: int) -> tuple[SamplingTensors, np.ndarray, int, bool]:
         params = [c.seq.params for c in chunks]
-        seeds = [c.seq.sampling_seed for c in chunks]
-        st = SamplingTensors.from_params(params, seeds, batch, eos_token_ids=self.eos_token_ids)
+        # A sequence's sampling params and seed never change, so the device tensors depend only on which
+        # sequences fill the batch: consecutive decode calls over the same batch reuse them (building them
+        # is ~1.3 ms of host time per call at batch 256).
+        key = (batch, tuple(c.seq.seq_id for c in chunks))
+        if self._sampling_cache is not None and self._sampling_cache[0] == key:
+            st = self._sampling_cache[1]
+        else:
+            seeds = [c.seq.sampling_seed for c in chunks]
+            st = SamplingTensors.from_params(params, seeds, batch, eos_token_ids=self.eos_token_ids)
+            self._sampling_cache = (key, st)
         steps = np.zeros(batch, np.int32)
         steps[:len(chunks)] = [c.seq.num_output_tokens for c in chunks]
         num_logprobs = max([p.logprobs or 0 for p in params], default=0)
