@@ -6,8 +6,10 @@ tensor-core tile (a GQA group is 4 heads for Llama-3) and no partial outputs are
 kernel. The products are CUDA-core broadcasts and reductions (``q_g * k`` summed over D, ``p_g * v`` summed
 over the keys); decode attention is bound by the KV bytes, not by these flops.
 
-It needs enough (sequence x KV head) programs to fill the GPU (``jmlora.model.attention`` picks it from a
-batch of 32 up and JAX's split-K kernel below that). ``ref_paged_decode_attention`` is its jnp twin.
+It needs enough (sequence x KV head) programs to fill the GPU. Measured on the H200 it was slower than JAX's
+split kernel with tuned knobs when summed over short and long contexts (benchmarks/RESULTS.md, "Decode
+attention"), so ``jmlora.model.attention`` runs it only where ``DECODE_ATTENTION_TABLE`` says so (by default
+nowhere). ``ref_paged_decode_attention`` is its jnp twin.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _common
 
 # A large finite negative (not -inf), so masked keys give exp(...) = 0 and never NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -126,9 +130,11 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
     kernel = functools.partial(_kernel, block_pages=block_pages, sm_scale=scale)
     cache_spec = pl.BlockSpec((None, num_pages, page_size, D), lambda b, h: (h, 0, 0, 0))
     head_spec = pl.BlockSpec((None, None, G, D), lambda b, h: (b, h, 0, 0))
+    args = _common.match_vma(lengths.astype(jnp.int32)[:, None], page_table.astype(jnp.int32),
+                             q.reshape(B, K, G, D), k_pages, v_pages)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((B, K, G, D), q.dtype),
+        out_shape=_common.out_struct((B, K, G, D), q.dtype, *args),
         grid=(B, K),
         in_specs=[pl.BlockSpec((None, 1), lambda b, h: (b, 0)), pl.BlockSpec((None, P), lambda b, h: (b, 0)),
                   head_spec, cache_spec, cache_spec],
@@ -136,5 +142,5 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="paged_decode_attention_gqa",
-    )(lengths.astype(jnp.int32)[:, None], page_table.astype(jnp.int32), q.reshape(B, K, G, D), k_pages, v_pages)
+    )(*args)
     return out.reshape(B, H, D)

@@ -386,8 +386,9 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
     for y, (a, b) in zip(ys, adapters):
         _common.check_shrink_args(x, a, slot_ids, ranks)
         _common.check_expand_args(y, jnp.zeros((x.shape[0], a.shape[2])), b, slot_ids, ranks)
-    r_max = max(a.shape[2] for a, _ in adapters)
-    chosen = _pick(backend, interpret, r_max, (x.shape[1], *(y.shape[1] for y in ys)))
+    # every slice must suit the backend (the fallback for mixed ranks runs one slice at a time)
+    chosen = {_pick(backend, interpret, a.shape[2], (x.shape[1], y.shape[1])) for y, (a, _) in zip(ys, adapters)}
+    chosen = "reference" if "reference" in chosen else chosen.pop()
     return _multi_core(tuple(ys), x, tuple(a for a, _ in adapters), tuple(b for _, b in adapters),
                        slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), chosen, form, interpret)
 

@@ -63,7 +63,15 @@ def test_pallas_gpu_tuning_fits_the_kernels(batch, pages_per_seq):
         assert pages_per_seq % cfg.k_splits == 0 and (pages_per_seq // cfg.k_splits) % cfg.block_pages == 0
         if batch * 8 >= 256:
             assert cfg.k_splits == 1        # the batch alone fills the GPU: no partial outputs to combine
-    # a table entry the shapes cannot take (GQA group of 3) falls back to the rule
-    for B, entry in DECODE_ATTENTION_TABLE.items():
-        if entry.kernel == "gqa":
-            assert pallas_gpu_tuning(B, 24, 8, 128, pages_per_seq).kernel == "split"
+
+
+
+def test_attention_table_entries_apply_only_where_they_fit(monkeypatch):
+    gqa, split16 = DecodeAttentionConfig("gqa", 4, 4), DecodeAttentionConfig("split", 8, 4, 16)
+    monkeypatch.setitem(DECODE_ATTENTION_TABLE, 32, gqa)
+    monkeypatch.setitem(DECODE_ATTENTION_TABLE, 64, split16)
+    assert pallas_gpu_tuning(32, 32, 8, 128, 128) == gqa
+    assert pallas_gpu_tuning(32, 24, 8, 128, 128).kernel == "split"        # a GQA group of 3: not for gqa
+    assert pallas_gpu_tuning(64, 32, 8, 128, 128) == split16
+    fallback = pallas_gpu_tuning(64, 32, 8, 128, 8)                         # 16 splits of 8 pages: no
+    assert fallback != split16 and 8 % fallback.k_splits == 0

@@ -264,6 +264,35 @@ def test_a_failed_device_step_fails_its_requests_and_the_engine_keeps_serving(wo
     assert_idle(llm)
 
 
+def test_a_failed_step_that_consumed_the_kv_cache_resets_it(world, llm, monkeypatch):
+    """The failing call deletes the donated cache first (what a device failure after donation leaves): every
+    running request fails, the waiting ones and later requests are served from a fresh cache."""
+    engine, loras = llm.llm_engine, world[2]
+    mix = [loras[0], None, loras[1], None, loras[0], None]
+    ids = [engine.add_request(None, {"prompt_token_ids": p}, GREEDY, lora) for p, lora in zip(PROMPTS, mix)]
+    real_decode, calls = engine.runner.decode, []
+
+    def decode_consuming_the_cache_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            for array in (*engine.runner.cache.k, *engine.runner.cache.v):
+                array.delete()
+            raise RuntimeError("injected failure after donation")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "decode", decode_consuming_the_cache_once)
+    results = _run_all(engine)
+    failed = {rid for rid in ids if results[rid].error is not None}
+    assert 0 < len(failed) < len(ids) and not engine.runner.device_state_lost()
+    for i, rid in enumerate(ids):
+        if rid not in failed:
+            assert results[rid].outputs[0].token_ids == reference_greedy(world, PROMPTS[i], mix[i])
+    monkeypatch.undo()
+    assert llm.generate([{"prompt_token_ids": PROMPTS[2]}], GREEDY, lora_request=loras[1], use_tqdm=False)[0] \
+        .outputs[0].token_ids == reference_greedy(world, PROMPTS[2], loras[1])
+    assert_idle(llm)
+
+
 def test_a_failed_adapter_write_evicts_the_adapter(world, llm, monkeypatch):
     """The bank write of an adapter raises: its requests fail, and the slot is not trusted afterwards (the next
     request with that adapter loads it again and matches PEFT)."""

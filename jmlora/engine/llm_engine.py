@@ -290,11 +290,17 @@ class LLMEngine:
     def _fail_step(self, plan, exc: Exception, touched: dict[str, _Request]) -> list[RequestOutput]:
         """A step whose adapter writes or device call raised: every request with a sequence in it ends with
         ``error = exc`` (its pages, adapter references and state rows returned), and the adapters this step was
-        loading are evicted, since their bank slots may hold anything. The other requests are untouched. (A
-        failure after the device consumed the donated KV cache is not recoverable this way: the next steps
-        then fail their requests too.)"""
-        logger.error("step failed (%s requests): %s", len({c.seq.request_id for c in plan.chunks}), exc)
-        for request_id in dict.fromkeys(c.seq.request_id for c in plan.chunks):
+        loading are evicted, since their bank slots may hold anything. The other requests are untouched, unless
+        the failed call had already consumed the donated KV cache: then every running request has lost its
+        cached keys and values, so those fail too and the runner starts from a fresh cache (waiting requests
+        hold nothing on the device and go on)."""
+        lost = self.runner.device_state_lost()
+        failing = [c.seq.request_id for c in plan.chunks]
+        if lost:        # waiting requests hold nothing on the device (preempted ones recompute): they go on
+            failing += [seq.request_id for seq in self.scheduler.running]
+        logger.error("step failed (%d requests%s): %s", len(set(failing)),
+                     "; the KV cache was consumed, every running request fails" if lost else "", exc)
+        for request_id in dict.fromkeys(failing):
             request = self._requests.get(request_id)
             if request is None:
                 continue
@@ -308,6 +314,8 @@ class LLMEngine:
         for name, _ in plan.adapter_loads:
             if self.slot_manager.refcount(name) == 0 and not self.slot_manager.is_pinned(name):
                 self.slot_manager.evict(name)
+        if lost:
+            self.runner.reset_device_state()
         self._drop_unwanted_staged()
         return self._outputs(touched)
 
@@ -329,10 +337,10 @@ class LLMEngine:
                 continue
             try:
                 weights = self.slot_manager.get_weights(name)
-            except Exception:       # noqa: BLE001 - a bad adapter fails its request when scheduled, not here
-                self._unstageable.add(key)
+                self._staged[key] = self.runner.stage_adapter(weights)
+            except Exception:       # noqa: BLE001 - a bad adapter fails its request when scheduled, not here,
+                self._unstageable.add(key)  # and a failed copy must not fail the step that is running
                 continue
-            self._staged[key] = self.runner.stage_adapter(weights)
             self.stats["adapters_staged"] += 1
 
     def _drop_unwanted_staged(self) -> None:
@@ -412,18 +420,29 @@ class LLMEngine:
                 state.finish_reason = "stop"
                 state.text = state.detokenizer.final(seq.output_token_ids)
                 return
-            for stop in params.stop:
-                # only where this token's text could complete a match (as vLLM): an occurrence made before
-                # min_tokens was reached does not stop the sequence later
-                idx = state.text.find(stop, max(0, old_len - len(stop) + 1))
-                if idx >= 0:
-                    state.text = state.text[:idx + len(stop)] if params.include_stop_str_in_output else state.text[:idx]
-                    state.finish_reason, state.stop_reason = "stop", stop
-                    return
+            if self._stop_string(state, old_len):
+                return
         max_tokens = params.max_tokens if params.max_tokens is not None else self.model_config.max_model_len
         if n_out >= max_tokens or seq.num_tokens >= self.model_config.max_model_len:
             state.finish_reason = "length"
+            settled = len(state.text)
             state.text = state.detokenizer.final(seq.output_token_ids)
+            # characters held back as incomplete are text now: they may complete a stop string
+            if n_out >= params.min_tokens and len(state.text) > settled:
+                self._stop_string(state, settled)
+
+    @staticmethod
+    def _stop_string(state: _SeqState, old_len: int) -> bool:
+        """Ends the sequence at the first stop string that the text from ``old_len`` on could complete (as vLLM:
+        an occurrence made before ``min_tokens`` was reached does not stop the sequence later)."""
+        params = state.seq.params
+        for stop in params.stop:
+            idx = state.text.find(stop, max(0, old_len - len(stop) + 1))
+            if idx >= 0:
+                state.text = state.text[:idx + len(stop)] if params.include_stop_str_in_output else state.text[:idx]
+                state.finish_reason, state.stop_reason = "stop", stop
+                return True
+        return False
 
     @staticmethod
     def _visible_text(state: _SeqState) -> str:

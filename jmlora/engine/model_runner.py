@@ -111,6 +111,7 @@ class ModelRunner:
         # penalty state, one row per running sequence plus a scratch row for padding
         rows = ecfg.max_num_seqs + 1
         state_sharding = logical_sharding(mesh, (None, "vocab"), (rows, cfg.vocab_size))
+        self._state_sharding = state_sharding
         self.prompt_mask = filled((rows, cfg.vocab_size), jnp.bool_, state_sharding)
         self.output_counts = filled((rows, cfg.vocab_size), jnp.int32, state_sharding)
         self.scratch_row = rows - 1
@@ -124,6 +125,23 @@ class ModelRunner:
         self.decode_buckets = _pow2_buckets(1, ecfg.max_num_seqs)
         self.prefill_token_buckets = _pow2_buckets(min(16, ecfg.max_prefill_chunk), ecfg.max_prefill_chunk)
         self.prefill_batch_buckets = _pow2_buckets(1, ecfg.max_num_seqs)
+
+    def device_state_lost(self) -> bool:
+        """Whether a failed call consumed the donated KV cache or penalty state (their buffers are deleted)."""
+        return any(a.is_deleted() for a in (*self.cache.k, *self.cache.v, self.prompt_mask, self.output_counts))
+
+    def reset_device_state(self) -> None:
+        """Fresh zeroed KV cache and penalty state; every sequence's state row is forgotten (after a failed
+        call consumed them: the engine has failed every request first)."""
+        cfg, ecfg = self.cfg, self.ecfg
+        self.cache = init_kv_cache(cfg, self.num_pages + 1, ecfg.page_size, self.dtype, self.mesh)
+        rows = ecfg.max_num_seqs + 1
+        self.prompt_mask = filled((rows, cfg.vocab_size), jnp.bool_, self._state_sharding)
+        self.output_counts = filled((rows, cfg.vocab_size), jnp.int32, self._state_sharding)
+        self._rows.clear()
+        self._recorded.clear()
+        self._sampling_cache = None
+        self._free_rows = list(range(rows - 2, -1, -1))
 
     # -- adapters ------------------------------------------------------------------------------------------
 

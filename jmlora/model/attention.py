@@ -174,18 +174,23 @@ def pallas_gpu_tuning(batch: int, num_heads: int, num_kv_heads: int, head_dim: i
                       pages_per_seq: int) -> DecodeAttentionConfig:
     """The decode-attention kernel and knobs for a batch on GPU.
 
-    From the H200 sweep (benchmarks/RESULTS.md, "Decode attention"): JAX's split kernel splits the context
-    only as far as the batch needs to fill the GPU (every split writes a partial output that XLA then
-    combines, empty or not), 4 pages per step from batch 64 up, 4 warps. Once (sequence x KV head) alone fill
-    the GPU, the GQA kernel needs no split at all. Block counts are powers of two dividing the page-table
-    width (Triton blocks).
+    A ``DECODE_ATTENTION_TABLE`` entry for the batch wins when these shapes can take it. Otherwise, from the
+    H200 sweep (benchmarks/RESULTS.md, "Decode attention"): JAX's split kernel, splitting the context only as
+    far as the batch needs to fill the GPU (every split writes a partial output that XLA then combines,
+    empty or not), 4 pages per step from batch 64 up, 4 warps. Block counts are powers of two dividing the
+    page-table width (Triton blocks).
     """
     from pallas_kernels import decode_attention
 
     chosen = DECODE_ATTENTION_TABLE.get(batch)
-    if chosen is not None and (chosen.kernel != "gqa" or decode_attention.supported(
-            num_heads, num_kv_heads, head_dim, pages_per_seq, chosen.block_pages)):
-        return chosen
+    if chosen is not None:
+        if chosen.kernel == "gqa":
+            fits = decode_attention.supported(num_heads, num_kv_heads, head_dim, pages_per_seq, chosen.block_pages)
+        else:
+            fits = (pages_per_seq % chosen.k_splits == 0
+                    and (pages_per_seq // chosen.k_splits) % chosen.block_pages == 0)
+        if fits:
+            return chosen
     want = min(16, max(1, _TARGET_PROGRAMS // max(1, batch * num_kv_heads)))    # 16: the most measured
     per_block = 4 if batch >= 64 else 8
     k_splits = 1
