@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import jax.numpy as jnp
 import numpy as np
+from throughput import bench_model_config  # benchmarks/ is on sys.path when run as a script
 
-from jmlora.config import ModelConfig
 from jmlora.engine.model_runner import _decode_steps
 from jmlora.engine.sampler import SamplingTensors, sample
 from jmlora.engine.sampling_params import SamplingParams
@@ -49,11 +49,7 @@ def main():
     parser.add_argument("--unroll", action="store_true")
     parser.add_argument("--ctx", type=int, default=192)
     args = parser.parse_args()
-    raw = json.load(open("configs/llama3_8b.json"))
-    if args.small:
-        raw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, vocab_size=512)
-    cfg = ModelConfig.from_dict(raw, max_model_len=2044)
+    cfg = bench_model_config(2044, small=args.small)
     mesh = make_mesh()
     params = init_params(cfg, mesh, dtype=jnp.bfloat16)
     K, P, ctx, Bmax = 4, 128, args.ctx, 64

@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from device_profile import kernel_times, print_kernels  # noqa: E402
-from throughput import measure_bandwidth, random_bank  # noqa: E402
+from throughput import bench_model_config, measure_bandwidth, random_bank  # noqa: E402
 
-from jmlora.config import EngineConfig, ModelConfig  # noqa: E402
+from jmlora.config import EngineConfig  # noqa: E402
 from jmlora.engine import model_runner  # noqa: E402
 from jmlora.engine.sampler import SamplingTensors  # noqa: E402
 from jmlora.engine.sampling_params import SamplingParams  # noqa: E402
@@ -234,11 +234,7 @@ def main():
         logf.write(msg + "\n")
         logf.flush()
 
-    raw = json.load(open("configs/llama3_8b.json"))
-    if args.small:
-        raw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, vocab_size=512)
-    cfg = ModelConfig.from_dict(raw, max_model_len=1280)
+    cfg = bench_model_config(1280, small=args.small)
     bw = measure_bandwidth()
     log(f"device {jax.devices()[0].device_kind}; HBM {bw / 1e12:.2f} TB/s (elementwise)")
     results = {"hbm_tb_s": bw / 1e12}

@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax.numpy as jnp
 import numpy as np
+from throughput import bench_model_config
 
-from jmlora.config import EngineConfig, ModelConfig
+from jmlora.config import EngineConfig
 from jmlora.engine import model_runner
 from jmlora.engine.sampler import SamplingTensors
 from jmlora.engine.sampling_params import SamplingParams
@@ -26,9 +26,7 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--out", default="decode.hlo")
     args = p.parse_args()
-    raw = json.load(open("configs/llama3_8b.json"))
-    raw["num_hidden_layers"] = args.layers
-    cfg = ModelConfig.from_dict(raw, max_model_len=1280)
+    cfg = bench_model_config(1280, num_hidden_layers=args.layers)
     mesh = make_mesh()
     params = init_params(cfg, mesh, dtype=jnp.bfloat16)
     B, P = args.batch, 128

@@ -37,6 +37,17 @@ from jmlora.model import init_params, make_mesh
 WORKLOADS = [(128, 128), (1024, 256)]
 
 
+def bench_model_config(max_model_len: int, *, small: bool = False, path: str = "configs/llama3_8b.json",
+                       **overrides) -> ModelConfig:
+    """The benchmarks' model: Llama-3-8B's shape (``small``: tiny dims, for CPU smoke tests of a script)."""
+    raw = json.load(open(path))
+    if small:
+        raw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=512)
+    raw.update(overrides)
+    return ModelConfig.from_dict(raw, max_model_len=max_model_len)
+
+
 def measure_bandwidth() -> float:
     """HBM bytes/s of an elementwise read+write over 4 GiB (JAX), median of 10."""
     x = jnp.ones((1 << 30,), jnp.float32)
@@ -81,11 +92,7 @@ def main():
     K = args.lookahead
     t0 = time.perf_counter()
     max_len = max(p + n for p, n in WORKLOADS)
-    raw = json.load(open(args.config))
-    if args.small:        # a CPU smoke test of this script
-        raw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, vocab_size=512)
-    cfg = ModelConfig.from_dict(raw, max_model_len=max_len)
+    cfg = bench_model_config(max_len, small=args.small, path=args.config)
     tuned = {}
     if args.tune_attention:
         from decode_profile import tune_attention

@@ -234,20 +234,29 @@ def _run_all(engine) -> dict:
     return results
 
 
+def _fail_first_decode(engine, monkeypatch, *, consume_cache: bool) -> None:
+    """The engine's next decode call raises (after deleting the donated KV cache, as a device failure after
+    donation leaves it, with ``consume_cache``); later calls run normally."""
+    real_decode, calls = engine.runner.decode, []
+
+    def decode(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            if consume_cache:
+                for array in (*engine.runner.cache.k, *engine.runner.cache.v):
+                    array.delete()
+            raise RuntimeError("injected device failure")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "decode", decode)
+
+
 def test_a_failed_device_step_fails_its_requests_and_the_engine_keeps_serving(world, llm, monkeypatch):
     """Fault injection (nothing on CPU makes the real call fail on demand): the first decode call raises."""
     engine, loras = llm.llm_engine, world[2]
     mix = [loras[0], None, loras[1], None, loras[0], None]
     ids = [engine.add_request(None, {"prompt_token_ids": p}, GREEDY, lora) for p, lora in zip(PROMPTS, mix)]
-    real_decode, calls = engine.runner.decode, []
-
-    def decode_failing_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("injected device failure")
-        return real_decode(*args, **kwargs)
-
-    monkeypatch.setattr(engine.runner, "decode", decode_failing_once)
+    _fail_first_decode(engine, monkeypatch, consume_cache=False)
     results = _run_all(engine)
     failed = [i for i in ids if results[i].error is not None]
     assert 0 < len(failed) < len(ids)          # the batch of that step (at most 4 sequences), not the waiting ones
@@ -270,17 +279,7 @@ def test_a_failed_step_that_consumed_the_kv_cache_resets_it(world, llm, monkeypa
     engine, loras = llm.llm_engine, world[2]
     mix = [loras[0], None, loras[1], None, loras[0], None]
     ids = [engine.add_request(None, {"prompt_token_ids": p}, GREEDY, lora) for p, lora in zip(PROMPTS, mix)]
-    real_decode, calls = engine.runner.decode, []
-
-    def decode_consuming_the_cache_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            for array in (*engine.runner.cache.k, *engine.runner.cache.v):
-                array.delete()
-            raise RuntimeError("injected failure after donation")
-        return real_decode(*args, **kwargs)
-
-    monkeypatch.setattr(engine.runner, "decode", decode_consuming_the_cache_once)
+    _fail_first_decode(engine, monkeypatch, consume_cache=True)
     results = _run_all(engine)
     failed = {rid for rid in ids if results[rid].error is not None}
     assert 0 < len(failed) < len(ids) and not engine.runner.device_state_lost()
