@@ -86,8 +86,8 @@ def main():
         a = args_for(B)
 
         def call(exe=exe, a=a):
-            res, state["cache"], masks[0], counts[0] = exe(params, state["cache"], None, *a[:5], a[5], a[6], masks[0],
-                                                           counts[0], jnp.zeros(len(a[0]), bool), a[1])
+            res, _, state["cache"], masks[0], counts[0] = exe(params, state["cache"], None, *a[:5], a[5], a[6],
+                                                              masks[0], counts[0], jnp.zeros(len(a[0]), bool), a[1])
             jax.block_until_ready(res)
 
         step = median_time(call) / K

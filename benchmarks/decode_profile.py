@@ -187,7 +187,7 @@ def step_profile(cfg, params, mesh, log, batches, ctx, K=4):
     out = {}
     for (B, variant, args, _), exe in zip(cases, compiled):
         def call(exe=exe, args=args, B=B):
-            res, runner.cache, runner.prompt_mask, runner.output_counts = exe(
+            res, _, runner.cache, runner.prompt_mask, runner.output_counts = exe(
                 params, runner.cache, *args, runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool), args[2])
             return jax.block_until_ready(res)
 

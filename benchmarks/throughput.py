@@ -133,7 +133,7 @@ def main():
     def run(B, ctx, variant, prepared=None):
         tokens, pos, active, table, rows, st, steps, lora = prepared or inputs(B, ctx, variants[variant](B))
         no_record = jnp.zeros(B, bool)
-        res, runner.cache, runner.prompt_mask, runner.output_counts = _decode_steps(
+        res, _, runner.cache, runner.prompt_mask, runner.output_counts = _decode_steps(
             params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st, steps, runner.prompt_mask,
             runner.output_counts, no_record, pos, num_steps=K, lora_impl=ecfg.lora_impl,
             attention_impl=ecfg.attention_impl, needs_penalties=False, num_logprobs=0)

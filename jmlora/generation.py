@@ -18,8 +18,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jmlora.config import ModelConfig
-from jmlora.model import Params, forward_logits, init_kv_cache, load_params, make_mesh
+from jmlora.model import Params, forward_logits, init_kv_cache, init_params, load_params, make_mesh
+from jmlora.model.loader import resolve_dtype
 from jmlora.tokenizer import Tokenizer
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
 @dataclasses.dataclass
@@ -33,11 +36,23 @@ class LoadedModel:
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dtype: str = "auto", max_model_len: int | None = None,
-             mesh: Mesh | None = None) -> LoadedModel:
-        """Reads config.json, the safetensors weights and the tokenizer from a Hugging Face model directory."""
+             mesh: Mesh | None = None, load_format: str = "auto") -> LoadedModel:
+        """Reads config.json, the weights and the tokenizer from a Hugging Face model directory.
+
+        Args:
+          load_format: "auto" or "safetensors" read ``*.safetensors``; "dummy" (vLLM's name) makes random
+            weights of the config's shapes on the devices instead, for benchmarks of models whose weights are
+            not on the machine (the directory then needs only config.json and the tokenizer).
+        """
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
         cfg = ModelConfig.from_pretrained(model_dir, max_model_len=max_model_len)
         mesh = mesh or make_mesh()
-        return cls(cfg, load_params(model_dir, cfg, dtype=dtype, mesh=mesh), Tokenizer(model_dir), mesh)
+        if load_format == "dummy":
+            params = init_params(cfg, mesh, dtype=resolve_dtype(dtype, cfg))
+        else:
+            params = load_params(model_dir, cfg, dtype=dtype, mesh=mesh)
+        return cls(cfg, params, Tokenizer(model_dir), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("temperature",))

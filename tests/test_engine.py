@@ -237,18 +237,18 @@ def _run_all(engine) -> dict:
 def _fail_first_decode(engine, monkeypatch, *, consume_cache: bool) -> None:
     """The engine's next decode call raises (after deleting the donated KV cache, as a device failure after
     donation leaves it, with ``consume_cache``); later calls run normally."""
-    real_decode, calls = engine.runner.decode, []
+    real_start, calls = engine.runner.start_decode, []
 
-    def decode(*args, **kwargs):
+    def start_decode(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             if consume_cache:
                 for array in (*engine.runner.cache.k, *engine.runner.cache.v):
                     array.delete()
             raise RuntimeError("injected device failure")
-        return real_decode(*args, **kwargs)
+        return real_start(*args, **kwargs)
 
-    monkeypatch.setattr(engine.runner, "decode", decode)
+    monkeypatch.setattr(engine.runner, "start_decode", start_decode)
 
 
 def test_a_failed_device_step_fails_its_requests_and_the_engine_keeps_serving(world, llm, monkeypatch):
@@ -449,8 +449,9 @@ def test_penalty_state_matches_the_tokens_after_every_decode_step(world):
     (mask) and its output token counts, also across preemptions (where outputs are recomputed)."""
     import numpy as np
 
+    # synchronous steps: with async scheduling the device state runs one call ahead of the host's tokens
     llm_tight = make_llm(world[0], enable_lora=False, num_lookahead=1, page_size=4, num_kv_pages=20,
-                         max_num_batched_tokens=20, max_prefill_chunk=16)
+                         max_num_batched_tokens=20, max_prefill_chunk=16, async_scheduling=False)
     engine = llm_tight.llm_engine
     rng = np.random.default_rng(100)
     for i in range(6):
@@ -475,3 +476,83 @@ def test_penalty_state_matches_the_tokens_after_every_decode_step(world):
             checked += 1
     assert engine.stats["preemptions"] > 0 and checked > 100
     assert_idle(llm_tight)
+
+
+def _async_workload(world):
+    """Mixed requests for the async-vs-sync comparison: greedy and seeded sampling, penalties, logprobs, stop
+    strings and tokens, EOS, different lengths and adapters; more requests than max_num_seqs."""
+    import random
+
+    rng = random.Random(7)
+    loras = [None, *world[2]]
+    work = []
+    for i in range(10):
+        prompt = [1] + [rng.randrange(2, 500) for _ in range(rng.randrange(2, 25))]
+        kind = i % 4
+        if kind == 0:
+            params = SamplingParams(temperature=0.0, max_tokens=rng.randrange(4, 20), ignore_eos=True, logprobs=2)
+        elif kind == 1:
+            params = SamplingParams(temperature=0.9, seed=i, max_tokens=rng.randrange(4, 20), ignore_eos=True,
+                                    frequency_penalty=0.4, presence_penalty=0.2)
+        elif kind == 2:      # stops early on some token (a stop inside a call whose continuation is in flight)
+            params = SamplingParams(temperature=0.7, seed=i, max_tokens=20, stop_token_ids=list(range(2, 200)))
+        else:
+            params = SamplingParams(temperature=0.0, max_tokens=rng.randrange(4, 20), stop=["a", "e"])
+        work.append(({"prompt_token_ids": prompt}, params, loras[i % len(loras)]))
+    return work
+
+
+@pytest.mark.parametrize("kv_pages", [None, 17])
+def test_async_scheduling_gives_the_outputs_of_synchronous_steps(world, kv_pages):
+    """Dispatching each decode call before reading the previous one's samples changes nothing a user sees,
+    with a batch full of waiting requests behind it, stops inside chained calls and (17 pages) preemptions."""
+    kwargs = dict(page_size=4, num_kv_pages=kv_pages) if kv_pages else {}
+    work = _async_workload(world)
+    results = {}
+    for mode in (False, True):
+        llm_mode = make_llm(world[0], async_scheduling=mode, **kwargs)
+        outs = llm_mode.generate([w[0] for w in work], [w[1] for w in work], [w[2] for w in work], use_tqdm=False)
+        results[mode] = [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason,
+                          o.outputs[0].stop_reason, o.outputs[0].logprobs) for o in outs]
+        stats = llm_mode.llm_engine.stats
+        assert (stats["chained_decode_steps"] > 0) == mode, stats
+        if kv_pages:
+            assert stats["preemptions"] > 0
+        assert_idle(llm_mode)
+    assert results[True] == results[False]
+    assert any(r[2] == "stop" for r in results[True]) and any(r[2] == "length" for r in results[True])
+
+
+def test_abort_while_a_decode_call_is_in_flight(world, llm):
+    """A request aborted while its decode call (and the chained one) are on the device: its samples are
+    dropped, its pages and slot come back, and the others finish as PEFT says."""
+    engine, loras = llm.llm_engine, world[2]
+    mix = [loras[0], None, loras[1]]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    ids = [engine.add_request(None, {"prompt_token_ids": p}, params, lora) for p, lora in zip(PROMPTS, mix)]
+    while engine._in_flight is None:
+        engine.step()
+    aborted = engine.abort(ids[1])
+    assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
+    results = _run_all(engine)
+    assert engine.stats["chained_decode_steps"] > 0
+    assert ids[1] not in results
+    for i in (0, 2):
+        assert results[ids[i]].outputs[0].token_ids == reference_greedy(world, PROMPTS[i], mix[i], 16)
+    assert_idle(llm)
+
+
+def test_dummy_load_format_needs_no_weights(world, tmp_path):
+    """load_format="dummy" (vLLM's benchmarking option): config and tokenizer only, random weights."""
+    import shutil
+
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(world[0] / name, tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="no safetensors weights"):
+        make_llm(tmp_path)
+    with pytest.raises(ValueError, match="load_format"):
+        make_llm(tmp_path, load_format="pt")
+    llm_dummy = make_llm(tmp_path, load_format="dummy", enable_lora=False)
+    out = llm_dummy.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == GREEDY.max_tokens and out.finish_reason == "length"
+    assert_idle(llm_dummy)

@@ -627,3 +627,61 @@ def test_randomized_simulation_keeps_invariants(seed):
     assert done == set(eng.expected)
     assert len(eng.outputs) > 20
     eng.assert_baseline()
+
+
+def _decode_ready(eng: FakeEngine) -> SchedulerOutput:
+    """Steps until the next schedule() is a decode step; returns that plan (not run: samples not appended)."""
+    while any(s.is_prefill for s in eng.sched.running) or not eng.sched.running or eng.sched.num_waiting and \
+            len(eng.sched.running) < eng.sched.config.max_num_seqs:
+        eng.step()
+    out = eng.sched.schedule()
+    assert out.kind == "decode"
+    return out
+
+
+def test_continuation_plans_the_next_decode_step_before_samples_are_appended():
+    eng = FakeEngine(_config(num_lookahead=3, max_num_seqs=2), num_pages=32, page_size=4)
+    eng.add("a", [1, 2, 3, 4, 5], 40)
+    eng.add("b", [6, 7], 40)
+    eng.add("c", [8], 40)                      # waits: max_num_seqs runs, so it cannot be admitted anyway
+    prev = _decode_ready(eng)
+    starts = {c.seq.request_id: c.start for c in prev.chunks}
+    cont = eng.sched.schedule_continuation(prev)
+    assert cont is not None and cont.kind == "decode" and cont.num_lookahead == 3
+    for c in cont.chunks:
+        assert c.start == starts[c.seq.request_id] + 3 and c.samples
+        assert len(c.seq.pages) * 4 >= c.start + 3            # pages for the continuation's positions
+        assert c.seq.num_computed_tokens == c.start + 3
+        for _ in range(6):                                    # the engine appends both calls' samples
+            c.seq.append_token(9)
+    eng.sched.check_invariants()
+    assert eng.sched.schedule().kind == "decode"               # decode-ready again
+
+
+def test_continuation_declines_when_schedule_could_decide_otherwise():
+    # a waiting sequence could be admitted (fewer than max_num_seqs run)
+    eng = FakeEngine(_config(num_lookahead=2, max_num_seqs=4), num_pages=32, page_size=4)
+    eng.add("a", [1, 2, 3], 40)
+    prev = _decode_ready(eng)
+    eng.add("b", [4, 5], 10)
+    seq = prev.chunks[0].seq
+    state = (seq.num_computed_tokens, list(seq.pages))
+    assert eng.sched.schedule_continuation(prev) is None
+    assert (seq.num_computed_tokens, seq.pages) == state        # nothing changed
+    # a sequence of the step left the running set (finished or aborted)
+    eng = FakeEngine(_config(num_lookahead=2), num_pages=32, page_size=4)
+    eng.add("a", [1, 2, 3], 40)
+    eng.add("b", [4], 40)
+    prev = _decode_ready(eng)
+    eng.sched.abort("b")
+    assert eng.sched.schedule_continuation(prev) is None
+    # not enough free pages for everyone's next positions (schedule() would preempt)
+    eng = FakeEngine(_config(num_lookahead=4), num_pages=2, page_size=4)
+    eng.add("a", [1, 2, 3], 40)                 # the decode step writes positions 3..6; the next one 7..10
+    prev = _decode_ready(eng)
+    free = eng.pm.num_free
+    assert eng.sched.schedule_continuation(prev) is None and eng.pm.num_free == free
+    # a prefill step has no continuation
+    eng = FakeEngine(_config(num_lookahead=2), num_pages=32, page_size=4)
+    eng.add("a", [1, 2, 3], 40)
+    assert eng.sched.schedule_continuation(eng.sched.schedule()) is None

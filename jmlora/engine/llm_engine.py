@@ -76,12 +76,13 @@ class LLMEngine:
       engine_config: limits, cache and LoRA settings.
       dtype: "auto", "float32", "bfloat16" or "float16".
       max_model_len: longest prompt + output; defaults to the model's max_position_embeddings.
+      load_format: "auto"/"safetensors" (read the weights) or "dummy" (random weights: benchmarks).
     """
 
     def __init__(self, model: str | Path, engine_config: EngineConfig | None = None, *, dtype: str = "auto",
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, load_format: str = "auto"):
         self.config = ecfg = engine_config or EngineConfig()
-        self.model = LoadedModel.load(model, dtype=dtype, max_model_len=max_model_len)
+        self.model = LoadedModel.load(model, dtype=dtype, max_model_len=max_model_len, load_format=load_format)
         self.model_config = cfg = self.model.cfg
         self.tokenizer = self.model.tokenizer
         num_pages = ecfg.num_kv_pages or self._default_num_pages()
@@ -101,9 +102,10 @@ class LLMEngine:
         self._seed_rng = np.random.default_rng(ecfg.seed)
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "preemptions": 0, "adapter_loads": 0,
-                      "adapters_staged": 0, "adapter_loads_staged": 0}
+                      "adapters_staged": 0, "adapter_loads_staged": 0, "chained_decode_steps": 0}
         self._staged: dict[tuple[str, str | None], tuple] = {}   # (name, path) -> device arrays being copied
         self._unstageable: set[tuple[str, str | None]] = set()    # adapters that failed to parse: not retried
+        self._in_flight: tuple | None = None      # (plan, DecodeCall) of a dispatched decode call not yet read
         if ecfg.warmup:
             self.num_warmup_shapes = self.runner.warmup()
 
@@ -239,44 +241,92 @@ class LLMEngine:
     # -- the step ------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns outputs of the requests that progressed (finished ones last time)."""
-        plan = self.scheduler.schedule()
+        """Runs one scheduled step; returns outputs of the requests that progressed (finished ones last time).
+
+        A decode step is dispatched without waiting for it. With ``async_scheduling``, the next step reads its
+        samples only after dispatching the decode step that follows it (``Scheduler.schedule_continuation``),
+        so the device works while the host appends samples, checks stops and streams text."""
         touched: dict[str, _Request] = {}
-        for seq, exc in plan.failed:
-            self._fail(seq, exc, touched)
-        if plan.failed:
-            self._drop_unwanted_staged()
-        for seq in plan.preempted:
-            self.runner.release(seq.seq_id)
+        if self._in_flight is None:
+            plan = self.scheduler.schedule()
+            for seq, exc in plan.failed:
+                self._fail(seq, exc, touched)
+            if plan.failed:
+                self._drop_unwanted_staged()
+            for seq in plan.preempted:
+                self.runner.release(seq.seq_id)
+            self.stats["preemptions"] += len(plan.preempted)
+            self._count(plan)
+            result = None
+            try:
+                for name, slot in plan.adapter_loads:
+                    staged = self._staged.pop((name, self._lora_paths.get(name)), None)
+                    self.runner.load_adapter(slot, None if staged else self.slot_manager.get_weights(name), staged)
+                    self.stats["adapter_loads_staged"] += staged is not None
+                    self.stats["adapter_loads"] += 1
+                if plan.kind == "prefill":
+                    result = self.runner.prefill(plan.chunks, while_running=self._stage_waiting_adapters)
+                    self._collect_prompt_logprobs(plan.chunks, result)
+                elif plan.kind == "decode":
+                    self._in_flight = (plan, self.runner.start_decode(plan.chunks, plan.num_lookahead))
+            except Exception as exc:  # noqa: BLE001 - the step's requests fail with it; the engine keeps serving
+                return self._fail_step(plan, exc, touched)
+            if self._in_flight is None:
+                if result is not None:
+                    self._append_all(plan, result, touched)
+                return self._outputs(touched)
+        return self._finish_decode(touched)
+
+    def _finish_decode(self, touched: dict[str, _Request]) -> list[RequestOutput]:
+        """Reads the decode call in flight, after dispatching its continuation when one can be planned."""
+        plan, call = self._in_flight
+        self._in_flight = None
+        chained = None
+        if self.config.async_scheduling and not self._may_finish_in(plan):
+            next_plan = self.scheduler.schedule_continuation(plan)
+            if next_plan is not None:
+                self._count(next_plan)
+                try:
+                    chained = (next_plan, self.runner.start_decode(next_plan.chunks, next_plan.num_lookahead,
+                                                                   after=call))
+                    self.stats["chained_decode_steps"] += 1
+                except Exception as exc:  # noqa: BLE001 - the same sequences as ``plan``: they fail together
+                    return self._fail_step(next_plan, exc, touched)
+        self._stage_waiting_adapters()
+        try:
+            result = self.runner.finish_decode(call)
+        except Exception as exc:  # noqa: BLE001
+            # a chained call took this call's KV cache as its input: it cannot have run either
+            return self._fail_step(plan, exc, touched, cache_lost=chained is not None)
+        self._in_flight = chained
+        self._append_all(plan, result, touched)
+        return self._outputs(touched)
+
+    def _may_finish_in(self, plan) -> bool:
+        """Whether a sequence of this decode step is sure to stop in it (length limits; the host knows them
+        before the samples): its continuation would then waste a call on it, and ``schedule()`` could admit a
+        waiting request in its place."""
+        max_len = self.model_config.max_model_len
+        for chunk in plan.chunks:
+            seq, params = chunk.seq, chunk.seq.params
+            limit = params.max_tokens if params.max_tokens is not None else max_len
+            if seq.num_output_tokens + plan.num_lookahead >= limit or seq.num_tokens + plan.num_lookahead >= max_len:
+                return True
+        return False
+
+    def _count(self, plan) -> None:
         self.stats["steps"] += 1
-        self.stats["preemptions"] += len(plan.preempted)
         if plan.kind != "idle":
             self.stats[f"{plan.kind}_steps"] += 1
-        try:
-            for name, slot in plan.adapter_loads:
-                staged = self._staged.pop((name, self._lora_paths.get(name)), None)
-                self.runner.load_adapter(slot, None if staged else self.slot_manager.get_weights(name), staged)
-                self.stats["adapter_loads_staged"] += staged is not None
-                self.stats["adapter_loads"] += 1
-            if plan.kind == "prefill":
-                result = self.runner.prefill(plan.chunks, while_running=self._stage_waiting_adapters)
-                self._collect_prompt_logprobs(plan.chunks, result)
-            elif plan.kind == "decode":
-                result = self.runner.decode(plan.chunks, plan.num_lookahead,
-                                            while_running=self._stage_waiting_adapters)
-            else:
-                result = None
-        except Exception as exc:  # noqa: BLE001 - the step's requests fail with it; the engine keeps serving
-            return self._fail_step(plan, exc, touched)
-        if result is not None:
-            for i, chunk in enumerate(plan.chunks):
-                request = self._requests.get(chunk.seq.request_id)
-                if request is None:
-                    continue
-                touched[request.request_id] = request
-                if chunk.samples:
-                    self._append(request, chunk.seq, result, i)
-        return self._outputs(touched)
+
+    def _append_all(self, plan, result: StepOutput, touched: dict[str, _Request]) -> None:
+        for i, chunk in enumerate(plan.chunks):
+            request = self._requests.get(chunk.seq.request_id)
+            if request is None:
+                continue
+            touched[request.request_id] = request
+            if chunk.samples:
+                self._append(request, chunk.seq, result, i)
 
     def _outputs(self, touched: dict[str, _Request]) -> list[RequestOutput]:
         """The step's outputs; finished requests are forgotten."""
@@ -287,14 +337,16 @@ class LLMEngine:
                 self._requests.pop(request.request_id, None)
         return outputs
 
-    def _fail_step(self, plan, exc: Exception, touched: dict[str, _Request]) -> list[RequestOutput]:
+    def _fail_step(self, plan, exc: Exception, touched: dict[str, _Request], *,
+                   cache_lost: bool = False) -> list[RequestOutput]:
         """A step whose adapter writes or device call raised: every request with a sequence in it ends with
         ``error = exc`` (its pages, adapter references and state rows returned), and the adapters this step was
         loading are evicted, since their bank slots may hold anything. The other requests are untouched, unless
-        the failed call had already consumed the donated KV cache: then every running request has lost its
-        cached keys and values, so those fail too and the runner starts from a fresh cache (waiting requests
-        hold nothing on the device and go on)."""
-        lost = self.runner.device_state_lost()
+        the failed call had already consumed the donated KV cache (or ``cache_lost``: a call chained on it took
+        its output cache): then every running request has lost its cached keys and values, so those fail too
+        and the runner starts from a fresh cache (waiting requests hold nothing on the device and go on)."""
+        lost = cache_lost or self.runner.device_state_lost()
+        self._in_flight = None
         failing = [c.seq.request_id for c in plan.chunks]
         if lost:        # waiting requests hold nothing on the device (preempted ones recompute): they go on
             failing += [seq.request_id for seq in self.scheduler.running]

@@ -81,6 +81,23 @@ class StepOutput:
     prompt_logprobs: list | None = None
 
 
+@dataclasses.dataclass
+class DecodeCall:
+    """A dispatched decode call whose samples are still on the device (``ModelRunner.start_decode``).
+
+    Attributes:
+      chunks: the call's chunks, rows in chunk order.
+      num_steps: tokens sampled per row.
+      result: the samples, device arrays stacked ``[K, B]``.
+      last_tokens: ``[B]`` each row's last sample, on the device: a chained call feeds it without a host trip.
+    """
+
+    chunks: list[ScheduledChunk]
+    num_steps: int
+    result: SampleResult
+    last_tokens: Array
+
+
 class ModelRunner:
     """Device state and jitted steps for one model (see the module docstring).
 
@@ -198,7 +215,8 @@ class ModelRunner:
         table[np.repeat(np.arange(len(chunks)), lens), np.arange(len(flat)) - starts] = flat
         return table
 
-    def _sampling(self, chunks: list[ScheduledChunk], batch: int) -> tuple[SamplingTensors, np.ndarray, int, bool]:
+    def _sampling(self, chunks: list[ScheduledChunk], batch: int,
+                  pending: int = 0) -> tuple[SamplingTensors, np.ndarray, int, bool]:
         params = [c.seq.params for c in chunks]
         # A sequence's sampling params and seed never change, so the device tensors depend only on which
         # sequences fill the batch: consecutive decode calls over the same batch reuse them (building them
@@ -211,7 +229,7 @@ class ModelRunner:
             st = SamplingTensors.from_params(params, seeds, batch, eos_token_ids=self.eos_token_ids)
             self._sampling_cache = (key, st)
         steps = np.zeros(batch, np.int32)
-        steps[:len(chunks)] = [c.seq.num_output_tokens for c in chunks]
+        steps[:len(chunks)] = [c.seq.num_output_tokens + pending for c in chunks]
         num_logprobs = max([p.logprobs or 0 for p in params], default=0)
         num_logprobs = 0 if num_logprobs == 0 else self.ecfg.max_logprobs
         return st, steps, num_logprobs, st.needs_penalties
@@ -311,30 +329,62 @@ class ModelRunner:
 
     def decode(self, chunks: list[ScheduledChunk], num_steps: int,
                while_running: Callable[[], None] | None = None) -> StepOutput:
-        """Runs ``num_steps`` decode steps for every chunk's sequence in one jitted call (``while_running``:
-        as in ``prefill``)."""
+        """Runs ``num_steps`` decode steps for every chunk's sequence in one jitted call and waits for the
+        samples (``while_running``: as in ``prefill``)."""
+        call = self.start_decode(chunks, num_steps)
+        if while_running is not None:
+            while_running()
+        return self.finish_decode(call)
+
+    def start_decode(self, chunks: list[ScheduledChunk], num_steps: int, *,
+                     after: DecodeCall | None = None) -> DecodeCall:
+        """Dispatches ``num_steps`` decode steps for every chunk's sequence and returns without waiting.
+
+        Args:
+          chunks: one decode chunk per sequence.
+          num_steps: tokens to sample per sequence.
+          after: a call dispatched just before over the same sequences in the same order, whose samples the
+            host has not appended yet (``Scheduler.schedule_continuation`` planned this one from it): this
+            call feeds that call's last samples straight from the device, so the host can read ``after``'s
+            results while this call runs.
+
+        Returns:
+          A ``DecodeCall``; ``finish_decode`` copies its samples to the host.
+        """
         B = _bucket(len(chunks), self.decode_buckets)
-        tokens = np.zeros(B, np.int32)
         pos = np.zeros(B, np.int32)
         active = np.zeros(B, bool)
         record_fed = np.zeros(B, bool)
         prompt_lens = np.zeros(B, np.int32)
+        tokens = None if after is not None else np.zeros(B, np.int32)
+        if after is not None and [c.seq.seq_id for c in after.chunks] != [c.seq.seq_id for c in chunks]:
+            raise ValueError("a chained decode call must run the same sequences, in the same order, as the call "
+                             "it follows")
         for i, c in enumerate(chunks):
-            tokens[i], pos[i], active[i] = c.token_ids[0], c.start, True
+            pos[i], active[i] = c.start, True
+            if tokens is not None:
+                tokens[i] = c.token_ids[0]
             prompt_lens[i] = c.seq.num_prompt_tokens
             record_fed[i] = self._recorded.get(c.seq.seq_id, 0) <= c.start
             self._recorded[c.seq.seq_id] = c.start + 1 + num_steps
-        st, steps, num_logprobs, needs_penalties = self._sampling(chunks, B)
-        result, self.cache, self.prompt_mask, self.output_counts = _decode_steps(
-            self.params, self.cfg, self.cache, self._lora(chunks, B), jnp.asarray(tokens), jnp.asarray(pos),
+        # the samples of ``after`` are not appended yet: this call's first sample is output number
+        # num_output_tokens + after.num_steps of its sequence (seeded sampling depends on it)
+        st, steps, num_logprobs, needs_penalties = self._sampling(
+            chunks, B, pending=after.num_steps if after is not None else 0)
+        result, last_tokens, self.cache, self.prompt_mask, self.output_counts = _decode_steps(
+            self.params, self.cfg, self.cache, self._lora(chunks, B),
+            after.last_tokens if after is not None else jnp.asarray(tokens), jnp.asarray(pos),
             jnp.asarray(active), jnp.asarray(self._page_table(chunks, B)), jnp.asarray(self._rows_for(chunks, B)),
             st, jnp.asarray(steps), self.prompt_mask, self.output_counts, jnp.asarray(record_fed),
             jnp.asarray(prompt_lens), num_steps=num_steps,
             lora_impl=self.ecfg.lora_impl, attention_impl=self.ecfg.attention_impl,
             needs_penalties=needs_penalties, num_logprobs=num_logprobs, unroll=self.ecfg.decode_unroll)
-        if while_running is not None:
-            while_running()
-        return _to_host(result, len(chunks), k_axis=True)
+        return DecodeCall(list(chunks), num_steps, result, last_tokens)
+
+    @staticmethod
+    def finish_decode(call: DecodeCall) -> StepOutput:
+        """Waits for a dispatched decode call and copies its samples to the host."""
+        return _to_host(call.result, len(call.chunks), k_axis=True)
 
     def warmup(self) -> int:
         """Compiles every bucket (greedy and plain sampling variants); returns how many shapes ran."""
@@ -345,7 +395,12 @@ class ModelRunner:
         for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
             for B in self.decode_buckets:
                 seqs = [_dummy_seq(Sequence, params) for _ in range(B)]
-                self.decode([ScheduledChunk(s, 1, 1, True) for s in seqs], self.ecfg.num_lookahead)
+                K = self.ecfg.num_lookahead
+                first = self.start_decode([ScheduledChunk(s, 1, 1, True) for s in seqs], K)
+                # a chained call feeds device-resident tokens (another input sharding): compile it too
+                chained = self.start_decode([ScheduledChunk(s, 1 + K, 1, True) for s in seqs], K, after=first)
+                self.finish_decode(first)
+                self.finish_decode(chained)
                 self._release_all(seqs)
                 count += 1
             for B in self.prefill_batch_buckets:
@@ -434,7 +489,8 @@ def _decode_steps(params, cfg, cache, lora, tokens, pos, active, page_table, row
     the device and feeds the sample to the next step. Returns ``SampleResult`` fields stacked ``[K, B]``.
     Rows with ``record_fed`` first record their fed token in the penalty state (prompt mask if it is a
     prompt position, ``< prompt_lens``, else the output counts). ``unroll`` unrolls the steps into
-    straight-line code (no device while loop)."""
+    straight-line code (no device while loop). Also returns each row's last sample ``[B]`` (it feeds a
+    chained call)."""
     n_new = active.astype(jnp.int32)
     fed_is_prompt = pos < prompt_lens
     prompt_mask = prompt_mask.at[rows, jnp.where(record_fed & fed_is_prompt, tokens, cfg.vocab_size)].set(
@@ -454,7 +510,7 @@ def _decode_steps(params, cfg, cache, lora, tokens, pos, active, page_table, row
             1, mode="drop")
         return (cache, result.token_ids, output_counts), result
 
-    (cache, _, output_counts), results = jax.lax.scan(step, (cache, tokens, output_counts),
-                                                      jnp.arange(num_steps, dtype=jnp.int32),
-                                                      unroll=num_steps if unroll else 1)
-    return results, cache, prompt_mask, output_counts
+    (cache, last_tokens, output_counts), results = jax.lax.scan(step, (cache, tokens, output_counts),
+                                                                jnp.arange(num_steps, dtype=jnp.int32),
+                                                                unroll=num_steps if unroll else 1)
+    return results, last_tokens, cache, prompt_mask, output_counts

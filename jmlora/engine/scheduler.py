@@ -389,6 +389,39 @@ class Scheduler:
         if out.chunks:
             out.kind, out.num_lookahead = "decode", lookahead
 
+    def schedule_continuation(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """Plans the decode step after ``prev`` before the engine has appended ``prev``'s samples, so that the
+        engine can dispatch it while it reads ``prev``'s results (overlapping host work with the device).
+
+        It returns the step ``schedule()`` would plan once those samples were appended, when that is certain
+        without them: ``prev`` is a decode step over exactly the running sequences, no waiting sequence could
+        be admitted (none waits, or ``max_num_seqs`` run), and the free pages cover everyone's next
+        ``num_lookahead`` positions (so nobody would be preempted). Otherwise it returns None and changes
+        nothing; the engine then appends ``prev``'s samples and calls ``schedule()``.
+
+        A sequence that stops inside ``prev`` runs (wastefully) in the continuation too; the engine discards
+        those samples and ``finish`` returns its pages as usual.
+        """
+        cfg, pm = self.config, self.page_manager
+        if prev.kind != "decode" or [c.seq for c in prev.chunks] != self.running:
+            return None
+        if self.waiting and len(self.running) < cfg.max_num_seqs:
+            return None
+        lookahead, max_len = cfg.num_lookahead, cfg.max_model_len
+        # prev advanced num_computed_tokens by num_lookahead already: the next step starts there
+        targets = [seq.num_computed_tokens + lookahead for seq in self.running]
+        if max_len is not None:
+            targets = [min(t, max_len) for t in targets]
+        if sum(pm.pages_needed(s, t) for s, t in zip(self.running, targets)) > pm.num_free:
+            return None
+        self.num_steps += 1
+        out = SchedulerOutput(kind="decode", num_lookahead=lookahead)
+        for seq, target in zip(self.running, targets):
+            pm.allocate(seq, target)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1, True))
+            seq.num_computed_tokens += lookahead
+        return out
+
     # -- internals -----------------------------------------------------------------------------------------
 
     def _next_decode_target(self, seq: Sequence) -> int:

@@ -35,6 +35,9 @@ class LLM:
       max_model_len: longest prompt + output (default: the model's max_position_embeddings).
       gpu_memory_utilization: fraction of accelerator memory for weights, adapters and the KV cache.
       seed: engine seed.
+      load_format: "auto" or "safetensors" (read the checkpoint's weights), or "dummy": random weights of the
+        config's shapes made on the device (vLLM's option for benchmarking; needs only config.json and the
+        tokenizer in ``model``).
       **engine_kwargs: further ``EngineConfig`` fields (page_size, num_kv_pages, max_num_batched_tokens,
         max_prefill_chunk, num_lookahead, warmup, ...).
     """
@@ -42,11 +45,12 @@ class LLM:
     def __init__(self, model: str | Path, *, dtype: str = "auto", enable_lora: bool = False, max_loras: int = 4,
                  max_lora_rank: int = 16, max_cpu_loras: int | None = None, max_num_seqs: int = 64,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, seed: int = 0,
-                 **engine_kwargs: Any):
+                 load_format: str = "auto", **engine_kwargs: Any):
         config = EngineConfig(enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
                               max_cpu_loras=max_cpu_loras, max_num_seqs=max_num_seqs,
                               gpu_memory_utilization=gpu_memory_utilization, seed=seed, **engine_kwargs)
-        self.llm_engine = LLMEngine(model, config, dtype=dtype, max_model_len=max_model_len)
+        self.llm_engine = LLMEngine(model, config, dtype=dtype, max_model_len=max_model_len,
+                                    load_format=load_format)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
