@@ -14,9 +14,10 @@ scheduler, prefill, adapter loading, decode, detokenisation and stop checks -- a
   off to save device time) and then ``--iters`` times; tokens/s = generated tokens / wall time of generate.
   With and without async scheduling.
 
-Beside each: the decode phase's wall time per token step (from the engine's own step loop), and the device
-time per token step of the same decode call measured alone (chained calls back to back, no host work in
-between): their difference is the host time the device waits for.
+Beside each: the decode phase's wall time per token step (from the engine's own step loop), split into the
+time the host waits for the device, XLA's dispatch of the jitted call and the rest (Python: scheduling, batch
+assembly, appending samples, stop checks, detokenisation); and the device time per token step of the same
+decode call measured alone (chained calls back to back, no host work in between).
 
     PYTHONPATH=. python benchmarks/e2e_generate.py --out e2e.json
     PYTHONPATH=. python benchmarks/e2e_generate.py --small     # CPU smoke test (tiny dims)
@@ -38,6 +39,7 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from jmlora import LLM, LoRARequest, SamplingParams
+from jmlora.engine import model_runner
 from jmlora.engine.scheduler import ScheduledChunk
 from jmlora.engine.sequence import Sequence
 from jmlora.lora.peft import LORA_TARGETS
@@ -107,6 +109,16 @@ class StepTimer:
             return out
 
         runner.finish_decode = finish_decode
+        # the jitted call alone: XLA's dispatch (enqueueing the call's kernels), not Python or scheduling
+        self.dispatch_s, self.real_jit = 0.0, model_runner._decode_steps
+
+        def decode_steps(*args, **kwargs):
+            t = time.perf_counter()
+            out = self.real_jit(*args, **kwargs)
+            self.dispatch_s += time.perf_counter() - t
+            return out
+
+        model_runner._decode_steps = decode_steps
 
     def __call__(self):
         stats = self.engine.stats
@@ -124,19 +136,22 @@ class StepTimer:
     def remove(self):
         self.engine.step = self.real_step
         self.engine.runner.finish_decode = self.real_finish
+        model_runner._decode_steps = self.real_jit
 
 
 def device_step_time(llm: LLM, batch: int, ctx: int, slots: list[int], params: SamplingParams,
                      iters: int = 8) -> float:
     """Device seconds per token step of the engine's decode call at this batch: ``iters`` chained calls
     dispatched back to back (no host work between them, so the host's dispatch overlaps), one wait at the end.
-    The calls run on warm-up sequences without pages (their KV writes go to the scratch page)."""
-    runner = llm.llm_engine.runner
-    K = llm.llm_engine.config.num_lookahead
+    The sequences get real pages (KV writes of many rows to one scratch slot would serialise)."""
+    engine = llm.llm_engine
+    runner, pages = engine.runner, engine.page_manager
+    K = engine.config.num_lookahead
     seqs = []
     for i in range(batch):
         seq = Sequence("timing", [5] * ctx, params=params)       # the workload's params: the same variant
         seq.sampling_seed, seq.lora_slot = 0, slots[i]
+        pages.allocate(seq, ctx + (iters + 1) * K)
         seqs.append(seq)
     call = runner.start_decode([ScheduledChunk(s, ctx - 1, 1, True) for s in seqs], K)
     runner.finish_decode(call)
@@ -147,6 +162,7 @@ def device_step_time(llm: LLM, batch: int, ctx: int, slots: list[int], params: S
     elapsed = time.perf_counter() - t
     for seq in seqs:
         runner.release(seq.seq_id)
+        pages.free(seq)
     return elapsed / (iters * K)
 
 
@@ -187,6 +203,9 @@ def run_workload(llm: LLM, name: str, batch: int, prompt_len: int, new_tokens: i
                         decode_s=timer.decode_s, decode_calls=timer.decode_calls, decode_wait_s=timer.wait_s,
                         decode_ms_per_token_step=1e3 * timer.decode_s / max(1, timer.decode_calls * K),
                         host_busy_ms_per_token_step=1e3 * (timer.decode_s - timer.wait_s)
+                        / max(1, timer.decode_calls * K),
+                        dispatch_ms_per_token_step=1e3 * timer.dispatch_s / max(1, timer.decode_calls * K),
+                        python_ms_per_token_step=1e3 * (timer.decode_s - timer.wait_s - timer.dispatch_s)
                         / max(1, timer.decode_calls * K))
         log(f"{name} B={batch} {key}: {row[key]['tok_s']:.0f} tok/s (wall {wall:.2f}s, prefill {timer.prefill_s:.2f}s, "
             f"decode {timer.decode_s:.2f}s = {row[key]['decode_ms_per_token_step']:.2f} ms/token step; "
@@ -200,11 +219,14 @@ def run_workload(llm: LLM, name: str, batch: int, prompt_len: int, new_tokens: i
             device = row["device_ms_per_token_step"]
             row[key]["exposed_host_fraction"] = row[key]["decode_ms_per_token_step"] / device - 1
             row[key]["host_busy_fraction"] = row[key]["host_busy_ms_per_token_step"] / device
+            row[key]["python_fraction"] = row[key]["python_ms_per_token_step"] / device
     peer = PEER_TOK_S.get(name)
     if peer:
         row["vs_peer"] = {k: row[k]["tok_s"] / peer for k in ("async", "sync") if k in row}
     log(f"{name} B={batch}: device {row['device_ms_per_token_step']:.2f} ms/token step; host busy / device: "
         + ", ".join(f"{k} {100 * row[k]['host_busy_fraction']:.1f}%" for k in ("async", "sync") if k in row)
+        + " (Python and scheduling alone: "
+        + ", ".join(f"{k} {100 * row[k]['python_fraction']:.1f}%" for k in ("async", "sync") if k in row) + ")"
         + "; decode wall / device - 1: "
         + ", ".join(f"{k} {100 * row[k]['exposed_host_fraction']:+.1f}%" for k in ("async", "sync") if k in row)
         + (f"; vs peer ({peer:.0f} tok/s): " + ", ".join(f"{k} {v:.1f}x" for k, v in row["vs_peer"].items())
@@ -240,7 +262,8 @@ def main():
     print(f"wrote the model dir and {n_adapters} adapters in {time.perf_counter() - t0:.0f}s", flush=True)
     llm = LLM(str(tmp / "model"), load_format="dummy", dtype="bfloat16", enable_lora=True, max_loras=n_adapters,
               max_lora_rank=16, max_num_seqs=big_batch if "distinct256" in workloads else batch,
-              max_model_len=prompt_len + new_tokens + 16, warmup=False)
+              max_model_len=prompt_len + new_tokens + 16, warmup=False,
+              num_kv_pages=64 * big_batch if args.small else None)     # (CPU: room for the device timing too)
     print(f"device {jax.devices()[0].device_kind}; engine up in {time.perf_counter() - t0:.0f}s "
           f"({llm.llm_engine.runner.num_pages} KV pages)", flush=True)
     modes = [m == "async" for m in args.modes.split(",")]
