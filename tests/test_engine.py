@@ -556,3 +556,33 @@ def test_dummy_load_format_needs_no_weights(world, tmp_path):
     out = llm_dummy.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == GREEDY.max_tokens and out.finish_reason == "length"
     assert_idle(llm_dummy)
+
+
+def test_a_failed_read_with_a_chained_call_in_flight_fails_the_running_requests(world, llm, monkeypatch):
+    """Reading a decode call's samples raises while the call chained on it is queued: that call took the
+    failed call's KV cache, so every running request fails, the cache is rebuilt, and the engine goes on."""
+    engine, loras = llm.llm_engine, world[2]
+    real_start, real_finish, chained, failed_once = engine.runner.start_decode, engine.runner.finish_decode, [], []
+
+    def start_decode(chunks, num_steps, *, after=None):
+        chained.append(after is not None)
+        return real_start(chunks, num_steps, after=after)
+
+    def finish_decode(call):
+        if not failed_once and chained[-1]:         # the call just dispatched is chained on this one
+            failed_once.append(1)
+            raise RuntimeError("injected failure reading a decode call")
+        return real_finish(call)
+
+    monkeypatch.setattr(engine.runner, "start_decode", start_decode)
+    monkeypatch.setattr(engine.runner, "finish_decode", finish_decode)
+    mix = [loras[0], None, loras[1]]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    ids = [engine.add_request(None, {"prompt_token_ids": p}, params, lora) for p, lora in zip(PROMPTS, mix)]
+    results = _run_all(engine)
+    assert failed_once and all(isinstance(results[i].error, RuntimeError) for i in ids)
+    assert all(results[i].outputs[0].finish_reason == "abort" for i in ids)
+    monkeypatch.undo()
+    out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, lora_request=loras[0], use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == reference_greedy(world, PROMPTS[0], loras[0], 16)
+    assert_idle(llm)
