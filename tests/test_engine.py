@@ -586,3 +586,62 @@ def test_a_failed_read_with_a_chained_call_in_flight_fails_the_running_requests(
     out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, lora_request=loras[0], use_tqdm=False)[0]
     assert out.outputs[0].token_ids == reference_greedy(world, PROMPTS[0], loras[0], 16)
     assert_idle(llm)
+
+
+def test_plain_append_path_matches_the_per_token_stop_checks(world, llm):
+    """Sequences without logprobs or stop strings take ``_append_plain`` (whole steps at once); with
+    ``logprobs=0`` the same requests take the per-token ``_check_stop`` path. Greedy tokens are identical, so
+    tokens, finish reasons, stop reasons and text must be too: length limits, stop tokens before and after
+    min_tokens, EOS (here a token the model emits), ignore_eos, and both async modes."""
+    engine, loras = llm.llm_engine, world[2]
+    free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    greedy = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], free,
+                                                           lora_request=loras[1], use_tqdm=False)]
+    variants = []
+    for g in greedy:
+        variants += [dict(max_tokens=7, ignore_eos=True),
+                     dict(max_tokens=12, stop_token_ids=[g[2]], ignore_eos=True),
+                     dict(max_tokens=12, stop_token_ids=[g[0], g[5]], min_tokens=4, ignore_eos=True),
+                     dict(max_tokens=12, stop_token_ids=[g[0]], min_tokens=1, ignore_eos=True),
+                     dict(max_tokens=12),                                  # EOS = g[3] (patched below)
+                     dict(max_tokens=12, min_tokens=6),
+                     dict(max_tokens=3, stop_token_ids=[g[2]], ignore_eos=True)]     # stop token at the length limit
+    prompts = [{"prompt_token_ids": PROMPTS[i // 7]} for i in range(len(variants))]
+    real_eos = engine.eos_token_ids
+    engine.eos_token_ids = frozenset(real_eos | {g[3] for g in greedy})
+    try:
+        results = {}
+        for logprobs in (None, 0):
+            params = [SamplingParams(temperature=0.0, logprobs=logprobs, **v) for v in variants]
+            outs = llm.generate(prompts, params, lora_request=loras[1], use_tqdm=False)
+            results[logprobs] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason,
+                                  o.outputs[0].text) for o in outs]
+    finally:
+        engine.eos_token_ids = real_eos
+    assert results[None] == results[0]
+    reasons = {r[1:3] for r in results[None]}
+    assert ("length", None) in reasons and ("stop", None) in reasons and any(r[0] == "stop" and r[1] for r in reasons)
+    assert_idle(llm)
+
+
+def test_final_only_requests_report_once_and_cumulative_ones_stream(world, llm):
+    """RequestOutputKind.FINAL_ONLY (what LLM.generate uses): ``step`` reports the request only when it is
+    finished, with the full text; CUMULATIVE requests report after every step with the text so far."""
+    from jmlora.engine.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    streamed = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    final = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, output_kind="final_only")
+    a = engine.add_request(None, {"prompt_token_ids": PROMPTS[0]}, streamed)
+    b = engine.add_request(None, {"prompt_token_ids": PROMPTS[0]}, final)
+    seen = {a: [], b: []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen[b]) == 1 and seen[b][0].finished and len(seen[a]) > 2
+    assert final.output_kind is RequestOutputKind.FINAL_ONLY
+    texts = [o.outputs[0].text for o in seen[a]]
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))     # streamed, never retracted
+    assert seen[a][-1].outputs[0].text == seen[b][0].outputs[0].text == engine.tokenizer.decode(
+        seen[b][0].outputs[0].token_ids, skip_special_tokens=True)
+    assert_idle(llm)

@@ -6,13 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from jmlora.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from jmlora.engine.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 from jmlora.outputs import CompletionOutput, Logprob, RequestOutput
 
 VLLM_DEFAULTS = dict(
     n=1, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, max_tokens=16, min_tokens=0, stop=(),
     stop_token_ids=(), ignore_eos=False, include_stop_str_in_output=False, logprobs=None, prompt_logprobs=None,
     presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, skip_special_tokens=True,
+    output_kind=RequestOutputKind.CUMULATIVE,
 )
 
 
@@ -39,6 +40,7 @@ def test_defaults_match_vllm():
     ("stop", ""), ("stop", ["ok", ""]), ("stop", [1]), ("stop", 5),
     ("stop_token_ids", [-1]), ("stop_token_ids", [1.0]), ("stop_token_ids", 3),
     ("ignore_eos", 1), ("include_stop_str_in_output", "yes"), ("skip_special_tokens", None),
+    ("output_kind", "delta"), ("output_kind", None),
 ])
 def test_invalid_value_is_value_error_naming_field(field, value):
     with pytest.raises(ValueError, match=rf"^{field} ") as err:
@@ -92,3 +94,8 @@ def test_output_types_have_vllm_fields():
                       outputs=[c], finished=True)
     assert c.finished() and r.lora_request is None and r.outputs[0].logprobs[0][3].decoded_token == "a"
     assert not dataclasses.replace(c, finish_reason=None).finished()
+
+
+def test_output_kind_accepts_the_enum_or_its_value():
+    assert SamplingParams(output_kind="final_only").output_kind is RequestOutputKind.FINAL_ONLY
+    assert SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY).output_kind is RequestOutputKind.FINAL_ONLY

@@ -20,7 +20,7 @@ from jmlora.config import EngineConfig
 from jmlora.engine.detokenizer import IncrementalDetokenizer
 from jmlora.engine.model_runner import ModelRunner, StepOutput
 from jmlora.engine.page_manager import PageManager
-from jmlora.engine.sampling_params import SamplingParams
+from jmlora.engine.sampling_params import RequestOutputKind, SamplingParams
 from jmlora.engine.scheduler import Scheduler, SchedulerConfig
 from jmlora.engine.sequence import Sequence
 from jmlora.generation import LoadedModel
@@ -329,9 +329,11 @@ class LLMEngine:
                 self._append(request, chunk.seq, result, i)
 
     def _outputs(self, touched: dict[str, _Request]) -> list[RequestOutput]:
-        """The step's outputs; finished requests are forgotten."""
+        """The step's outputs (FINAL_ONLY requests only once finished); finished requests are forgotten."""
         outputs = []
         for request in touched.values():
+            if not request.finished and request.params.output_kind is RequestOutputKind.FINAL_ONLY:
+                continue
             outputs.append(self._output(request))
             if request.finished:
                 self._requests.pop(request.request_id, None)
@@ -439,30 +441,63 @@ class LLMEngine:
     def _append(self, request: _Request, seq: Sequence, result: StepOutput, row: int) -> None:
         state = next(s for s in request.seqs if s.seq is seq)
         params = request.params
-        for k in range(result.token_ids.shape[1]):
+        # The text is needed per token only to find stop strings; otherwise once per step for streaming
+        # outputs, and for FINAL_ONLY requests (LLM.generate) only at the end (``final``).
+        text_per_token = bool(params.stop)
+        tokens = result.token_ids[row].tolist()
+        if state.logprobs is None and not text_per_token:
+            self._append_plain(state, tokens)
+            tokens = []
+        token_lps = result.logprobs[row].tolist()
+        for k, token in enumerate(tokens):
             if state.finish_reason is not None:
                 break
-            token = int(result.token_ids[row, k])
             seq.append_token(token)
-            state.cumulative_logprob += float(result.logprobs[row, k])
+            state.cumulative_logprob += token_lps[k]
             if state.logprobs is not None:
-                entry = {token: Logprob(float(result.logprobs[row, k]), int(result.ranks[row, k]),
-                                        self._decode_token(token))}
+                entry = {token: Logprob(token_lps[k], int(result.ranks[row, k]), self._decode_token(token))}
                 for r in range(params.logprobs):
                     tid = int(result.top_ids[row, k, r])
                     entry.setdefault(tid, Logprob(float(result.top_logprobs[row, k, r]), r + 1,
                                                   self._decode_token(tid)))
                 state.logprobs.append(entry)
-            self._check_stop(state, token)
+            self._check_stop(state, token, text_per_token)
         if state.finish_reason is not None:
             self.scheduler.finish(seq)
             self.runner.release(seq.seq_id)
+        elif not text_per_token and params.output_kind is not RequestOutputKind.FINAL_ONLY:
+            state.text = state.detokenizer.update(seq.output_token_ids)
 
-    def _check_stop(self, state: _SeqState, token: int) -> None:
+    def _append_plain(self, state: _SeqState, tokens: list[int]) -> None:
+        """``_append`` for a sequence without logprobs or stop strings (the common case; a batch of 256 spends
+        a few microseconds per token here instead of a ``_check_stop`` call per token): appends up to the
+        first stop token or length limit, the same tokens and finish reasons as ``_check_stop`` gives."""
+        seq, params = state.seq, state.seq.params
+        n_out, max_len = seq.num_output_tokens, self.model_config.max_model_len
+        max_tokens = params.max_tokens if params.max_tokens is not None else max_len
+        room = max(1, min(max_tokens - n_out, max_len - seq.num_tokens))     # tokens before a length stop
+        end = min(len(tokens), room)
+        reason, stop_reason = ("length" if end == room else None), None
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        for k in range(max(0, params.min_tokens - n_out - 1), end):          # stops count from min_tokens on
+            token = tokens[k]
+            if token in params.stop_token_ids:
+                end, reason, stop_reason = k + 1, "stop", token
+                break
+            if token in eos:
+                end, reason = k + 1, "stop"
+                break
+        seq.append_tokens(tokens[:end])
+        if reason is not None:
+            state.finish_reason, state.stop_reason = reason, stop_reason
+            state.text = state.detokenizer.final(seq.output_token_ids)
+
+    def _check_stop(self, state: _SeqState, token: int, update_text: bool = True) -> None:
         seq, params = state.seq, state.seq.params
         n_out = seq.num_output_tokens
         old_len = len(state.text)
-        state.text = state.detokenizer.update(seq.output_token_ids)
+        if update_text:
+            state.text = state.detokenizer.update(seq.output_token_ids)
         if n_out >= params.min_tokens:
             if token in params.stop_token_ids:
                 state.finish_reason, state.stop_reason = "stop", token
@@ -472,7 +507,7 @@ class LLMEngine:
                 state.finish_reason = "stop"
                 state.text = state.detokenizer.final(seq.output_token_ids)
                 return
-            if self._stop_string(state, old_len):
+            if update_text and self._stop_string(state, old_len):
                 return
         max_tokens = params.max_tokens if params.max_tokens is not None else self.model_config.max_model_len
         if n_out >= max_tokens or seq.num_tokens >= self.model_config.max_model_len:

@@ -18,6 +18,7 @@ Differences from vLLM, on purpose:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import numbers
 from collections.abc import Sequence
@@ -27,6 +28,18 @@ MAX_LOGPROBS = 20
 
 SAMPLING_EPS = 1e-5
 """Temperatures below this are greedy (vLLM's ``_SAMPLING_EPS``)."""
+
+
+class RequestOutputKind(enum.Enum):
+    """Which outputs ``LLMEngine.step`` returns for a request (vLLM's enum; DELTA is not supported).
+
+    CUMULATIVE: after every step that advanced it, the whole output so far (streaming).
+    FINAL_ONLY: only the finished output; the text is then decoded once at the end unless stop strings need
+      it earlier (what ``LLM.generate`` uses).
+    """
+
+    CUMULATIVE = "cumulative"
+    FINAL_ONLY = "final_only"
 
 
 def _is_int(v: object) -> bool:
@@ -65,6 +78,7 @@ class SamplingParams:
       repetition_penalty: > 0 and finite; divides positive / multiplies negative logits of tokens in the prompt
         or the generated text (1 = off).
       skip_special_tokens: drop special tokens when detokenizing.
+      output_kind: a ``RequestOutputKind`` (or its value, "cumulative" / "final_only").
     """
 
     n: int = 1
@@ -85,6 +99,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -154,6 +169,13 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+        try:
+            set_("output_kind", RequestOutputKind(self.output_kind))
+        except ValueError:
+            kinds = ", ".join(k.value for k in RequestOutputKind)
+            raise ValueError(f"output_kind must be a RequestOutputKind or one of {kinds}, got "
+                             f"{self.output_kind!r}") from None
 
         if self.temperature < SAMPLING_EPS and self.n > 1:
             raise ValueError(f"n must be 1 when using greedy sampling (temperature 0), got {self.n!r}")

@@ -311,8 +311,9 @@ class Scheduler:
 
     def _schedule_prefill(self, out: SchedulerOutput) -> None:
         cfg, pm = self.config, self.page_manager
-        # Pages the running sequences need for their next decode step, kept free by admission.
-        reserve = sum(pm.pages_needed(s, self._next_decode_target(s)) for s in self.running)
+        # Pages the running sequences need for their next decode step, kept free by admission (computed only
+        # when a sequence waits: a steady decode batch skips the O(running) sum).
+        reserve = sum(pm.pages_needed(s, self._next_decode_target(s)) for s in self.running) if self.waiting else 0
         budget = cfg.max_num_batched_tokens
         for seq in self.running:  # 1. partly prefilled sequences continue, oldest first
             if budget == 0:

@@ -127,6 +127,10 @@ class Sequence:
         """Appends one generated token (the engine calls this after each step that sampled for the sequence)."""
         self.output_token_ids.append(token_id)
 
+    def append_tokens(self, token_ids: list[int]) -> None:
+        """Appends generated tokens, oldest first."""
+        self.output_token_ids.extend(token_ids)
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from jmlora.config import EngineConfig
 from jmlora.engine.llm_engine import LLMEngine, RequestError
-from jmlora.engine.sampling_params import SamplingParams
+from jmlora.engine.sampling_params import RequestOutputKind, SamplingParams
 from jmlora.lora.request import LoRARequest
 from jmlora.outputs import RequestOutput
 
@@ -75,6 +76,12 @@ class LLM:
         prompts = list(prompts)
         n = len(prompts)
         params = self._per_prompt(sampling_params, n, "sampling_params", SamplingParams) or [SamplingParams()] * n
+        # only finished outputs are returned here: the engine then skips streaming text (vLLM does the same)
+        final_only: dict[int, SamplingParams] = {}
+        for p in params:
+            if id(p) not in final_only:
+                final_only[id(p)] = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+        params = [final_only[id(p)] for p in params]
         loras = self._per_prompt(lora_request, n, "lora_request", LoRARequest) or [None] * n
         engine = self.llm_engine
         # Validate everything first, so a bad prompt or adapter raises before any request is queued.
