@@ -320,13 +320,14 @@ class LLMEngine:
             self.stats[f"{plan.kind}_steps"] += 1
 
     def _append_all(self, plan, result: StepOutput, touched: dict[str, _Request]) -> None:
+        token_rows = result.token_ids.tolist()          # one conversion for the whole batch
         for i, chunk in enumerate(plan.chunks):
             request = self._requests.get(chunk.seq.request_id)
             if request is None:
                 continue
             touched[request.request_id] = request
             if chunk.samples:
-                self._append(request, chunk.seq, result, i)
+                self._append(request, chunk.seq, result, i, token_rows[i])
 
     def _outputs(self, touched: dict[str, _Request]) -> list[RequestOutput]:
         """The step's outputs (FINAL_ONLY requests only once finished); finished requests are forgotten."""
@@ -438,13 +439,13 @@ class LLMEngine:
     def _decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _append(self, request: _Request, seq: Sequence, result: StepOutput, row: int) -> None:
+    def _append(self, request: _Request, seq: Sequence, result: StepOutput, row: int, tokens: list[int]) -> None:
+        """Appends row ``row``'s samples (``tokens``, the row of ``result.token_ids`` as a list) to ``seq``."""
         state = next(s for s in request.seqs if s.seq is seq)
         params = request.params
         # The text is needed per token only to find stop strings; otherwise once per step for streaming
         # outputs, and for FINAL_ONLY requests (LLM.generate) only at the end (``final``).
         text_per_token = bool(params.stop)
-        tokens = result.token_ids[row].tolist()
         if state.logprobs is None and not text_per_token:
             self._append_plain(state, tokens)
             tokens = []

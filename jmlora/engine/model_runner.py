@@ -360,13 +360,15 @@ class ModelRunner:
         if after is not None and [c.seq.seq_id for c in after.chunks] != [c.seq.seq_id for c in chunks]:
             raise ValueError("a chained decode call must run the same sequences, in the same order, as the call "
                              "it follows")
-        for i, c in enumerate(chunks):
-            pos[i], active[i] = c.start, True
-            if tokens is not None:
-                tokens[i] = c.token_ids[0]
-            prompt_lens[i] = c.seq.num_prompt_tokens
-            record_fed[i] = self._recorded.get(c.seq.seq_id, 0) <= c.start
-            self._recorded[c.seq.seq_id] = c.start + 1 + num_steps
+        n, recorded = len(chunks), self._recorded
+        starts = [c.start for c in chunks]
+        pos[:n], active[:n] = starts, True
+        if tokens is not None:
+            tokens[:n] = [c.token_ids[0] for c in chunks]
+        prompt_lens[:n] = [c.seq.num_prompt_tokens for c in chunks]
+        record_fed[:n] = [recorded.get(c.seq.seq_id, 0) <= c.start for c in chunks]
+        for c in chunks:
+            recorded[c.seq.seq_id] = c.start + 1 + num_steps
         # the samples of ``after`` are not appended yet: this call's first sample is output number
         # num_output_tokens + after.num_steps of its sequence (seeded sampling depends on it)
         st, steps, num_logprobs, needs_penalties = self._sampling(

@@ -369,7 +369,8 @@ class Scheduler:
             raise RuntimeError("decode step with a running sequence that is not decode-ready: "
                                f"{[s for s in self.running if s.num_uncomputed_tokens != 1]} (did the engine "
                                "append the sampled tokens of the last step?)")
-        need = {s.seq_id: pm.pages_needed(s, self._next_decode_target(s)) for s in self.running}
+        target = {s.seq_id: self._next_decode_target(s) for s in self.running}
+        need = {s.seq_id: pm.pages_needed(s, target[s.seq_id]) for s in self.running}
         total = sum(need.values())
         while self.running and total > pm.num_free:
             victim = self.running[-1]  # the most recently arrived
@@ -383,7 +384,8 @@ class Scheduler:
                 self._preempt(victim)
                 out.preempted.append(victim)
         for seq in self.running:
-            pm.allocate(seq, self._next_decode_target(seq))
+            if need[seq.seq_id]:
+                pm.allocate(seq, target[seq.seq_id])
             start = seq.num_computed_tokens
             out.chunks.append(ScheduledChunk(seq, start, 1, True))
             seq.num_computed_tokens = start + lookahead
