@@ -645,3 +645,11 @@ def test_final_only_requests_report_once_and_cumulative_ones_stream(world, llm):
     assert seen[a][-1].outputs[0].text == seen[b][0].outputs[0].text == engine.tokenizer.decode(
         seen[b][0].outputs[0].token_ids, skip_special_tokens=True)
     assert_idle(llm)
+
+
+def test_progress_bar_reports_the_speed_like_vllm(world, llm, capsys):
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], GREEDY, use_tqdm=True)
+    assert all(o.finished for o in outs)
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "3/3" in err and "est. speed input:" in err and "output:" in err
+    assert_idle(llm)

@@ -102,11 +102,20 @@ class LLM:
                     raise type(e)(f"prompt {i}: {e}") from e
             order = {rid: i for i, rid in enumerate(ids)}
             with tqdm(total=n, desc="Processed prompts", disable=not use_tqdm) as bar:
-                while any(r is None for r in results):
+                prompt_tokens = output_tokens = 0
+                remaining = n
+                while remaining:
                     for out in engine.step():
                         if out.finished and out.request_id in order:
                             results[order[out.request_id]] = out
-                            bar.update(1)
+                            remaining -= 1
+                            if use_tqdm:        # vLLM's estimate of the speed so far
+                                prompt_tokens += len(out.prompt_token_ids)
+                                output_tokens += sum(len(c.token_ids) for c in out.outputs)
+                                elapsed = bar.format_dict["elapsed"] or 1e-9
+                                bar.set_postfix_str(f"est. speed input: {prompt_tokens / elapsed:.2f} toks/s, "
+                                                    f"output: {output_tokens / elapsed:.2f} toks/s", refresh=False)
+                                bar.update(1)
         except BaseException:
             for rid in ids:
                 engine.abort(rid)
