@@ -123,7 +123,9 @@ class LLMEngine:
         free = int(limit * ecfg.gpu_memory_utilization) - stats.get("bytes_in_use", 0)
         if ecfg.enable_lora:
             from jmlora.lora.bank import BankSpec
-            free -= (ecfg.max_loras + 1) * BankSpec(ecfg.max_loras, ecfg.max_lora_rank).slot_elements(cfg) * 2
+            itemsize = self.model.params.embed.dtype.itemsize
+            slot_bytes = BankSpec(ecfg.max_loras, ecfg.max_lora_rank).slot_elements(cfg) * itemsize
+            free -= (ecfg.max_loras + 1 + _MAX_STAGED) * slot_bytes      # the bank and the staged copies
         free -= 2 * (ecfg.max_num_seqs + 1) * cfg.vocab_size * 5        # penalty state
         pages = max(1, min(full, free // page_bytes))
         logger.info("KV cache: %d pages of %d tokens (%.1f GB)", pages, ecfg.page_size, pages * page_bytes / 1e9)
