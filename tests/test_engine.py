@@ -653,3 +653,30 @@ def test_progress_bar_reports_the_speed_like_vllm(world, llm, capsys):
     err = capsys.readouterr().err
     assert "Processed prompts" in err and "3/3" in err and "est. speed input:" in err and "output:" in err
     assert_idle(llm)
+
+
+def test_a_chained_decode_call_reuses_the_executable_of_the_first(world):
+    """The chained call's tokens come from the device; its inputs have the shardings of a host-fed call, so it
+    runs the same executable (warm-up and start-up compile each decode bucket once)."""
+    from jmlora.engine.scheduler import ScheduledChunk
+    from jmlora.engine.sequence import Sequence
+
+    runner = make_llm(world[0], warmup=False).llm_engine.runner
+    seqs = [Sequence("probe", [1, 2, 3], params=GREEDY) for _ in range(3)]
+    for seq in seqs:
+        seq.sampling_seed = 0
+    first = runner.start_decode([ScheduledChunk(s, 2, 1, True) for s in seqs], 3)     # compiles
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        chained = runner.start_decode([ScheduledChunk(s, 5, 1, True) for s in seqs], 3, after=first)
+        runner.finish_decode(first)
+        runner.finish_decode(chained)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not compiles

@@ -36,7 +36,14 @@ from jax.sharding import Mesh
 from jmlora.config import EngineConfig, ModelConfig
 from jmlora.engine.sampler import SampleResult, SamplingTensors, compute_prompt_logprobs, sample
 from jmlora.engine.scheduler import ScheduledChunk
-from jmlora.lora.bank import BankSpec, adapter_arrays, init_adapter_bank, write_adapter, write_adapter_arrays
+from jmlora.lora.bank import (
+    BankSpec,
+    adapter_arrays,
+    init_adapter_bank,
+    write_adapter,
+    write_adapter_arrays,
+    zero_adapter_arrays,
+)
 from jmlora.lora.peft import LoRAWeights
 from jmlora.lora.routing import LoRABatch
 from jmlora.model import KVCache, Params, compute_logits, forward, init_kv_cache
@@ -129,6 +136,7 @@ class ModelRunner:
         rows = ecfg.max_num_seqs + 1
         state_sharding = logical_sharding(mesh, (None, "vocab"), (rows, cfg.vocab_size))
         self._state_sharding = state_sharding
+        self._replicated = logical_sharding(mesh, ())
         self.prompt_mask = filled((rows, cfg.vocab_size), jnp.bool_, state_sharding)
         self.output_counts = filled((rows, cfg.vocab_size), jnp.int32, state_sharding)
         self.scratch_row = rows - 1
@@ -373,10 +381,12 @@ class ModelRunner:
         # num_output_tokens + after.num_steps of its sequence (seeded sampling depends on it)
         st, steps, num_logprobs, needs_penalties = self._sampling(
             chunks, B, pending=after.num_steps if after is not None else 0)
-        # one host-to-device transfer call for the small inputs (a jnp.asarray each cost ~0.1-0.2 ms of host time)
+        # One host-to-device transfer for the small inputs (a jnp.asarray each cost ~0.1-0.2 ms of host time),
+        # replicated over the mesh like the call's outputs: the tokens of a chained call (an output of the
+        # last call) then have the same sharding as the host's, so both calls share one executable.
         pos, active, table, rows, steps, record_fed, prompt_lens, fed = jax.device_put(
             (pos, active, self._page_table(chunks, B), self._rows_for(chunks, B), steps, record_fed, prompt_lens,
-             tokens if after is None else np.zeros(0, np.int32)))
+             tokens if after is None else np.zeros(0, np.int32)), self._replicated)
         result, last_tokens, self.cache, self.prompt_mask, self.output_counts = _decode_steps(
             self.params, self.cfg, self.cache, self._lora(chunks, B),
             after.last_tokens if after is not None else fed, pos, active, table, rows,
@@ -396,12 +406,18 @@ class ModelRunner:
         from jmlora.engine.sequence import Sequence
 
         count = 0
+        if self.bank is not None:
+            # adapter writes compile too: from host arrays and from staged device arrays (slot 1 is empty at
+            # start-up; the zero adapter leaves it so)
+            zeros = zero_adapter_arrays(self.cfg, self.bank_spec, self.dtype)
+            self.load_adapter(1, None)
+            self.load_adapter(1, None, staged=(jax.device_put(zeros), 0))
         for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
             for B in self.decode_buckets:
                 seqs = [_dummy_seq(Sequence, params) for _ in range(B)]
                 K = self.ecfg.num_lookahead
                 first = self.start_decode([ScheduledChunk(s, 1, 1, True) for s in seqs], K)
-                # a chained call feeds device-resident tokens (another input sharding): compile it too
+                # a chained call (tokens from the device) must find this executable: run one to be sure
                 chained = self.start_decode([ScheduledChunk(s, 1 + K, 1, True) for s in seqs], K, after=first)
                 self.finish_decode(first)
                 self.finish_decode(chained)

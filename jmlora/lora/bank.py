@@ -172,7 +172,7 @@ def write_adapter(bank: AdapterBank, slot: int, weights: LoRAWeights | None, cfg
         raise ValueError(f"slot must be in 1..{spec.max_loras} (slot 0 is the zero adapter), got {slot}")
     dtype = bank.layers[0][spec.targets[0]].a.dtype
     if weights is None:
-        layers, rank = _zero_arrays(cfg, spec, dtype), 0
+        layers, rank = zero_adapter_arrays(cfg, spec, dtype), 0
     else:
         layers, rank = adapter_arrays(weights, cfg, spec, dtype)
     return _write_slot(bank, jnp.int32(slot), layers, jnp.int32(rank))
@@ -189,7 +189,8 @@ def write_adapter_arrays(bank: AdapterBank, slot: int, layers: tuple, rank: int)
     return _write_slot(bank, jnp.int32(slot), layers, jnp.int32(rank))
 
 
-def _zero_arrays(cfg: ModelConfig, spec: BankSpec, dtype) -> tuple:
+def zero_adapter_arrays(cfg: ModelConfig, spec: BankSpec, dtype) -> tuple:
+    """The zero adapter as ``adapter_arrays`` lays it out (host numpy arrays of one slot)."""
     shapes = target_shapes(cfg)
     R = spec.max_lora_rank
     return tuple({t: TargetBank(a=np.zeros((shapes[t][0], R), dtype), b=np.zeros((R, shapes[t][1]), dtype))
