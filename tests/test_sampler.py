@@ -327,6 +327,27 @@ def test_prompt_logprobs_match_numpy():
     assert compute_prompt_logprobs(jnp.asarray(logits), jnp.asarray(targets), 0)[2].shape == (N, 0)
 
 
+def test_prompt_logprobs_in_chunks_equal_the_whole_computation():
+    """The prefill step computes prompt logprobs a few hundred positions at a time (bounded memory); chunks
+    that do not divide the positions (padding) must give exactly the whole computation's values."""
+    import types
+
+    from jmlora.engine.model_runner import prompt_logprobs_in_chunks
+    from jmlora.model.decoder import compute_logits
+
+    rng = np.random.default_rng(9)
+    N, E, V = 37, 16, 50
+    params = types.SimpleNamespace(lm_head=jnp.asarray(rng.normal(size=(E, V)), jnp.float32))  # what the LM head reads
+    hidden = jnp.asarray(rng.normal(size=(N, E)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, size=N), jnp.int32)
+    whole = compute_prompt_logprobs(compute_logits(params, hidden), targets, 4)
+    for rows in (8, 37, 64):
+        chunked = prompt_logprobs_in_chunks(params, hidden, targets, 4, rows=rows)
+        for a, b in zip(whole, chunked):
+            assert b.shape == a.shape
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ input checking
 
 

@@ -494,9 +494,37 @@ def _prefill_step(params, cfg, cache, lora, tokens, start, num_tokens, page_tabl
     output_counts = output_counts.at[rows, new_ids].add(1, mode="drop")
     prompt_lp = None
     if num_prompt_logprobs is not None:
-        all_logits = compute_logits(params, hidden).reshape(B * T, -1)
-        prompt_lp = compute_prompt_logprobs(all_logits, targets.reshape(-1), num_prompt_logprobs)
+        prompt_lp = prompt_logprobs_in_chunks(params, hidden.reshape(B * T, -1), targets.reshape(-1),
+                                              num_prompt_logprobs)
     return result, prompt_lp, cache, prompt_mask, output_counts
+
+
+PROMPT_LOGPROB_ROWS = 512
+"""Positions whose float32 logits are alive at once when computing prompt logprobs (512 x 128k vocab: 0.26 GB)."""
+
+
+def prompt_logprobs_in_chunks(params: Params, hidden: Array, targets: Array, num_logprobs: int,
+                              rows: int = PROMPT_LOGPROB_ROWS) -> tuple[Array, Array, Array, Array]:
+    """``compute_prompt_logprobs(compute_logits(params, hidden), targets, num_logprobs)`` over ``rows`` positions
+    at a time (a ``lax.map``): a whole prefill step's ``[N, V]`` float32 logits (2.1 GB at 4096 positions and
+    a 128k vocabulary, plus log-softmax temporaries) are never alive at once.
+
+    Args:
+      hidden: ``[N, E]`` final hidden states; targets: ``[N]`` the token after each position.
+
+    Returns:
+      As ``compute_prompt_logprobs``: ``[N]``, ``[N]``, ``[N, k]``, ``[N, k]``.
+    """
+    n = hidden.shape[0]
+    if n <= rows:
+        return compute_prompt_logprobs(compute_logits(params, hidden), targets, num_logprobs)
+    chunks = -(-n // rows)
+    pad = chunks * rows - n
+    h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(chunks, rows, hidden.shape[1])
+    t = jnp.pad(targets, (0, pad)).reshape(chunks, rows)
+    out = jax.lax.map(lambda ht: compute_prompt_logprobs(compute_logits(params, ht[0]), ht[1], num_logprobs),
+                      (h, t))
+    return tuple(x.reshape(chunks * rows, *x.shape[2:])[:n] for x in out)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "lora_impl", "attention_impl", "needs_penalties",
