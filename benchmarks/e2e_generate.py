@@ -10,9 +10,9 @@ scheduler, prefill, adapter loading, decode, detokenisation and stop checks -- a
 * the adapters: rank-16 PEFT adapters (all 7 projections) written as ``adapter_model.safetensors``;
 * the workloads: (a) batch 32, 8 shared adapters, 128/128 (the peer's), (b) batch 32 base-only, and
   (c) batch 256 with a different adapter per sequence (64 adapters), for the host overhead at batch 256;
-* each workload runs once to warm up (compiling its shapes: the engine's start-up warm-up of every bucket is
-  off to save device time) and then ``--iters`` times; tokens/s = generated tokens / wall time of generate.
-  With and without async scheduling.
+* each workload runs until a run compiles nothing (at most 3 warm-up runs: the engine's start-up warm-up of
+  every bucket is off to save device time) and then ``--iters`` times; tokens/s = generated tokens / median
+  wall time of generate. With and without async scheduling.
 
 Beside each: the decode phase's wall time per token step (from the engine's own step loop), split into the
 time the host waits for the device, XLA's dispatch of the jitted call and the rest (Python: scheduling, batch
