@@ -6,6 +6,8 @@ penalty-state row held (``engine.is_idle()``), and the scheduler/page/slot invar
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import pytest
 import torch
@@ -54,6 +56,22 @@ def assert_idle(llm: LLM):
     engine = llm.llm_engine
     engine.check_invariants()
     assert engine.is_idle(), "pages, adapter references or state rows leaked"
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """Yields a list that collects one entry per XLA compilation made inside the block."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 _peft_cache: dict = {}
@@ -333,14 +351,7 @@ def test_request_validation(world, llm):
 def test_no_compilation_after_startup(world):
     _, _, loras, _ = world
     llm = make_llm(world[0], max_num_seqs=2, max_prefill_chunk=16, max_num_batched_tokens=32, warmup=True)
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE_EVENT:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with counting_compiles() as compiles:
         for mix in ([None, loras[0]], [loras[1], loras[2]], [loras[3]], [loras[0], loras[0]], [None]):
             prompts = [{"prompt_token_ids": p} for p in PROMPTS[:len(mix)]]
             # one long prompt among short ones: the step is split, never compiled at a larger padded shape
@@ -349,8 +360,6 @@ def test_no_compilation_after_startup(world):
             llm.generate(prompts, GREEDY, lora_request=mix, use_tqdm=False)
             llm.generate(prompts, SamplingParams(temperature=0.8, seed=3, max_tokens=5), lora_request=mix,
                          use_tqdm=False)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert llm.llm_engine.stats["adapter_loads"] >= 4
     assert not compiles, f"{len(compiles)} XLA compilations after start-up"
     assert_idle(llm)
@@ -666,17 +675,8 @@ def test_a_chained_decode_call_reuses_the_executable_of_the_first(world):
     for seq in seqs:
         seq.sampling_seed = 0
     first = runner.start_decode([ScheduledChunk(s, 2, 1, True) for s in seqs], 3)     # compiles
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE_EVENT:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with counting_compiles() as compiles:
         chained = runner.start_decode([ScheduledChunk(s, 5, 1, True) for s in seqs], 3, after=first)
         runner.finish_decode(first)
         runner.finish_decode(chained)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert not compiles
