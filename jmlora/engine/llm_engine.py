@@ -308,13 +308,13 @@ class LLMEngine:
         """Whether a sequence of this decode step is sure to stop in it (length limits; the host knows them
         before the samples): its continuation would then waste a call on it, and ``schedule()`` could admit a
         waiting request in its place."""
+        return any(plan.num_lookahead >= self._tokens_before_length_stop(chunk.seq) for chunk in plan.chunks)
+
+    def _tokens_before_length_stop(self, seq: Sequence) -> int:
+        """How many more tokens ``seq`` takes before ``max_tokens`` or ``max_model_len`` ends it (>= 1)."""
         max_len = self.model_config.max_model_len
-        for chunk in plan.chunks:
-            seq, params = chunk.seq, chunk.seq.params
-            limit = params.max_tokens if params.max_tokens is not None else max_len
-            if seq.num_output_tokens + plan.num_lookahead >= limit or seq.num_tokens + plan.num_lookahead >= max_len:
-                return True
-        return False
+        max_tokens = seq.params.max_tokens if seq.params.max_tokens is not None else max_len
+        return max(1, min(max_tokens - seq.num_output_tokens, max_len - seq.num_tokens))
 
     def _count(self, plan) -> None:
         self.stats["steps"] += 1
@@ -450,7 +450,18 @@ class LLMEngine:
         text_per_token = bool(params.stop)
         if state.logprobs is None and not text_per_token:
             self._append_plain(state, tokens)
-            tokens = []
+        else:
+            self._append_each(state, result, row, tokens, text_per_token)
+        if state.finish_reason is not None:
+            self.scheduler.finish(seq)
+            self.runner.release(seq.seq_id)
+        elif not text_per_token and params.output_kind is not RequestOutputKind.FINAL_ONLY:
+            state.text = state.detokenizer.update(seq.output_token_ids)
+
+    def _append_each(self, state: _SeqState, result: StepOutput, row: int, tokens: list[int],
+                     text_per_token: bool) -> None:
+        """``_append`` one token at a time: logprob entries, and stop checks that may need the text."""
+        seq, params = state.seq, state.seq.params
         token_lps = result.logprobs[row].tolist()
         for k, token in enumerate(tokens):
             if state.finish_reason is not None:
@@ -465,20 +476,14 @@ class LLMEngine:
                                                   self._decode_token(tid)))
                 state.logprobs.append(entry)
             self._check_stop(state, token, text_per_token)
-        if state.finish_reason is not None:
-            self.scheduler.finish(seq)
-            self.runner.release(seq.seq_id)
-        elif not text_per_token and params.output_kind is not RequestOutputKind.FINAL_ONLY:
-            state.text = state.detokenizer.update(seq.output_token_ids)
 
     def _append_plain(self, state: _SeqState, tokens: list[int]) -> None:
         """``_append`` for a sequence without logprobs or stop strings (the common case; a batch of 256 spends
         a few microseconds per token here instead of a ``_check_stop`` call per token): appends up to the
         first stop token or length limit, the same tokens and finish reasons as ``_check_stop`` gives."""
         seq, params = state.seq, state.seq.params
-        n_out, max_len = seq.num_output_tokens, self.model_config.max_model_len
-        max_tokens = params.max_tokens if params.max_tokens is not None else max_len
-        room = max(1, min(max_tokens - n_out, max_len - seq.num_tokens))     # tokens before a length stop
+        n_out = seq.num_output_tokens
+        room = self._tokens_before_length_stop(seq)
         end = min(len(tokens), room)
         reason, stop_reason = ("length" if end == room else None), None
         eos = frozenset() if params.ignore_eos else self.eos_token_ids
