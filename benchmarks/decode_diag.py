@@ -1,8 +1,9 @@
 """Decode-step diagnostics on the Llama-3-8B shape: where does the time over the roofline go?
 
-Times the base decode step (``num_lookahead`` steps per call) at batch 1 and 64 for the given attention
-implementations (``--unroll``: the steps unrolled instead of a device loop), with the XLA flags of the calling
-process; and the Pallas paged-attention kernel and the sampler alone (these two include dispatch overhead).
+Times the base decode step (``num_lookahead`` steps per call) at the given batches (default 1 and 64) for the
+given attention implementations (``--unroll``: the steps unrolled instead of a device loop), with the XLA flags
+of the calling process; and the Pallas paged-attention kernel and the sampler alone (these two include dispatch
+overhead).
 Run it under different ``XLA_FLAGS`` to compare (e.g. command buffers).
 
     PYTHONPATH=. python benchmarks/decode_diag.py --label default
@@ -48,11 +49,13 @@ def main():
     parser.add_argument("--attention", default="auto", help="comma-separated attention impls to compare")
     parser.add_argument("--unroll", action="store_true")
     parser.add_argument("--ctx", type=int, default=192)
+    parser.add_argument("--batches", default="1,64", help="batches of the step timings (components at the largest)")
     args = parser.parse_args()
     cfg = bench_model_config(2044, small=args.small)
     mesh = make_mesh()
     params = init_params(cfg, mesh, dtype=jnp.bfloat16)
-    K, P, ctx, Bmax = 4, 128, args.ctx, 64
+    batches = [int(b) for b in args.batches.split(",")]
+    K, P, ctx, Bmax = 4, 128, args.ctx, max(batches)
     cache = init_kv_cache(cfg, Bmax * P + 1, 16, jnp.bfloat16, mesh)
     V = cfg.vocab_size
     masks = [filled((Bmax + 1, V), jnp.bool_, logical_sharding(mesh, (None, None)))]
@@ -66,7 +69,7 @@ def main():
                 jnp.asarray(np.arange(B * P, dtype=np.int32).reshape(B, P)), jnp.arange(B, dtype=jnp.int32), st,
                 jnp.zeros(B, jnp.int32))
 
-    configs = [(B, attn) for B in (1, Bmax) for attn in args.attention.split(",")]
+    configs = [(B, attn) for B in batches for attn in args.attention.split(",")]
     lowered = []
     for B, attn in configs:
         a = args_for(B)
@@ -95,7 +98,7 @@ def main():
         results[f"B{B}_{attn}"] = step * 1e3
         print(f"[{args.label}] B={B:3d} attention {attn:>10}: {step * 1e3:.2f} ms/step "
               f"(weights+KV floor at 3.6 TB/s: {(weight_bytes + kv) / 3.6e12 * 1e3:.2f} ms)", flush=True)
-    # components at B = 64: attention of one layer, sampler
+    # components at the largest batch: attention of one layer, sampler
     B = Bmax
     q = jnp.ones((B, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
     table = jnp.asarray(np.arange(B * P, dtype=np.int32).reshape(B, P))
@@ -109,7 +112,7 @@ def main():
     t_sample = median_time(lambda: jax.block_until_ready(sample(logits, st, jnp.zeros(B, jnp.int32),
                                                                 needs_penalties=False, num_logprobs=0)))
     kv_layer = B * (ctx + 1) * 2 * cfg.num_kv_heads * cfg.head_dim * 2
-    print(f"[{args.label}] B=64 one layer's paged attention: {t_attn * 1e6:.0f} us (KV floor "
+    print(f"[{args.label}] B={B} one layer's paged attention: {t_attn * 1e6:.0f} us (KV floor "
           f"{kv_layer / 3.6e12 * 1e6:.0f} us; x32 layers = {32 * t_attn * 1e3:.2f} ms); greedy sampler: "
           f"{t_sample * 1e6:.0f} us", flush=True)
     results.update(attn_us=t_attn * 1e6, sample_us=t_sample * 1e6)

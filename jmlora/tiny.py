@@ -81,10 +81,11 @@ def create_tiny_checkpoint(out_dir: str | Path, *, family: str = "llama", seed: 
     rng = np.random.default_rng(seed)
     tensors = {}
     for spec in param_specs(cfg):
-        if spec.init == "normal":
-            tensors[spec.hf_name] = (scale * rng.standard_normal(spec.hf_shape)).astype(np.float32)
-        else:
-            tensors[spec.hf_name] = np.full(spec.hf_shape, 1.0 if spec.init == "ones" else 0.0, np.float32)
+        for name, shape in spec.hf:
+            if spec.init == "normal":
+                tensors[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
+            else:
+                tensors[name] = np.full(shape, 1.0 if spec.init == "ones" else 0.0, np.float32)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     tokenizer.save(str(out / "tokenizer.json"))

@@ -34,11 +34,17 @@ def test_tensor_parallel_matches_single_device(tiny_qwen3, model_parallel):
     _, single = _logprobs(model_dir, cfg, make_mesh())
     mesh = make_mesh(model_parallel, devices=jax.devices())          # (8 / mp data, mp model)
     params, sharded = _logprobs(model_dir, cfg, mesh)
-    wq = params.layers[0].wq                                        # [embed, heads, head_dim]
-    assert wq.sharding.spec[1] == MODEL_AXIS and len(wq.sharding.device_set) == 8
-    # 2 KV heads cannot split 4 ways: the rules fall back to replicating that axis
-    wk_spec = params.layers[0].wk.sharding.spec
-    assert wk_spec[1] == (MODEL_AXIS if model_parallel == 2 else None)
+    layer = params.layers[0]
+    if model_parallel == 2:
+        # q/k/v are one weight [embed, kv_heads, q_per_kv + 2, head_dim], split by whole KV-head groups
+        assert layer.wq is None and layer.w_qkv.sharding.spec[1] == MODEL_AXIS
+        assert len(layer.w_qkv.sharding.device_set) == 8
+    else:
+        # 2 KV heads cannot split 4 ways: q/k/v stay separate so that the 4 query heads still split,
+        # and the rules fall back to replicating the KV-head axis
+        assert layer.w_qkv is None and layer.wq.sharding.spec[1] == MODEL_AXIS
+        assert layer.wk.sharding.spec[1] is None
+    assert tuple(layer.w_gate_up.sharding.spec) == (None, None, MODEL_AXIS)
     for i, p in enumerate(PROMPTS):
         np.testing.assert_allclose(sharded[i, :len(p)], single[i, :len(p)], atol=1e-5, rtol=0)
 

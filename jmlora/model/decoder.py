@@ -107,9 +107,15 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
     inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
     with jax.named_scope("attention"):
         h = rms_norm(x, layer.attn_norm, eps, offset)
-        q = _bias(_dense(h, layer.wq, "bte,ehd->bthd"), layer.bq)                       # [B, T, H, D]
-        k = _bias(_dense(h, layer.wk, "bte,ekd->btkd"), layer.bk)                       # [B, T, K, D]
-        v = _bias(_dense(h, layer.wv, "bte,ekd->btkd"), layer.bv)                       # [B, T, K, D]
+        if layer.w_qkv is not None:
+            qkv = _dense(h, layer.w_qkv, "bte,ekgd->btkgd")                             # [B, T, K, G + 2, D]
+            B, T, K, G2, D = qkv.shape
+            q, k, v = qkv[:, :, :, :G2 - 2].reshape(B, T, K * (G2 - 2), D), qkv[:, :, :, -2], qkv[:, :, :, -1]
+        else:
+            q = _dense(h, layer.wq, "bte,ehd->bthd")                                    # [B, T, H, D]
+            k = _dense(h, layer.wk, "bte,ekd->btkd")                                    # [B, T, K, D]
+            v = _dense(h, layer.wv, "bte,ekd->btkd")
+        q, k, v = _bias(q, layer.bq), _bias(k, layer.bk), _bias(v, layer.bv)
         q, k, v = lora.group((q, k, v), h, ("q_proj", "k_proj", "v_proj"))
         if cfg.qk_norm:
             q = rms_norm(q, layer.q_norm, eps, offset)
@@ -123,8 +129,8 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
         x = x + lora(_bias(_dense(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1), "o_proj")
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer.mlp_norm, eps, offset)
-        gate = _bias(_dense(h, layer.w_gate, "bte,em->btm"), layer.b_gate)                 # [B, T, M]
-        up = _bias(_dense(h, layer.w_up, "bte,em->btm"), layer.b_up)
+        gate_up = _dense(h, layer.w_gate_up, "bte,egm->btgm")                          # [B, T, 2, M]
+        gate, up = _bias(gate_up[:, :, 0], layer.b_gate), _bias(gate_up[:, :, 1], layer.b_up)
         gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
         h = _activation(cfg.activation)(gate) * up
         x = x + lora(_bias(_dense(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")

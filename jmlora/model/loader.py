@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from jmlora.config import ModelConfig
 from jmlora.model.params import Params, assemble_params, param_specs
 from jmlora.safetensors_io import FLOAT_DTYPES, SafetensorsError, SafetensorsFile
-from jmlora.sharding import logical_sharding, make_mesh
+from jmlora.sharding import MODEL_AXIS, logical_sharding, make_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -76,39 +76,44 @@ def weight_files(model_dir: str | Path) -> dict[str, Path]:
         return {name: candidates[0] for name in f.keys()}
 
 
-def iter_checkpoint(model_dir: str | Path, cfg: ModelConfig, dtype) -> Iterator[tuple[tuple, np.ndarray]]:
-    """Yields ``(spec.path, array in our layout and dtype)`` for every parameter, one tensor at a time.
+def iter_checkpoint(model_dir: str | Path, cfg: ModelConfig, dtype,
+                    model_parallel: int = 1) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Yields ``(spec.path, array in our layout and dtype)`` for every parameter of
+    ``param_specs(cfg, model_parallel)``, one parameter (one tensor, or the few a fused weight joins) at a time.
 
     Raises:
       CheckpointError: a missing tensor, a tensor of the wrong shape or a non-float dtype, naming it.
       SafetensorsError: a truncated or malformed file, naming it.
     """
     files = weight_files(model_dir)
-    specs = param_specs(cfg)
+    specs = param_specs(cfg, model_parallel)
     np_dtype = np.dtype(dtype)
     with ExitStack() as stack:
         opened: dict[Path, SafetensorsFile] = {}
-        for spec in specs:
-            path = files.get(spec.hf_name)
+
+        def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            path = files.get(name)
             if path is None:
-                raise CheckpointError(f"checkpoint {model_dir} has no tensor {spec.hf_name!r}")
+                raise CheckpointError(f"checkpoint {model_dir} has no tensor {name!r}")
             if path not in opened:
                 opened[path] = stack.enter_context(SafetensorsFile(path))
             f = opened[path]
-            if spec.hf_name not in f:
-                raise CheckpointError(f"{path} has no tensor {spec.hf_name!r} (the index says it does)")
-            if f.shape(spec.hf_name) != spec.hf_shape:
-                raise CheckpointError(
-                    f"tensor {spec.hf_name!r} in {path.name} has shape {list(f.shape(spec.hf_name))}, "
-                    f"expected {list(spec.hf_shape)} from config.json")
-            if f.dtype_name(spec.hf_name) not in FLOAT_DTYPES:
-                raise CheckpointError(f"tensor {spec.hf_name!r} in {path.name} has non-float dtype "
-                                      f"{f.dtype_name(spec.hf_name)}")
-            tensor = f.get(spec.hf_name)
+            if name not in f:
+                raise CheckpointError(f"{path} has no tensor {name!r} (the index says it does)")
+            if f.shape(name) != shape:
+                raise CheckpointError(f"tensor {name!r} in {path.name} has shape {list(f.shape(name))}, "
+                                      f"expected {list(shape)} from config.json")
+            if f.dtype_name(name) not in FLOAT_DTYPES:
+                raise CheckpointError(f"tensor {name!r} in {path.name} has non-float dtype {f.dtype_name(name)}")
+            tensor = f.get(name)
             if not np.isfinite(tensor.astype(np.float32)).all():
-                raise CheckpointError(f"tensor {spec.hf_name!r} in {path.name} holds NaN or infinite values")
-            yield spec.path, np.ascontiguousarray(spec.from_hf(tensor).astype(np_dtype))
-    used = {s.hf_name for s in specs}
+                raise CheckpointError(f"tensor {name!r} in {path.name} holds NaN or infinite values")
+            return tensor
+
+        for spec in specs:
+            tensors = [read(name, shape) for name, shape in spec.hf]
+            yield spec.path, np.ascontiguousarray(spec.from_hf(tensors).astype(np_dtype))
+    used = {name for s in specs for name, _ in s.hf}
     unused = sorted(n for n in files if n not in used and not n.endswith(_IGNORED_SUFFIXES))
     if cfg.tie_word_embeddings and "lm_head.weight" in unused:
         unused.remove("lm_head.weight")  # tied checkpoints sometimes store the head anyway
@@ -131,10 +136,11 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, *, dtype="auto", mesh: 
     """
     mesh = mesh or make_mesh()
     jdtype = resolve_dtype(dtype, cfg) if isinstance(dtype, str) else dtype
-    specs = {s.path: s for s in param_specs(cfg)}
+    model_parallel = mesh.shape[MODEL_AXIS]
+    specs = {s.path: s for s in param_specs(cfg, model_parallel)}
     values = {}
     try:
-        for path, array in iter_checkpoint(model_dir, cfg, jdtype):
+        for path, array in iter_checkpoint(model_dir, cfg, jdtype, model_parallel):
             spec = specs[path]
             values[path] = jax.device_put(array, logical_sharding(mesh, spec.axes, spec.shape))
     except SafetensorsError as e:
