@@ -6,6 +6,10 @@ Triton lowering:
 * ``bgmv_expand`` (decode form): one program per (token, block of O), tokens in any order; reads
   ``B[slot, :rank, block]`` once and adds into y in place (the output aliases y). A token of a rank-0 slot
   (slot 0, the zero adapter) returns at once: its row of y is neither read nor written.
+  ``bgmv_expand_multi`` does several B's (q/k/v, gate/up) in one launch, in place; ``bgmv_delta_multi``
+  likewise but writes the deltas alone into fresh arrays (zero rows for rank 0), for outputs that are slices
+  of one fused projection: the add is then left to XLA, which fuses it into the slices' consumers instead of
+  copying each slice out for the kernel to update.
 * ``sgmv_expand`` (prefill form): tiles of tokens sorted by slot, rows of y gathered/scattered by token
   index, one tensor-core dot per distinct slot in the tile.
 
@@ -55,15 +59,20 @@ def ref_lora_expand(y, h, b, slot_ids, ranks):
 # Decode form (BGMV): one program per (token, block of O).
 
 
-def _expand_token(s, rank, hv, b_ref, o_ref, t, n0, block_n):
-    """o[t, n0:n0+block_n] += hv[:rank] @ b[s, :rank, n0:n0+block_n] (hv: [R] float32)."""
+def _delta_block(s, rank, hv, b_ref, n0, block_n):
+    """hv[:rank] @ b[s, :rank, n0:n0+block_n]: [block_n] float32 (hv: [R] float32). Rank 0 loads no B."""
     r_max = b_ref.shape[1]
     rows = lax.broadcasted_iota(jnp.int32, (r_max,), 0)
     hv = jnp.where(rows < rank, hv, 0.0)
     live = lax.broadcasted_iota(jnp.int32, (r_max, block_n), 0) < rank
     bv = plgpu.load(b_ref.at[s, :, pl.ds(n0, block_n)], mask=live, other=0)  # [R, BN], dead rows unread
+    return jnp.sum(hv[:, None] * bv.astype(jnp.float32), axis=0)
+
+
+def _expand_token(s, rank, hv, b_ref, o_ref, t, n0, block_n):
+    """o[t, n0:n0+block_n] += hv[:rank] @ b[s, :rank, n0:n0+block_n] (hv: [R] float32)."""
     yv = o_ref[t, pl.ds(n0, block_n)].astype(jnp.float32)  # [BN]
-    out = yv + jnp.sum(hv[:, None] * bv.astype(jnp.float32), axis=0)
+    out = yv + _delta_block(s, rank, hv, b_ref, n0, block_n)
     o_ref[t, pl.ds(n0, block_n)] = out.astype(o_ref.dtype)
 
 
@@ -97,6 +106,23 @@ def _bgmv_expand_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts)
             hv = jnp.sum(h_ref[i, :, t, :].astype(jnp.float32), axis=0)  # [R]
             n0 = pl.multiple_of((n - starts[i]) * block_n, block_n)
             _expand_token(s, rank, hv, b_refs[i], o_refs[i], t, n0, block_n)
+
+
+def _bgmv_delta_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts):
+    # As _bgmv_expand_multi_kernel, but refs are n b_refs then n fresh outputs d [T, O_i]: d = h @ B.
+    n_slices = len(starts) - 1
+    b_refs, o_refs = refs[:n_slices], refs[n_slices:]
+    t = pl.program_id(0)
+    n = pl.program_id(1)
+    s = slot_ref[t]
+    rank = rank_ref[s]
+    for i in range(n_slices):
+        @pl.when((n >= starts[i]) & (n < starts[i + 1]))
+        def _(i=i):
+            hv = jnp.sum(h_ref[i, :, t, :].astype(jnp.float32), axis=0)  # [R]
+            n0 = pl.multiple_of((n - starts[i]) * block_n, block_n)
+            o_refs[i][t, pl.ds(n0, block_n)] = _delta_block(s, rank, hv, b_refs[i], n0, block_n).astype(
+                o_refs[i].dtype)
 
 
 def bgmv_expand_block_n(out_dim: int, r_max: int) -> int:
@@ -163,6 +189,39 @@ def bgmv_expand_multi(ys, h_partials, b_slices, slot_ids, ranks, *, block_n=None
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="lora_bgmv_expand_multi",
+    )(*args))
+
+
+def bgmv_delta_multi(out_dtype, h_partials, b_slices, slot_ids, ranks, *, block_n=None, num_warps=4,
+                     num_stages=2, interpret=False):
+    """Decode-form LoRA deltas of several slices in one launch: d_i[t] = h_i[t, :rank] @ b_i[slot[t], :rank].
+
+    Args:
+      out_dtype: the deltas' dtype (the base outputs').
+      h_partials: [n, n_split, T, R] (``bgmv_shrink_partials_multi``); b_slices: tuple of n [S, R, O_i]
+        banks (same R); slot_ids: [T] int32; ranks: [S] int32.
+
+    Returns:
+      tuple of d_i: [T, O_i] in out_dtype (zero rows for rank-0 tokens).
+    """
+    t = h_partials.shape[2]
+    r_max = b_slices[0].shape[1]
+    block_n = block_n or min(bgmv_expand_block_n(b.shape[2], r_max) for b in b_slices)  # powers of two
+    for b in b_slices:
+        if b.shape[2] % block_n:
+            raise ValueError(f"O={b.shape[2]} must be divisible by block_n={block_n}")
+    starts = [0]
+    for b in b_slices:
+        starts.append(starts[-1] + b.shape[2] // block_n)
+    kernel = functools.partial(_bgmv_delta_multi_kernel, block_n=block_n, starts=tuple(starts))
+    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), h_partials, *b_slices)
+    return tuple(pl.pallas_call(
+        kernel,
+        out_shape=tuple(_common.out_struct((t, b.shape[2]), out_dtype, *args) for b in b_slices),
+        grid=(t, starts[-1]),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lora_bgmv_delta_multi",
     )(*args))
 
 

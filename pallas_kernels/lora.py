@@ -256,29 +256,35 @@ def _fused_core_bwd(backend, form, interpret, res, dy):
 _fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
 
 
-def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret):
-    """Slices sharing x and one ranks vector: returns (outputs, per-slice h [T, R] float32)."""
+def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret, delta):
+    """Slices sharing x and one ranks vector: returns (outputs, per-slice h [T, R] float32).
+
+    ``delta``: the Triton decode form computes the deltas into fresh arrays and adds them with XLA (for ys
+    that are slices of one fused projection output) instead of updating each y in place."""
     same_r = len({a.shape[2] for a in a_slices} | {b.shape[1] for b in b_slices}) == 1
     if backend == "triton" and same_r and _pick_form(form, x.shape[0], a_slices[0].shape[2]) == "decode":
         hp = shrink.bgmv_shrink_partials_multi(x, a_slices, slot_ids, ranks, interpret=interpret)
-        outs = expand.bgmv_expand_multi(ys, hp, b_slices, slot_ids, ranks, interpret=interpret)
-        return outs, tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
+        hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
+        if delta:
+            deltas = expand.bgmv_delta_multi(ys[0].dtype, hp, b_slices, slot_ids, ranks, interpret=interpret)
+            return tuple(y + d for y, d in zip(ys, deltas)), hs
+        return expand.bgmv_expand_multi(ys, hp, b_slices, slot_ids, ranks, interpret=interpret), hs
     res = [_fused_forward(y, x, a, b, slot_ids, ranks, backend, form, interpret)
            for y, a, b in zip(ys, a_slices, b_slices)]
     return tuple(o for o, _ in res), tuple(jnp.sum(hp, axis=0) for _, hp in res)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _multi_core(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret):
-    return _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _multi_core(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret, delta):
+    return _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret, delta)[0]
 
 
-def _multi_core_fwd(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret):
-    outs, hs = _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret)
+def _multi_core_fwd(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret, delta):
+    outs, hs = _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret, delta)
     return outs, (x, a_slices, b_slices, hs, slot_ids, ranks)
 
 
-def _multi_core_bwd(backend, form, interpret, res, dys):
+def _multi_core_bwd(backend, form, interpret, delta, res, dys):
     x, a_slices, b_slices, hs, slot_ids, ranks = res
     dx, das, dbs = jnp.zeros_like(x), [], []
     for a, b, h, dy in zip(a_slices, b_slices, hs, dys):
@@ -358,7 +364,8 @@ def lora_shrink_expand(y, x, a, b, slot_ids, ranks, *, backend=None, form="auto"
     )
 
 
-def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, form="auto", interpret=False):
+def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, form="auto", interpret=False,
+                             delta=False):
     """Multi-slice LoRA for projections that share one input (q/k/v, gate/up).
 
     Args:
@@ -369,6 +376,9 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
       ranks: [S] int32 shared by all slices (an adapter bank: the Triton decode form then runs every slice
         in one shrink and one expand launch), or a tuple of one [S] array per slice (one call per slice).
       backend, form, interpret: as in ``lora_shrink``.
+      delta: the ys are slices of one array (a fused projection's output). The Triton decode form then
+        writes the deltas into fresh arrays and adds them with XLA, which fuses the adds into the slices'
+        consumers; updating each y in place would first copy every slice out. Same result either way.
 
     Returns:
       tuple of y_out[i]: [T, O_i] in ys[i].dtype.
@@ -390,7 +400,7 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
     chosen = {_pick(backend, interpret, a.shape[2], (x.shape[1], y.shape[1])) for y, (a, _) in zip(ys, adapters)}
     chosen = "reference" if "reference" in chosen else chosen.pop()
     return _multi_core(tuple(ys), x, tuple(a for a, _ in adapters), tuple(b for _, b in adapters),
-                       slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), chosen, form, interpret)
+                       slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), chosen, form, interpret, delta)
 
 
 def lora_shrink_multi(x, a_slices, slot_ids, ranks, *, backend=None, form="auto", interpret=False):

@@ -148,17 +148,21 @@ def _slice_like(seed, ranks, t, hidden, out_dim, r_max, dtype):
     return jnp.asarray(y, dtype), jnp.asarray(a, dtype), jnp.asarray(b, dtype)
 
 
-@pytest.mark.parametrize("form,dtype", [("decode", jnp.float32), ("decode", jnp.bfloat16), ("prefill", jnp.float32)])
+@pytest.mark.parametrize("form,dtype,delta", [("decode", jnp.float32, False), ("decode", jnp.bfloat16, False),
+                                              ("decode", jnp.float32, True), ("decode", jnp.bfloat16, True),
+                                              ("prefill", jnp.float32, False)])
 @SETTINGS
 @given(groups=group_sizes_st, seed=st.integers(0, 2**31 - 1))
-def test_multi_slice_one_bank_matches_reference(form, dtype, groups, seed):
-    """q/k/v-like slices (widths 384, 128, 128) over one bank: one shrink + one expand launch (decode)."""
+def test_multi_slice_one_bank_matches_reference(form, dtype, delta, groups, seed):
+    """q/k/v-like slices (widths 384, 128, 128) over one bank: one shrink + one expand launch (decode); with
+    ``delta`` the expand writes the deltas (zero rows for rank 0) and XLA adds them."""
     x, y, a, b, slot_ids, ranks = make_inputs(seed, groups, 256, 384, 16, dtype)
     t = x.shape[0]
     y2, a2, b2 = _slice_like(seed + 1, ranks, t, 256, 128, 16, dtype)
     y3, a3, b3 = _slice_like(seed + 2, ranks, t, 256, 128, 16, dtype)
     ys, adapters = (y, y2, y3), ((a, b), (a2, b2), (a3, b3))
-    run = jax.jit(functools.partial(lora.lora_shrink_expand_multi, backend="triton", form=form, interpret=True))
+    run = jax.jit(functools.partial(lora.lora_shrink_expand_multi, backend="triton", form=form, interpret=True,
+                                    delta=delta))
     outs = run(ys, x, adapters, slot_ids, ranks)
     base = np.asarray(ranks)[np.asarray(slot_ids)] == 0
     for out, yy, (aa, bb) in zip(outs, ys, adapters):
@@ -168,7 +172,8 @@ def test_multi_slice_one_bank_matches_reference(form, dtype, groups, seed):
         np.testing.assert_array_equal(np.asarray(out)[base], np.asarray(yy)[base])   # rank 0: untouched
 
 
-def test_multi_slice_gradients_match_reference():
+@pytest.mark.parametrize("delta", [False, True])
+def test_multi_slice_gradients_match_reference(delta):
     x, y, a, b, slot_ids, ranks = make_inputs(3, [4, 7, 0, 9], 128, 256, 16, jnp.float32)
     y2, a2, b2 = _slice_like(4, ranks, x.shape[0], 128, 128, 16, jnp.float32)
     w = (jax.random.normal(jax.random.key(1), y.shape), jax.random.normal(jax.random.key(2), y2.shape))
@@ -178,7 +183,7 @@ def test_multi_slice_gradients_match_reference():
         return sum(jnp.sum(wi * o) for wi, o in zip(w, outs))
 
     kernel = functools.partial(lora.lora_shrink_expand_multi, slot_ids=slot_ids, ranks=ranks, backend="triton",
-                               form="decode", interpret=True)
+                               form="decode", interpret=True, delta=delta)
 
     def reference(ys, x_, adapters):
         return tuple(ref_lora_expand(yy, ref_lora_shrink(x_, aa, slot_ids, ranks), bb, slot_ids, ranks)
