@@ -242,12 +242,13 @@ class ModelRunner:
         num_logprobs = 0 if num_logprobs == 0 else self.ecfg.max_logprobs
         return st, steps, num_logprobs, st.needs_penalties
 
-    def _lora(self, chunks: list[ScheduledChunk], batch: int) -> LoRABatch | None:
-        if self.bank is None:
-            return None
+    def _lora_slots(self, chunks: list[ScheduledChunk], batch: int) -> np.ndarray:
         slots = np.zeros(batch, np.int32)
         slots[:len(chunks)] = [c.seq.lora_slot for c in chunks]
-        return LoRABatch(self.bank, jnp.asarray(slots))
+        return slots
+
+    def _lora(self, chunks: list[ScheduledChunk], batch: int) -> LoRABatch | None:
+        return None if self.bank is None else LoRABatch(self.bank, jnp.asarray(self._lora_slots(chunks, batch)))
 
     def _rows_for(self, chunks: list[ScheduledChunk], batch: int) -> np.ndarray:
         rows = np.full(batch, self.scratch_row, np.int32)
@@ -384,11 +385,12 @@ class ModelRunner:
         # One host-to-device transfer for the small inputs (a jnp.asarray each cost ~0.1-0.2 ms of host time),
         # replicated over the mesh like the call's outputs: the tokens of a chained call (an output of the
         # last call) then have the same sharding as the host's, so both calls share one executable.
-        pos, active, table, rows, steps, record_fed, prompt_lens, fed = jax.device_put(
+        pos, active, table, rows, steps, record_fed, prompt_lens, fed, slots = jax.device_put(
             (pos, active, self._page_table(chunks, B), self._rows_for(chunks, B), steps, record_fed, prompt_lens,
-             tokens if after is None else np.zeros(0, np.int32)), self._replicated)
+             tokens if after is None else np.zeros(0, np.int32),
+             self._lora_slots(chunks, B) if self.bank is not None else np.zeros(0, np.int32)), self._replicated)
         result, last_tokens, self.cache, self.prompt_mask, self.output_counts = _decode_steps(
-            self.params, self.cfg, self.cache, self._lora(chunks, B),
+            self.params, self.cfg, self.cache, None if self.bank is None else LoRABatch(self.bank, slots),
             after.last_tokens if after is not None else fed, pos, active, table, rows,
             st, steps, self.prompt_mask, self.output_counts, record_fed, prompt_lens, num_steps=num_steps,
             lora_impl=self.ecfg.lora_impl, attention_impl=self.ecfg.attention_impl,

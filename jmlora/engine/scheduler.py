@@ -415,12 +415,14 @@ class Scheduler:
         targets = [seq.num_computed_tokens + lookahead for seq in self.running]
         if max_len is not None:
             targets = [min(t, max_len) for t in targets]
-        if sum(pm.pages_needed(s, t) for s, t in zip(self.running, targets)) > pm.num_free:
+        needs = [pm.pages_needed(s, t) for s, t in zip(self.running, targets)]
+        if sum(needs) > pm.num_free:
             return None
         self.num_steps += 1
         out = SchedulerOutput(kind="decode", num_lookahead=lookahead)
-        for seq, target in zip(self.running, targets):
-            pm.allocate(seq, target)
+        for seq, target, need in zip(self.running, targets, needs):
+            if need:  # most steps stay inside the sequence's last page
+                pm.allocate(seq, target)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1, True))
             seq.num_computed_tokens += lookahead
         return out
