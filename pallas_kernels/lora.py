@@ -376,9 +376,11 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
       ranks: [S] int32 shared by all slices (an adapter bank: the Triton decode form then runs every slice
         in one shrink and one expand launch), or a tuple of one [S] array per slice (one call per slice).
       backend, form, interpret: as in ``lora_shrink``.
-      delta: the ys are slices of one array (a fused projection's output). The Triton decode form then
-        writes the deltas into fresh arrays and adds them with XLA, which fuses the adds into the slices'
-        consumers; updating each y in place would first copy every slice out. Same result either way.
+      delta: the Triton decode form writes the deltas into fresh arrays and adds them with XLA, which fuses
+        each add into the output's consumer, instead of updating each y in place. For ys that are slices of
+        one fused projection output (in place, XLA would first copy every slice out), and for outputs whose
+        consumer can take the add (the decoder's residual adds). Same result up to the rounding of the delta
+        to y's dtype before the add.
 
     Returns:
       tuple of y_out[i]: [T, O_i] in ys[i].dtype.

@@ -118,16 +118,18 @@ def apply_lora(y: Array, x: Array, tb: TargetBank, slot_ids: Array, ranks: Array
       x: ``[B, T, in]`` its input.
       tb, slot_ids, ranks, impl: as in ``lora_delta``.
 
-    The "pallas" formulation adds into y in place (one shrink and one expand kernel; the shrink's float32
-    partial sums go straight into the expand, so h is not rounded to x's dtype in between as PEFT rounds it:
-    the result is the more exact one). The others add ``lora_delta``.
+    The "pallas" formulation runs one shrink and one expand kernel; the shrink's float32 partial sums go
+    straight into the expand, so h is not rounded to x's dtype in between as PEFT rounds it: the result is the
+    more exact one. At decode the expand writes the delta and XLA adds it to y inside y's consumer (the
+    residual add), which also takes in the base matmul's split-K reduction: updating y in place instead made
+    XLA materialise y first, one more launch per projection. The others add ``lora_delta``.
     """
     B, T = x.shape[:2]
     if impl == "pallas":
-        from pallas_kernels.lora import lora_shrink_expand
+        from pallas_kernels.lora import lora_shrink_expand_multi
 
-        out = lora_shrink_expand(y.reshape(B * T, -1), x.reshape(B * T, -1), tb.a, tb.b, jnp.repeat(slot_ids, T),
-                                 ranks)
+        (out,) = lora_shrink_expand_multi((y.reshape(B * T, -1),), x.reshape(B * T, -1), ((tb.a, tb.b),),
+                                          jnp.repeat(slot_ids, T), ranks, delta=True)
         return out.reshape(y.shape)
     return y + lora_delta(x, tb, slot_ids, ranks, impl).reshape(y.shape).astype(y.dtype)
 
