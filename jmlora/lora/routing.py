@@ -121,8 +121,9 @@ def apply_lora(y: Array, x: Array, tb: TargetBank, slot_ids: Array, ranks: Array
     The "pallas" formulation runs one shrink and one expand kernel; the shrink's float32 partial sums go
     straight into the expand, so h is not rounded to x's dtype in between as PEFT rounds it: the result is the
     more exact one. At decode the expand writes the delta and XLA adds it to y inside y's consumer (the
-    residual add), which also takes in the base matmul's split-K reduction: updating y in place instead made
-    XLA materialise y first, one more launch per projection. The others add ``lora_delta``.
+    residual add), as for the fused projections (``apply_lora_group``); against updating y in place it
+    measured the same on the H200 (benchmarks/RESULTS.md, "Serving throughput"). The others add
+    ``lora_delta``.
     """
     B, T = x.shape[:2]
     if impl == "pallas":
