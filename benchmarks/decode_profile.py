@@ -43,7 +43,7 @@ from jmlora.model import attention, init_params, make_mesh  # noqa: E402
 P_WIDTH = 128          # the runner's page-table width for max_model_len 1280 (+ lookahead), page size 16
 
 
-def _median_per_call(fn, n_calls=10, trials=5):
+def median_per_call(fn, n_calls=10, trials=5):
     jax.block_until_ready(fn())
     out = []
     for _ in range(trials):
@@ -111,7 +111,7 @@ def time_attention(cfg, log, batches, ctxs, configs_for, small=False):
         out = exe(q, tables, kc, vc, lens)[0].astype(jnp.float32)
         ref = ref.astype(jnp.float32)
         err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-        us = _median_per_call(lambda exe=exe, a=(q, tables, kc, vc, lens): exe(*a)) / rot * 1e6
+        us = median_per_call(lambda exe=exe, a=(q, tables, kc, vc, lens): exe(*a)) / rot * 1e6
         kv_bytes = B * (ctx + 1) * page_bytes / ps
         results.append(dict(batch=B, ctx=ctx, config=config, us=us, err=err, kv_bytes=kv_bytes))
         log(f"attn B={B:3d} ctx={ctx:4d} {config}: {us:7.1f} us/layer err {err:.1e}")
@@ -191,7 +191,7 @@ def step_profile(cfg, params, mesh, log, batches, ctx, K=4):
                 params, runner.cache, *args, runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool), args[2])
             return jax.block_until_ready(res)
 
-        wall = _median_per_call(call, n_calls=3, trials=5) / K
+        wall = median_per_call(call, n_calls=3, trials=5) / K
         prof = kernel_times(call, n_calls=3)
         print_kernels(f"step B={B} {variant} ctx={ctx} (wall {wall * 1e3:.2f} ms/step)", prof, per=K, log=log)
         out[f"B{B}_{variant}"] = dict(wall_ms=wall * 1e3, busy_us=prof["total_us"] / K,

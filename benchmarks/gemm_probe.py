@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from decode_profile import median_per_call  # noqa: E402
 from device_profile import kernel_times, print_kernels  # noqa: E402
 from throughput import bench_model_config, measure_bandwidth  # noqa: E402
 
@@ -83,18 +83,6 @@ def skeleton(cfg, layout: str):
     return run
 
 
-def median_ms(fn, trials=7, n_calls=5):
-    jax.block_until_ready(fn())
-    out = []
-    for _ in range(trials):
-        t = time.perf_counter()
-        for _ in range(n_calls):
-            r = fn()
-        jax.block_until_ready(r)
-        out.append((time.perf_counter() - t) / n_calls)
-    return statistics.median(out) * 1e3
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--label", default="default")
@@ -118,7 +106,7 @@ def main():
             t = time.perf_counter()
             run.lower(weights, x).compile()
             compile_s = time.perf_counter() - t
-            ms = median_ms(lambda run=run, w=weights, x=x: run(w, x))
+            ms = median_per_call(lambda run=run, w=weights, x=x: run(w, x)) * 1e3
             row = dict(layout=layout, batch=B, ms=ms, weight_gb=wbytes / 1e9, tb_s=wbytes / ms / 1e9,
                        pct_of_elementwise=100 * wbytes / ms / 1e-3 / bw, compile_s=compile_s)
             results["rows"].append(row)

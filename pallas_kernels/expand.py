@@ -158,6 +158,18 @@ def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4,
     )(*args)
 
 
+def _multi_blocks(out_dims: list[int], r_max: int, block_n: int | None) -> tuple[int, tuple[int, ...]]:
+    """The multi-slice grid's O-blocks: (block_n, starts), slice i owning blocks starts[i] .. starts[i+1] - 1."""
+    block_n = block_n or min(bgmv_expand_block_n(o, r_max) for o in out_dims)   # powers of two: divides all
+    for o in out_dims:
+        if o % block_n:
+            raise ValueError(f"O={o} must be divisible by block_n={block_n}")
+    starts = [0]
+    for o in out_dims:
+        starts.append(starts[-1] + o // block_n)
+    return block_n, tuple(starts)
+
+
 def bgmv_expand_multi(ys, h_partials, b_slices, slot_ids, ranks, *, block_n=None, num_warps=4, num_stages=2,
                       interpret=False):
     """Decode-form expand of several slices (q/k/v, gate/up) in one launch.
@@ -170,16 +182,9 @@ def bgmv_expand_multi(ys, h_partials, b_slices, slot_ids, ranks, *, block_n=None
       tuple of y_out[i]: [T, O_i] in ys[i].dtype (each aliases ys[i]).
     """
     t = ys[0].shape[0]
-    r_max = b_slices[0].shape[1]
     n = len(ys)
-    block_n = block_n or min(bgmv_expand_block_n(y.shape[1], r_max) for y in ys)   # powers of two: divides all
-    for y in ys:
-        if y.shape[1] % block_n:
-            raise ValueError(f"O={y.shape[1]} must be divisible by block_n={block_n}")
-    starts = [0]
-    for y in ys:
-        starts.append(starts[-1] + y.shape[1] // block_n)
-    kernel = functools.partial(_bgmv_expand_multi_kernel, block_n=block_n, starts=tuple(starts))
+    block_n, starts = _multi_blocks([y.shape[1] for y in ys], b_slices[0].shape[1], block_n)
+    kernel = functools.partial(_bgmv_expand_multi_kernel, block_n=block_n, starts=starts)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), h_partials, *b_slices, *ys)
     return tuple(pl.pallas_call(
         kernel,
@@ -205,15 +210,8 @@ def bgmv_delta_multi(out_dtype, h_partials, b_slices, slot_ids, ranks, *, block_
       tuple of d_i: [T, O_i] in out_dtype (zero rows for rank-0 tokens).
     """
     t = h_partials.shape[2]
-    r_max = b_slices[0].shape[1]
-    block_n = block_n or min(bgmv_expand_block_n(b.shape[2], r_max) for b in b_slices)  # powers of two
-    for b in b_slices:
-        if b.shape[2] % block_n:
-            raise ValueError(f"O={b.shape[2]} must be divisible by block_n={block_n}")
-    starts = [0]
-    for b in b_slices:
-        starts.append(starts[-1] + b.shape[2] // block_n)
-    kernel = functools.partial(_bgmv_delta_multi_kernel, block_n=block_n, starts=tuple(starts))
+    block_n, starts = _multi_blocks([b.shape[2] for b in b_slices], b_slices[0].shape[1], block_n)
+    kernel = functools.partial(_bgmv_delta_multi_kernel, block_n=block_n, starts=starts)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), h_partials, *b_slices)
     return tuple(pl.pallas_call(
         kernel,
