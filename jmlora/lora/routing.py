@@ -136,12 +136,13 @@ def apply_lora(y: Array, x: Array, tb: TargetBank, slot_ids: Array, ranks: Array
 
 
 def apply_lora_group(ys: tuple[Array, ...], x: Array, tbs: tuple[TargetBank, ...], slot_ids: Array, ranks: Array,
-                     impl: str, fused: bool = False) -> tuple[Array, ...]:
+                     impl: str) -> tuple[Array, ...]:
     """``apply_lora`` for projections that share their input x (q/k/v, gate/up).
 
     With "pallas" every projection's LoRA term comes from one shrink and one expand launch (decode form);
-    the other formulations apply each projection in turn. ``fused``: the ys are slices of one fused
-    projection's output (the kernels then return deltas that XLA adds, see ``lora_shrink_expand_multi``).
+    the other formulations apply each projection in turn. At decode the kernels return deltas that XLA adds
+    inside each output's consumer (as in ``apply_lora``): the ys are usually slices of one fused projection
+    output, which updating in place would first copy out (``lora_shrink_expand_multi``'s ``delta``).
     """
     if impl != "pallas":
         return tuple(apply_lora(y, x, tb, slot_ids, ranks, impl) for y, tb in zip(ys, tbs))
@@ -149,5 +150,5 @@ def apply_lora_group(ys: tuple[Array, ...], x: Array, tbs: tuple[TargetBank, ...
 
     B, T = x.shape[:2]
     outs = lora_shrink_expand_multi(tuple(y.reshape(B * T, -1) for y in ys), x.reshape(B * T, -1),
-                                    tuple((tb.a, tb.b) for tb in tbs), jnp.repeat(slot_ids, T), ranks, delta=fused)
+                                    tuple((tb.a, tb.b) for tb in tbs), jnp.repeat(slot_ids, T), ranks, delta=True)
     return tuple(o.reshape(y.shape) for o, y in zip(outs, ys))

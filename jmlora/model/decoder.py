@@ -73,14 +73,13 @@ class _LayerLoRA:
             return y
         return apply_lora(y, x, self.targets[target], self.lora.slot_ids, self.lora.bank.ranks, self.impl)
 
-    def group(self, ys: tuple[Array, ...], x: Array, targets: tuple[str, ...], fused: bool) -> tuple[Array, ...]:
-        """``__call__`` for projections that share the input x (q/k/v, gate/up), applied together;
-        ``fused``: the ys are slices of one fused projection's output."""
+    def group(self, ys: tuple[Array, ...], x: Array, targets: tuple[str, ...]) -> tuple[Array, ...]:
+        """``__call__`` for projections that share the input x (q/k/v, gate/up), applied together."""
         present = [i for i, t in enumerate(targets) if t in self.targets]
         if len(present) < 2:
             return tuple(self(y, x, t) for y, t in zip(ys, targets))
         outs = apply_lora_group(tuple(ys[i] for i in present), x, tuple(self.targets[targets[i]] for i in present),
-                                self.lora.slot_ids, self.lora.bank.ranks, self.impl, fused)
+                                self.lora.slot_ids, self.lora.bank.ranks, self.impl)
         out = list(ys)
         for i, o in zip(present, outs):
             out[i] = o
@@ -117,7 +116,7 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
             k = _dense(h, layer.wk, "bte,ekd->btkd")                                    # [B, T, K, D]
             v = _dense(h, layer.wv, "bte,ekd->btkd")
         q, k, v = _bias(q, layer.bq), _bias(k, layer.bk), _bias(v, layer.bv)
-        q, k, v = lora.group((q, k, v), h, ("q_proj", "k_proj", "v_proj"), fused=layer.w_qkv is not None)
+        q, k, v = lora.group((q, k, v), h, ("q_proj", "k_proj", "v_proj"))
         if cfg.qk_norm:
             q = rms_norm(q, layer.q_norm, eps, offset)
             k = rms_norm(k, layer.k_norm, eps, offset)
@@ -132,7 +131,7 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
         h = rms_norm(x, layer.mlp_norm, eps, offset)
         gate_up = _dense(h, layer.w_gate_up, "bte,egm->btgm")                          # [B, T, 2, M]
         gate, up = _bias(gate_up[:, :, 0], layer.b_gate), _bias(gate_up[:, :, 1], layer.b_up)
-        gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"), fused=True)
+        gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
         h = _activation(cfg.activation)(gate) * up
         x = x + lora(_bias(_dense(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")
     return x, k_cache, v_cache
