@@ -5,16 +5,21 @@ Parts (all on the Llama-3-8B shape, bf16, random weights made on the device):
 - ``attn``: one layer's paged attention (JAX's Pallas GPU kernel + its split combine, as the decoder calls
   it) for batch x context shapes over ``k_splits`` x ``pages_per_compute_block`` x ``num_warps``; the cache
   pages touched per timed call are rotated so they exceed the L2. Time per layer call, and the KV floor.
+- ``fused``: the attention part of one layer from the q/k/v projection output on: XLA's RoPE and cache
+  scatters + ``pallas_gpu``'s kernel against the fused RoPE + cache write + attention kernel over its knobs
+  (``fused_grid``); the fastest knobs per batch fill ``attention.FUSED_ATTENTION_TABLE`` for the step part.
 - ``step``: the engine's jitted decode step (``_decode_steps``) under the JAX profiler, per kernel family
-  (``benchmarks/device_profile.py``), base and every-row-its-own-adapter, at the given batches.
+  (``benchmarks/device_profile.py``), base and every-row-its-own-adapter, at the given batches, for each
+  attention implementation in ``--step-attention``.
 - ``lora``: the LoRA kernels of issue 4 (prefill and decode shapes) under the profiler, per kernel.
 
-    PYTHONPATH=. python benchmarks/decode_profile.py --parts attn,step,lora --out $OUT
+    PYTHONPATH=. python benchmarks/decode_profile.py --parts attn,fused,step,lora --out $OUT
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -159,7 +164,114 @@ def tune_attention(cfg, log, batches, ctxs):
     return table
 
 
-def step_profile(cfg, params, mesh, log, batches, ctx, K=4):
+def fused_grid():
+    """Candidate knobs of the fused RoPE + cache write + attention kernel."""
+    return [attention.FusedAttentionConfig(bp, w, st) for bp in (1, 2, 4, 8) for w in (2, 4, 8) for st in (1, 2, 3)]
+
+
+def time_fused(cfg, log, batches, ctxs, bw, grid_for, small=False):
+    """The attention part of one decode layer from the fused q/k/v projection output to the attention output,
+    unfused (XLA's RoPE and cache scatters, then ``pallas_gpu``'s kernel with its rule, as ``decoder._attention``
+    runs it) against the fused kernel over ``grid_for(B)``'s knobs. Each timed call runs ``rot`` layers, each
+    with its own cache pair (as the decoder's layers), so the KV bytes exceed the L2 and every cache is
+    updated in place. Returns dicts with batch, ctx, config (None = unfused), us per layer, err (relative to
+    the unfused output) and floor_us (the KV bytes read at ``bw``)."""
+    K, D, H, ps = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads, 16
+    G = H // K
+    inv_freq = attention.rope_inv_freq(cfg.rope, D)
+    page_bytes = 2 * K * ps * D * 2
+
+    def unfused(qkv, caches, table, pos):
+        outs, new_caches = [], []
+        positions = pos[:, None]
+        q = qkv[:, :, :G].reshape(qkv.shape[0], 1, H, D)
+        k, v = qkv[:, None, :, G], qkv[:, None, :, G + 1]
+        qr, kr = attention.apply_rope(q, positions, inv_freq), attention.apply_rope(k, positions, inv_freq)
+        page_idx = jnp.take_along_axis(table, positions // ps, axis=1)
+        for kc, vc in caches:
+            kc = attention.write_kv(kc, kr, page_idx, positions % ps)
+            vc = attention.write_kv(vc, v, page_idx, positions % ps)
+            outs.append(attention.paged_attention(qr, kc, vc, table, positions, pos + 1, impl="pallas_gpu"))
+            new_caches.append((kc, vc))
+        return jnp.stack(outs), tuple(new_caches)
+
+    def fused(qkv, caches, table, pos, config):
+        outs, new_caches = [], []
+        page_idx = jnp.take_along_axis(table, (pos // ps)[:, None], axis=1)[:, 0]
+        for kc, vc in caches:
+            out, kc, vc = attention.fused_paged_decode(qkv, None, kc, vc, table, pos, page_idx, inv_freq, config)
+            outs.append(out)
+            new_caches.append((kc, vc))
+        return jnp.stack(outs), tuple(new_caches)
+
+    cases = []
+    for B in batches:
+        for ctx in ctxs:
+            used = -(-(ctx + 1) // ps)
+            rot = max(1, min(4, math.ceil(128e6 / (B * used * page_bytes))))
+            table = np.full((B, P_WIDTH), B * used, np.int32)                     # the last page: scratch
+            table[:, :used] = np.arange(B * used).reshape(B, used)
+            cache = jax.ShapeDtypeStruct((K, B * used + 1, ps, D), jnp.bfloat16)
+            qkv = jax.random.normal(jax.random.key(B + ctx), (B, K, G + 2, D), jnp.bfloat16)
+            pos = jnp.full((B,), ctx, jnp.int32)
+            for config in [None] + grid_for(B):
+                fn = unfused if config is None else functools.partial(fused, config=config)
+                cases.append((B, ctx, rot, config, jax.jit(fn, donate_argnums=(1,)), qkv, jnp.asarray(table), pos,
+                              ((cache, cache),) * rot))
+
+    def compile_case(c):
+        try:
+            return c[4].lower(c[5], c[8], c[6], c[7]).compile()
+        except Exception as e:  # a configuration the compiler refuses: skip it, say why
+            return e
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        compiled = list(pool.map(compile_case, cases))
+    log(f"fused: compiled {len(cases)} variants in {time.perf_counter() - t0:.0f}s")
+    results, base_out = [], {}
+    for (B, ctx, rot, config, _, qkv, table, pos, shapes), exe in zip(cases, compiled):
+        if isinstance(exe, Exception):
+            log(f"fused B={B:3d} ctx={ctx:4d} {config}: FAILED {type(exe).__name__}: {str(exe)[:300]}")
+            continue
+        keys = iter(jax.random.split(jax.random.key(ctx), 2 * rot))
+        state = {"caches": tuple((jax.random.normal(next(keys), kc.shape, kc.dtype),
+                                  jax.random.normal(next(keys), vc.shape, vc.dtype)) for kc, vc in shapes)}
+
+        def call(exe=exe, args=(qkv, table, pos), state=state):
+            out, state["caches"] = exe(args[0], state["caches"], args[1], args[2])
+            return out
+
+        out = call()[0].astype(jnp.float32)
+        if config is None:
+            base_out[(B, ctx)] = out
+        ref = base_out[(B, ctx)]
+        err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+        us = median_per_call(call) / rot * 1e6
+        state.clear()                                          # free this case's caches
+        floor = B * (ctx + 1) * page_bytes / ps / bw * 1e6
+        results.append(dict(batch=B, ctx=ctx, config=config, us=us, err=err, floor_us=floor))
+        log(f"fused B={B:3d} ctx={ctx:4d} {config or 'unfused (rope + scatters + pallas_gpu)'}: {us:7.1f} us/layer "
+            f"err {err:.1e} (KV floor {floor:.1f})")
+    best = {}
+    for r in results:
+        if r["config"] is not None and r["err"] < 2e-2:
+            key = (r["batch"], r["config"])
+            best[key] = best.get(key, 0.0) + r["us"]
+    table = {}
+    for B in batches:
+        mine = {c: us for (b, c), us in best.items() if b == B}
+        if not mine:
+            continue
+        pick = min(mine, key=mine.get)
+        table[B] = pick
+        unf = sum(r["us"] for r in results if r["batch"] == B and r["config"] is None)
+        log(f"fused best B={B:3d}: {pick} {mine[pick]:.1f} us summed over contexts {ctxs} vs unfused {unf:.1f} us")
+    attention.FUSED_ATTENTION_TABLE.update(table)
+    return results
+
+
+def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("auto",)):
     ecfg = EngineConfig(max_num_seqs=max(batches), page_size=16, num_lookahead=K, enable_lora=True, max_loras=64,
                         max_lora_rank=16, warmup=False, max_num_batched_tokens=2048, max_prefill_chunk=512,
                         num_kv_pages=max(batches) * P_WIDTH)
@@ -169,17 +281,18 @@ def step_profile(cfg, params, mesh, log, batches, ctx, K=4):
     cases = []
     for B in batches:
         for variant in ("base", "distinct"):
-            st = SamplingTensors.from_params([greedy] * B, [0] * B, B)
-            table = jnp.asarray(np.arange(B * P_WIDTH, dtype=np.int32).reshape(B, P_WIDTH))
-            lora = None if variant == "base" else LoRABatch(runner.bank, jnp.asarray(1 + np.arange(B) % 64,
-                                                                                      jnp.int32))
-            pos = jnp.full(B, ctx, jnp.int32)
-            args = (lora, jnp.full(B, 5, jnp.int32), pos, jnp.ones(B, bool), table, jnp.arange(B, dtype=jnp.int32),
-                    st, jnp.zeros(B, jnp.int32))
-            lowered = model_runner._decode_steps.lower(
-                params, cfg, runner.cache, *args, runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool),
-                pos, num_steps=K, lora_impl="auto", attention_impl="auto", needs_penalties=False, num_logprobs=0)
-            cases.append((B, variant, args, lowered))
+            for attn in attention_impls:
+                st = SamplingTensors.from_params([greedy] * B, [0] * B, B)
+                table = jnp.asarray(np.arange(B * P_WIDTH, dtype=np.int32).reshape(B, P_WIDTH))
+                lora = None if variant == "base" else LoRABatch(runner.bank, jnp.asarray(1 + np.arange(B) % 64,
+                                                                                          jnp.int32))
+                pos = jnp.full(B, ctx, jnp.int32)
+                args = (lora, jnp.full(B, 5, jnp.int32), pos, jnp.ones(B, bool), table,
+                        jnp.arange(B, dtype=jnp.int32), st, jnp.zeros(B, jnp.int32))
+                lowered = model_runner._decode_steps.lower(
+                    params, cfg, runner.cache, *args, runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool),
+                    pos, num_steps=K, lora_impl="auto", attention_impl=attn, needs_penalties=False, num_logprobs=0)
+                cases.append((B, f"{variant} {attn}", args, lowered))
     t = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
         compiled = list(pool.map(lambda c: c[3].compile(), cases))
@@ -194,8 +307,9 @@ def step_profile(cfg, params, mesh, log, batches, ctx, K=4):
         wall = median_per_call(call, n_calls=3, trials=5) / K
         prof = kernel_times(call, n_calls=3)
         print_kernels(f"step B={B} {variant} ctx={ctx} (wall {wall * 1e3:.2f} ms/step)", prof, per=K, log=log)
-        out[f"B{B}_{variant}"] = dict(wall_ms=wall * 1e3, busy_us=prof["total_us"] / K,
-                                      kernels=[(n, us / K, c / K) for n, us, c in prof["kernels"][:60]])
+        kernels = [(n, us / K, c / K) for n, us, c in prof["kernels"][:60]]
+        key = f"B{B}_{variant.replace(' ', '_')}"
+        out[key] = dict(wall_ms=wall * 1e3, busy_us=prof["total_us"] / K, kernels=kernels)
     return out
 
 
@@ -222,6 +336,10 @@ def main():
     p.add_argument("--parts", default="attn,step,lora")
     p.add_argument("--batches", default="32,64,256")
     p.add_argument("--attn-batches", default="1,32,64,256")
+    p.add_argument("--fused-batches", default="1,8,32,64,128,256")
+    p.add_argument("--fused-grid", default="default", choices=("default", "full"),
+                   help="the fused kernel's knobs to time: the default configuration or fused_grid()")
+    p.add_argument("--step-attention", default="auto", help="comma-separated attention impls for the step part")
     p.add_argument("--ctx", type=int, default=192)
     p.add_argument("--out", default=".")
     p.add_argument("--small", action="store_true", help="tiny dims (CPU smoke test of the script)")
@@ -238,10 +356,15 @@ def main():
     bw = measure_bandwidth()
     log(f"device {jax.devices()[0].device_kind}; HBM {bw / 1e12:.2f} TB/s (elementwise)")
     results = {"hbm_tb_s": bw / 1e12}
+    if "fused" in parts:       # first: its tuned knobs (FUSED_ATTENTION_TABLE) then serve the step part
+        grid = fused_grid() if args.fused_grid == "full" else [attention.FusedAttentionConfig()]
+        results["fused"] = time_fused(cfg, log, [int(b) for b in args.fused_batches.split(",")], (192, 1152), bw,
+                                      lambda B: grid, args.small)
     if "step" in parts:
         mesh = make_mesh()
         params = init_params(cfg, mesh, dtype=jnp.bfloat16)
-        results["step"] = step_profile(cfg, params, mesh, log, [int(b) for b in args.batches.split(",")], args.ctx)
+        results["step"] = step_profile(cfg, params, mesh, log, [int(b) for b in args.batches.split(",")], args.ctx,
+                                       attention_impls=tuple(args.step_attention.split(",")))
         del params
     if "lora" in parts:
         results["lora"] = lora_profile(log)

@@ -84,6 +84,7 @@ def main():
     parser.add_argument("--config", default="configs/llama3_8b.json")
     parser.add_argument("--out", default=None)
     parser.add_argument("--small", action="store_true", help="tiny model dims (CPU smoke test)")
+    parser.add_argument("--attention-impl", default="auto", help="EngineConfig.attention_impl for the decode steps")
     parser.add_argument("--tune-attention", action="store_true",
                         help="first time the decode-attention kernels per batch and use the fastest (the table "
                              "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")
@@ -108,7 +109,7 @@ def main():
     B_max = max(batches)
     ecfg = EngineConfig(max_num_seqs=B_max, page_size=16, num_lookahead=K, enable_lora=True, max_loras=args.max_loras,
                         max_lora_rank=16, warmup=False, max_num_batched_tokens=2048, max_prefill_chunk=512,
-                        num_kv_pages=1)
+                        num_kv_pages=1, attention_impl=args.attention_impl)
     P = 1 << (-(-(max_len + K) // 16) - 1).bit_length()          # the runner's page-table width
     runner = ModelRunner(cfg, params, mesh, dataclass_replace(ecfg, num_kv_pages=B_max * P), B_max * P)
     runner.bank = random_bank(runner.bank, 16)

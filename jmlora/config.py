@@ -290,7 +290,8 @@ class EngineConfig:
       num_lookahead: decode steps per jitted call (sampling on device; stop checks after each call).
       enable_lora, max_loras, max_lora_rank, max_cpu_loras: multi-LoRA serving (device slots, padded rank,
         host cache of parsed adapters; None = 2 * max_loras).
-      lora_impl, attention_impl: kernel/formulation choices ("auto" = the measured default).
+      lora_impl, attention_impl: kernel/formulation choices ("auto" = the measured default). The decode-only
+        attention kernels ("pallas_gpu", "pallas_gpu_fused") apply to decode steps; prefill then uses "auto".
       max_logprobs: the largest ``logprobs`` / ``prompt_logprobs`` a request may ask for.
       seed: engine seed (random seeds of unseeded requests derive from it).
       warmup: compile every bucket at start-up, so nothing compiles while serving.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from jmlora.model.attention import (
     DecodeAttentionConfig,
     paged_attention,
     pallas_gpu_tuning,
+    prefill_attention_impl,
     ref_paged_attention,
     resolve_attention_impl,
 )
@@ -44,13 +46,19 @@ def test_pallas_gpu_decode_kernel_matches_reference(dtype, atol, pages_per_seq, 
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=atol, rtol=0)
 
 
-def test_attention_impl_choice():
+def test_attention_impl_choice(monkeypatch):
     assert resolve_attention_impl("auto", 4) == "reference"           # prefill: reference everywhere
-    assert resolve_attention_impl("auto", 1) == "reference"           # CPU: no GPU kernel
-    with pytest.raises(ValueError, match="decode only"):
-        resolve_attention_impl("pallas_gpu", 8)
+    assert resolve_attention_impl("auto", 1, 64, 8) == "reference"    # CPU: no GPU kernel
+    for impl in ("pallas_gpu", "pallas_gpu_fused"):
+        with pytest.raises(ValueError, match="decode only"):
+            resolve_attention_impl(impl, 8)
+        assert prefill_attention_impl(impl) == "auto"
     with pytest.raises(ValueError, match="attention impl must be"):
         resolve_attention_impl("flash", 1)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_attention_impl("auto", 4, 64, 8) == "reference"
+    assert resolve_attention_impl("auto", 1, 16, 8) == "pallas_gpu_fused"      # 128 (sequence, KV head) programs
+    assert resolve_attention_impl("auto", 1, 8, 8) == "pallas_gpu"            # too few: the split kernel
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8, 32, 64, 256])

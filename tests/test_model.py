@@ -23,14 +23,16 @@ def shuffled_page_table(batch: int, seed: int = 0) -> np.ndarray:
     return pages.reshape(batch, PAGES_PER_SEQ)
 
 
-def run_chunk(params, cfg, cache, chunks: list[list[int]], start: list[int], page_table, pad_to: int):
+def run_chunk(params, cfg, cache, chunks: list[list[int]], start: list[int], page_table, pad_to: int,
+              attention_impl: str = "auto"):
     """One forward over right-padded chunks; returns (float32 log-softmax [B, T, V] as numpy, cache)."""
     B = len(chunks)
     tokens = np.zeros((B, pad_to), np.int32)
     for i, c in enumerate(chunks):
         tokens[i, :len(c)] = c
     logits, cache = forward_logits(params, cfg, jnp.asarray(tokens), jnp.asarray(start, jnp.int32),
-                                   jnp.asarray([len(c) for c in chunks], jnp.int32), jnp.asarray(page_table), cache)
+                                   jnp.asarray([len(c) for c in chunks], jnp.int32), jnp.asarray(page_table), cache,
+                                   attention_impl=attention_impl)
     return np.asarray(jax.nn.log_softmax(logits, axis=-1)), cache
 
 
@@ -52,7 +54,10 @@ def test_prefill_batch_matches_transformers(family_model):
         np.testing.assert_allclose(logprobs[i, :len(prompt)], ref, atol=1e-4, rtol=0, err_msg=f"{family} prompt {i}")
 
 
-def test_prefill_then_decode_equals_full_forward(family_model):
+# "pallas_gpu_fused": the fused RoPE + cache write + attention kernel (Pallas interpreter on CPU) for the
+# layers that can take it (fused q/k/v weights, no q/k norm); the others fall back to the reference here
+@pytest.mark.parametrize("decode_attention", ["auto", "pallas_gpu_fused"])
+def test_prefill_then_decode_equals_full_forward(family_model, decode_attention):
     family, cfg, params, hf_model = family_model
     rng = np.random.default_rng(1)
     continuations = [rng.integers(0, cfg.vocab_size, 8).tolist() for _ in PROMPTS]
@@ -62,7 +67,8 @@ def test_prefill_then_decode_equals_full_forward(family_model):
     decode_lp = []
     for step in range(8):
         lp, cache = run_chunk(params, cfg, cache, [[c[step]] for c in continuations],
-                              [len(p) + step for p in PROMPTS], page_table, pad_to=1)
+                              [len(p) + step for p in PROMPTS], page_table, pad_to=1,
+                              attention_impl=decode_attention)
         decode_lp.append(lp[:, 0])
     decode_lp = np.stack(decode_lp, axis=1)                                   # [B, 8, V]
 

@@ -47,6 +47,7 @@ from jmlora.lora.bank import (
 from jmlora.lora.peft import LoRAWeights
 from jmlora.lora.routing import LoRABatch
 from jmlora.model import KVCache, Params, compute_logits, forward, init_kv_cache
+from jmlora.model.attention import prefill_attention_impl
 from jmlora.sharding import filled, logical_sharding
 
 Array = jax.Array
@@ -325,7 +326,7 @@ class ModelRunner:
             jnp.asarray(num_tokens), jnp.asarray(self._page_table(chunks, B)), jnp.asarray(self._rows_for(chunks, B)),
             jnp.asarray(prompt_lens), jnp.asarray(samples), st, jnp.asarray(steps), self.prompt_mask,
             self.output_counts, jnp.asarray(targets) if targets is not None else None,
-            lora_impl=self.ecfg.lora_impl, attention_impl=self.ecfg.attention_impl,
+            lora_impl=self.ecfg.lora_impl, attention_impl=prefill_attention_impl(self.ecfg.attention_impl),
             needs_penalties=needs_penalties, num_logprobs=num_logprobs, num_prompt_logprobs=num_prompt_lp)
         if while_running is not None:
             while_running()

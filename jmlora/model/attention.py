@@ -121,17 +121,34 @@ def ref_paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Ar
     return out.reshape(B, T, H, D).astype(q.dtype)
 
 
-ATTENTION_IMPLS = ("reference", "pallas_gpu")
+# "pallas_gpu": JAX's split kernel or the GQA kernel (``DecodeAttentionConfig``), after XLA's RoPE and cache
+# writes; "pallas_gpu_fused": one kernel doing RoPE, the cache write and attention (``fused_decode_attention``)
+# where the layer allows it (fused q/k/v weights, no q/k norm), "pallas_gpu" otherwise.
+ATTENTION_IMPLS = ("reference", "pallas_gpu", "pallas_gpu_fused")
 
 
-def resolve_attention_impl(impl: str, num_new_tokens: int) -> str:
-    """"auto" picks JAX's Pallas GPU paged-attention kernel for decode (T == 1) on GPU, else the reference."""
+def prefill_attention_impl(impl: str) -> str:
+    """The engine's choice for prefill chunks: the decode-only kernels give way to "auto"."""
+    return "auto" if impl in ("pallas_gpu", "pallas_gpu_fused") else impl
+
+
+# The fused kernel runs one program per (sequence, KV head), each walking its whole context; below this many
+# programs JAX's split kernel, which also splits the context, was faster at long contexts on the H200
+# (batch 1 and 8 x 8 KV heads at 1152 tokens; benchmarks/RESULTS.md, "Fused decode attention").
+FUSED_MIN_PROGRAMS = 128
+
+
+def resolve_attention_impl(impl: str, num_new_tokens: int, batch: int = 1, num_kv_heads: int = 1) -> str:
+    """"auto" picks the Pallas GPU decode kernels for decode (T == 1) on GPU, else the reference: the fused
+    kernel from ``FUSED_MIN_PROGRAMS`` (sequence x KV head) programs up, the split kernel below."""
     if impl == "auto":
-        return "pallas_gpu" if num_new_tokens == 1 and jax.default_backend() == "gpu" else "reference"
+        if num_new_tokens != 1 or jax.default_backend() != "gpu":
+            return "reference"
+        return "pallas_gpu_fused" if batch * num_kv_heads >= FUSED_MIN_PROGRAMS else "pallas_gpu"
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be 'auto' or one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl == "pallas_gpu" and num_new_tokens != 1:
-        raise ValueError("the pallas_gpu attention kernel serves decode only (one new token per sequence)")
+    if impl != "reference" and num_new_tokens != 1:
+        raise ValueError(f"the {impl} attention kernels serve decode only (one new token per sequence)")
     return impl
 
 
@@ -207,9 +224,11 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Array,
 
     ``pallas_gpu`` is decode only: the query of each sequence is its newest token, so attending to all
     ``kv_lens`` cached tokens is causal. ``config`` picks the kernel and its knobs (None: ``pallas_gpu_tuning``).
+    Off GPU the kernels run in the Pallas interpreter.
     """
     if impl == "reference":
         return ref_paged_attention(q, k_cache, v_cache, page_table, q_positions, kv_lens)
+    interpret = interpret or jax.default_backend() != "gpu"
     B, _, H, D = q.shape
     config = config or pallas_gpu_tuning(B, H, k_cache.shape[0], D, page_table.shape[1])
     if config.kernel == "gqa":
@@ -227,3 +246,65 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Array,
                                  block_h=16, pages_per_compute_block=per_block, k_splits=config.k_splits,
                                  num_warps=config.num_warps, interpret=interpret)
     return out[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedAttentionConfig:
+    """Knobs of ``pallas_kernels.fused_attention.fused_decode_attention``: pages per loop step and Triton's
+    warps and pipeline stages. The defaults were within 2% of the best of the H200 sweep (4 x 3 x 3 knobs)
+    at batch 32, 64 and 256, summed over 192 and 1152 tokens; more pipeline stages cost up to 35% from
+    batch 64 up."""
+
+    block_pages: int = 4
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+# Measured choices per batch size (benchmarks/RESULTS.md, "Fused decode attention"), from
+# ``benchmarks/decode_profile.py --parts fused``; batches not listed use ``fused_tuning``'s default.
+FUSED_ATTENTION_TABLE: dict[int, FusedAttentionConfig] = {}
+
+
+def fused_tuning(batch: int, pages_per_seq: int) -> FusedAttentionConfig:
+    """The fused decode-attention kernel's knobs for a batch on GPU (a block of pages dividing the width)."""
+    chosen = FUSED_ATTENTION_TABLE.get(batch, FusedAttentionConfig())
+    return dataclasses.replace(chosen, block_pages=_largest_pow2_divisor(pages_per_seq, chosen.block_pages))
+
+
+def fused_attention_supported(cfg: ModelConfig, page_size: int, pages_per_seq: int) -> bool:
+    from pallas_kernels import fused_attention
+
+    return fused_attention.supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, pages_per_seq, page_size, 1)
+
+
+def rope_tables(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """cos, sin ``[B, D/2]`` float32 at ``positions: [B]``, computed as ``apply_rope`` does."""
+    freqs = positions[:, None].astype(jnp.float32) * inv_freq
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def fused_paged_decode(qkv: Array, deltas: tuple[Array, Array, Array] | None, k_cache: Array, v_cache: Array,
+                       page_table: Array, positions: Array, write_pages: Array, inv_freq: np.ndarray,
+                       config: FusedAttentionConfig | None = None) -> tuple[Array, Array, Array]:
+    """RoPE, cache write and decode attention in one kernel (``fused_decode_attention``), from model arrays.
+
+    Args:
+      qkv: ``[B, K, G + 2, D]`` the fused q/k/v projection of each sequence's new token (before RoPE).
+      deltas: None or (dq ``[B, K, G, D]``, dk ``[B, K, D]``, dv ``[B, K, D]``) added before RoPE (LoRA, bias).
+      k_cache, v_cache: ``[K, num_pages, page_size, D]``.
+      page_table: ``[B, P]``; positions: ``[B]`` the new token's position (= tokens already cached);
+      write_pages: ``[B]`` its page (``num_pages``: a padding row, nothing written).
+      config: the kernel's knobs (None: ``fused_tuning``).
+
+    Returns:
+      (attn ``[B, 1, H, D]``, k_cache, v_cache). Off GPU the kernel runs in the Pallas interpreter.
+    """
+    from pallas_kernels.fused_attention import fused_decode_attention
+
+    B = qkv.shape[0]
+    config = config or fused_tuning(B, page_table.shape[1])
+    cos, sin = rope_tables(positions, inv_freq)
+    out, k_cache, v_cache = fused_decode_attention(
+        qkv, k_cache, v_cache, page_table, positions, write_pages, cos, sin, deltas, block_pages=config.block_pages,
+        num_warps=config.num_warps, num_stages=config.num_stages, interpret=jax.default_backend() != "gpu")
+    return out[:, None], k_cache, v_cache

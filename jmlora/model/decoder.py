@@ -18,6 +18,8 @@ from jmlora.lora.routing import LoRABatch, apply_lora, apply_lora_group, resolve
 from jmlora.model.attention import (
     KVCache,
     apply_rope,
+    fused_attention_supported,
+    fused_paged_decode,
     paged_attention,
     resolve_attention_impl,
     rope_inv_freq,
@@ -85,6 +87,14 @@ class _LayerLoRA:
             out[i] = o
         return tuple(out)
 
+    def deltas(self, x: Array, shapes: tuple[tuple[int, ...], ...], targets: tuple[str, ...]
+               ) -> tuple[Array, ...] | None:
+        """The LoRA terms alone of projections that share x (zeros for a target without adapters), or None
+        when the layer has no adapters at all."""
+        if not any(t in self.targets for t in targets):
+            return None
+        return self.group(tuple(jnp.zeros(s, x.dtype) for s in shapes), x, targets)
+
 
 def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Array, k_cache: Array,
                   v_cache: Array, page_idx: Array, slot_idx: Array, page_table: Array,
@@ -105,26 +115,18 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
     """
     eps, offset = cfg.rms_norm_eps, cfg.norm_weight_offset
     inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
+    fused = (attention_impl == "pallas_gpu_fused" and layer.w_qkv is not None and not cfg.qk_norm
+             and fused_attention_supported(cfg, k_cache.shape[2], page_table.shape[1]))
+    if attention_impl == "pallas_gpu_fused" and not fused:
+        attention_impl = "pallas_gpu"
     with jax.named_scope("attention"):
         h = rms_norm(x, layer.attn_norm, eps, offset)
-        if layer.w_qkv is not None:
-            qkv = _dense(h, layer.w_qkv, "bte,ekgd->btkgd")                             # [B, T, K, G + 2, D]
-            B, T, K, G2, D = qkv.shape
-            q, k, v = qkv[:, :, :, :G2 - 2].reshape(B, T, K * (G2 - 2), D), qkv[:, :, :, -2], qkv[:, :, :, -1]
+        if fused:
+            attn, k_cache, v_cache = _fused_attention(cfg, layer, h, positions, k_cache, v_cache, page_idx, page_table,
+                                                      lora, inv_freq)
         else:
-            q = _dense(h, layer.wq, "bte,ehd->bthd")                                    # [B, T, H, D]
-            k = _dense(h, layer.wk, "bte,ekd->btkd")                                    # [B, T, K, D]
-            v = _dense(h, layer.wv, "bte,ekd->btkd")
-        q, k, v = _bias(q, layer.bq), _bias(k, layer.bk), _bias(v, layer.bv)
-        q, k, v = lora.group((q, k, v), h, ("q_proj", "k_proj", "v_proj"))
-        if cfg.qk_norm:
-            q = rms_norm(q, layer.q_norm, eps, offset)
-            k = rms_norm(k, layer.k_norm, eps, offset)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        k_cache = write_kv(k_cache, k, page_idx, slot_idx)
-        v_cache = write_kv(v_cache, v, page_idx, slot_idx)
-        attn = paged_attention(q, k_cache, v_cache, page_table, positions, kv_lens, impl=attention_impl)  # [B,T,H,D]
+            attn, k_cache, v_cache = _attention(cfg, layer, h, positions, k_cache, v_cache, page_idx, slot_idx,
+                                                page_table, kv_lens, lora, inv_freq, attention_impl)
         B, T = attn.shape[:2]
         x = x + lora(_bias(_dense(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1), "o_proj")
     with jax.named_scope("mlp"):
@@ -135,6 +137,58 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
         h = _activation(cfg.activation)(gate) * up
         x = x + lora(_bias(_dense(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")
     return x, k_cache, v_cache
+
+
+def _attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: Array, k_cache: Array, v_cache: Array,
+               page_idx: Array, slot_idx: Array, page_table: Array, kv_lens: Array, lora: _LayerLoRA,
+               inv_freq, attention_impl: str) -> tuple[Array, Array, Array]:
+    """q/k/v projections, RoPE, cache writes and attention as separate steps (any chunk length).
+
+    Returns:
+      (attn ``[B, T, H, D]``, k_cache, v_cache).
+    """
+    eps, offset = cfg.rms_norm_eps, cfg.norm_weight_offset
+    if layer.w_qkv is not None:
+        qkv = _dense(h, layer.w_qkv, "bte,ekgd->btkgd")                             # [B, T, K, G + 2, D]
+        B, T, K, G2, D = qkv.shape
+        q, k, v = qkv[:, :, :, :G2 - 2].reshape(B, T, K * (G2 - 2), D), qkv[:, :, :, -2], qkv[:, :, :, -1]
+    else:
+        q = _dense(h, layer.wq, "bte,ehd->bthd")                                    # [B, T, H, D]
+        k = _dense(h, layer.wk, "bte,ekd->btkd")                                    # [B, T, K, D]
+        v = _dense(h, layer.wv, "bte,ekd->btkd")
+    q, k, v = _bias(q, layer.bq), _bias(k, layer.bk), _bias(v, layer.bv)
+    q, k, v = lora.group((q, k, v), h, ("q_proj", "k_proj", "v_proj"))
+    if cfg.qk_norm:
+        q = rms_norm(q, layer.q_norm, eps, offset)
+        k = rms_norm(k, layer.k_norm, eps, offset)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    k_cache = write_kv(k_cache, k, page_idx, slot_idx)
+    v_cache = write_kv(v_cache, v, page_idx, slot_idx)
+    attn = paged_attention(q, k_cache, v_cache, page_table, positions, kv_lens, impl=attention_impl)  # [B,T,H,D]
+    return attn, k_cache, v_cache
+
+
+def _fused_attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: Array, k_cache: Array,
+                     v_cache: Array, page_idx: Array, page_table: Array, lora: _LayerLoRA, inv_freq
+                     ) -> tuple[Array, Array, Array]:
+    """Decode (T == 1) with the fused q/k/v weights: the projection, then one kernel for RoPE, the cache
+    writes and attention (``fused_paged_decode``); LoRA terms and biases go in as deltas.
+
+    Returns:
+      (attn ``[B, 1, H, D]``, k_cache, v_cache).
+    """
+    qkv = _dense(h, layer.w_qkv, "bte,ekgd->btkgd")[:, 0]                              # [B, K, G + 2, D]
+    B, K, G2, D = qkv.shape
+    shapes = ((B, 1, K * (G2 - 2), D), (B, 1, K, D), (B, 1, K, D))
+    deltas = lora.deltas(h, shapes, ("q_proj", "k_proj", "v_proj"))
+    biases = (layer.bq, layer.bk, layer.bv)
+    if deltas is None and any(b is not None for b in biases):
+        deltas = tuple(jnp.zeros(s, h.dtype) for s in shapes)
+    if deltas is not None:
+        dq, dk, dv = (_bias(d, b) for d, b in zip(deltas, biases))
+        deltas = (dq.reshape(B, K, G2 - 2, D), dk.reshape(B, K, D), dv.reshape(B, K, D))
+    return fused_paged_decode(qkv, deltas, k_cache, v_cache, page_table, positions[:, 0], page_idx[:, 0], inv_freq)
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, num_tokens: Array,
@@ -172,7 +226,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, n
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, dtype)
     impl = resolve_impl(lora_impl, T, B)
-    attn_impl = resolve_attention_impl(attention_impl, T)
+    attn_impl = resolve_attention_impl(attention_impl, T, B, cfg.num_kv_heads)
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer_{i}"):
