@@ -32,7 +32,7 @@ from jmlora.engine.sequence import Sequence
 from jmlora.lora.bank import AdapterBank, TargetBank
 from jmlora.lora.routing import LoRABatch
 from jmlora.lora.slots import SlotManager
-from jmlora.model import init_params, make_mesh
+from jmlora.model import attention, init_params, make_mesh
 
 WORKLOADS = [(128, 128), (1024, 256)]
 
@@ -85,6 +85,9 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--small", action="store_true", help="tiny model dims (CPU smoke test)")
     parser.add_argument("--attention-impl", default="auto", help="EngineConfig.attention_impl for the decode steps")
+    parser.add_argument("--tune-fused", default="",
+                        help="comma-separated batches: first time the fused decode-attention kernel's knobs there "
+                             "and use the fastest (the table to copy into FUSED_ATTENTION_TABLE is printed)")
     parser.add_argument("--tune-attention", action="store_true",
                         help="first time the decode-attention kernels per batch and use the fastest (the table "
                              "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")
@@ -100,9 +103,15 @@ def main():
 
         tuned = tune_attention(cfg, print, batches, [p + n // 2 for p, n in WORKLOADS])
         print(f"DECODE_ATTENTION_TABLE = {tuned}")
+    bw = measure_bandwidth()
+    if args.tune_fused:
+        from decode_profile import fused_grid, time_fused
+
+        time_fused(cfg, print, [int(b) for b in args.tune_fused.split(",")], [p + n // 2 for p, n in WORKLOADS], bw,
+                   lambda B: fused_grid())
+        print(f"FUSED_ATTENTION_TABLE = {attention.FUSED_ATTENTION_TABLE}")
     mesh = make_mesh()
     params = init_params(cfg, mesh, dtype=jnp.bfloat16)
-    bw = measure_bandwidth()
     print(f"device {jax.devices()[0].device_kind}; HBM {bw / 1e12:.2f} TB/s; "
           f"params made in {time.perf_counter() - t0:.0f}s")
 
@@ -230,6 +239,8 @@ def main():
         with open(args.out, "w") as f:
             json.dump(dict(device=jax.devices()[0].device_kind, hbm_tb_s=bw / 1e12, weight_bytes=weight_bytes,
                            attention_table={str(b): str(c) for b, c in tuned.items()},
+                           fused_attention_table={str(b): str(c) for b, c in attention.FUSED_ATTENTION_TABLE.items()},
+                           attention_impl=args.attention_impl,
                            slot_bytes=slot_bytes, lookahead=K, rows=rows_out, host=host), f, indent=1)
 
 

@@ -98,28 +98,28 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
     pos = pos_ref[0]                                                  # tokens already cached = the new position
 
     cols = lax.broadcasted_iota(jnp.int32, (head_dim,), 0)
-    partner = jnp.where(cols < half, cols + half, cols - half)
+    partner = jnp.where(cols < half, cols + half, cols - half)        # rotate-half's source column
     trig = jnp.where(cols < half, cols, cols - half)
     cos = cos_ref[trig]                                               # [D] float32
     sin = jnp.where(cols < half, -sin_ref[trig], sin_ref[trig])
-
-    def projected(row, delta_ref, delta_row):
-        """One head's new vector and its rotate-half partner, LoRA delta added (rounded as XLA's add)."""
-        x, xp = qkv_ref[row, cols], qkv_ref[row, partner]
-        if delta_ref is not None:
-            d, dp = ((delta_ref[cols], delta_ref[partner]) if delta_row is None
-                     else (delta_ref[delta_row, cols], delta_ref[delta_row, partner]))
-            x = (x.astype(jnp.float32) + d.astype(jnp.float32)).astype(dtype)
-            xp = (xp.astype(jnp.float32) + dp.astype(jnp.float32)).astype(dtype)
-        return x, xp
-
+    # the group's query heads as one tile of q_rows rows; rows past the group repeat its last head (never stored)
     rows = lax.broadcasted_iota(jnp.int32, (q_rows, head_dim), 0)
-    q = jnp.zeros((q_rows, head_dim), jnp.float32)                    # the group's heads, padded to a tile
-    for g in range(group):
-        q = jnp.where(rows == g, _rope(*projected(g, dq_ref, g), cos, sin).astype(dtype)[None, :], q)
-    q = q.astype(dtype)                                               # [QR, D]
-    k_new = _rope(*projected(group, dk_ref, None), cos, sin).astype(dtype)       # [D]
-    v_new = projected(group + 1, dv_ref, None)[0]                                # [D]
+    head_rows = jnp.minimum(rows, group - 1)
+    cols2, partner2 = (jnp.broadcast_to(c[None, :], (q_rows, head_dim)) for c in (cols, partner))
+
+    def with_delta(x, d_ref, *idx):
+        """x plus its delta (LoRA, bias) when there is one, rounded to the activation dtype as XLA's add."""
+        if d_ref is None:
+            return x
+        return (x.astype(jnp.float32) + d_ref[idx].astype(jnp.float32)).astype(dtype)
+
+    q_x = with_delta(qkv_ref[head_rows, cols2], dq_ref, head_rows, cols2)
+    q_p = with_delta(qkv_ref[head_rows, partner2], dq_ref, head_rows, partner2)
+    q = _rope(q_x, q_p, cos, sin).astype(dtype)                                   # [QR, D]
+    k_x = with_delta(qkv_ref[group, cols], dk_ref, cols)
+    k_p = with_delta(qkv_ref[group, partner], dk_ref, partner)
+    k_new = _rope(k_x, k_p, cos, sin).astype(dtype)                              # [D]
+    v_new = with_delta(qkv_ref[group + 1, cols], dv_ref, cols)                   # [D]
 
     page = wpage_ref[0]
 
@@ -139,7 +139,7 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
         pages = table_ref[pl.ds(i * block_pages, block_pages)]                   # [bp]
         k = k_ref[pages].reshape(block_k, head_dim)                               # [BK, D]
         v = v_ref[pages].reshape(block_k, head_dim)
-        s = plgpu.dot(q, k.T) * sm_scale                                             # [QR, BK] float32
+        s = plgpu.dot(q, k.T) * sm_scale                                          # [QR, BK] float32
         cached = i * block_k + lax.broadcasted_iota(jnp.int32, (q_rows, block_k), 1) < pos
         s = jnp.where(cached, s, _MASK_VALUE)
         m_next = jnp.maximum(m, s.max(axis=1))
@@ -153,8 +153,10 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
     n_blocks = jnp.minimum(pl.cdiv(pos, block_k), table_ref.shape[0] // block_pages)
     o, m, denom = lax.fori_loop(0, n_blocks, body, (o, m, denom))
     o = o / denom[:, None]                                        # denom >= 1: the new token's own term
-    for g in range(group):
-        o_ref[g, :] = jnp.sum(jnp.where(rows == g, o, 0.0), axis=0).astype(o_ref.dtype)
+    # rows past the group computed the last head again, bit for bit (same q row, same keys): their duplicate
+    # stores write the same values, so no mask is needed (and the interpreter, which writes masked lanes
+    # back with their old values, agrees)
+    o_ref[head_rows, cols2] = o.astype(o_ref.dtype)
 
 
 def supported(num_heads: int, num_kv_heads: int, head_dim: int, pages_per_seq: int, page_size: int,
