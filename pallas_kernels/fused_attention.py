@@ -253,6 +253,6 @@ def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_p
         input_output_aliases={n_in - 2: 1, n_in - 1: 2},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="fused_decode_attention",
+        name=f"fused_decode_attention_bp{block_pages}w{num_warps}s{num_stages}",   # knobs in profiles
     )(*inputs)
     return out.reshape(B, K * G, D), k_pages, v_pages
