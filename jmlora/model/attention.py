@@ -261,8 +261,11 @@ class FusedAttentionConfig:
 
 
 # Measured choices per batch size (benchmarks/RESULTS.md, "Fused decode attention"), from
-# ``benchmarks/decode_profile.py --parts fused``; batches not listed use ``fused_tuning``'s default.
-FUSED_ATTENTION_TABLE: dict[int, FusedAttentionConfig] = {}
+# ``benchmarks/throughput.py --tune-fused 32,256`` (device time summed over 192 and 1152 tokens; an entry
+# only where it beat the default by 5%); batches not listed use ``FusedAttentionConfig()``.
+FUSED_ATTENTION_TABLE: dict[int, FusedAttentionConfig] = {
+    256: FusedAttentionConfig(block_pages=2, num_warps=2, num_stages=1),     # 388 vs 409 us
+}
 
 
 def fused_tuning(batch: int, pages_per_seq: int) -> FusedAttentionConfig:
