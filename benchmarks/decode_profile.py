@@ -60,6 +60,22 @@ def median_per_call(fn, n_calls=10, trials=5):
     return statistics.median(out)
 
 
+def compile_all(lower_fns, log, label):
+    """Compiles the cases in parallel (each of ``lower_fns`` returns a ``Lowered``); a case the compiler refuses
+    comes back as its exception, for the caller to log and skip."""
+    def one(lower):
+        try:
+            return lower().compile()
+        except Exception as e:  # a configuration the compiler refuses: skip it, say why
+            return e
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        compiled = list(pool.map(one, lower_fns))
+    log(f"{label}: compiled {len(lower_fns)} variants in {time.perf_counter() - t0:.0f}s")
+    return compiled
+
+
 def gqa_grid():
     """Candidate configurations of the GQA decode-attention kernel."""
     return [attention.DecodeAttentionConfig("gqa", bp, w) for bp in (1, 2, 4) for w in (2, 4, 8)]
@@ -98,16 +114,7 @@ def time_attention(cfg, log, batches, ctxs, configs_for, small=False):
                                       for r in range(tables.shape[0])])
                 cases.append((B, ctx, lens, rot, config, jax.jit(f), q, tables, ref))
 
-    def compile_case(c):
-        try:
-            return c[5].lower(c[6], c[7], kc, vc, c[2]).compile()
-        except Exception as e:  # a configuration the compiler refuses: skip it, say why
-            return e
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(8) as pool:
-        compiled = list(pool.map(compile_case, cases))
-    log(f"attn: compiled {len(cases)} variants in {time.perf_counter() - t0:.0f}s")
+    compiled = compile_all([lambda c=c: c[5].lower(c[6], c[7], kc, vc, c[2]) for c in cases], log, "attn")
     results = []
     for (B, ctx, lens, rot, config, _, q, tables, ref), exe in zip(cases, compiled):
         if isinstance(exe, Exception):
@@ -219,16 +226,7 @@ def time_fused(cfg, log, batches, ctxs, bw, grid_for, small=False):
                 cases.append((B, ctx, rot, config, jax.jit(fn, donate_argnums=(1,)), qkv, jnp.asarray(table), pos,
                               ((cache, cache),) * rot))
 
-    def compile_case(c):
-        try:
-            return c[4].lower(c[5], c[8], c[6], c[7]).compile()
-        except Exception as e:  # a configuration the compiler refuses: skip it, say why
-            return e
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(8) as pool:
-        compiled = list(pool.map(compile_case, cases))
-    log(f"fused: compiled {len(cases)} variants in {time.perf_counter() - t0:.0f}s")
+    compiled = compile_all([lambda c=c: c[4].lower(c[5], c[8], c[6], c[7]) for c in cases], log, "fused")
 
     def runner(case, exe):
         """(call, state): one timed call of the case on freshly filled caches of its own."""

@@ -251,9 +251,9 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Array,
 @dataclasses.dataclass(frozen=True)
 class FusedAttentionConfig:
     """Knobs of ``pallas_kernels.fused_attention.fused_decode_attention``: pages per loop step and Triton's
-    warps and pipeline stages. The defaults were within 2% of the best of the H200 sweep (4 x 3 x 3 knobs)
-    at batch 32, 64 and 256, summed over 192 and 1152 tokens; more pipeline stages cost up to 35% from
-    batch 64 up."""
+    warps and pipeline stages. Summed over 192 and 1152 tokens, the defaults were within 3% of the best knobs
+    of the H200 sweeps at batch 32, 64 and 128 (batch 256: ``FUSED_ATTENTION_TABLE``); more pipeline stages
+    cost up to 35% from batch 64 up (benchmarks/RESULTS.md, "Fused decode attention")."""
 
     block_pages: int = 4
     num_warps: int = 4
