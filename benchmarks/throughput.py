@@ -85,6 +85,10 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--small", action="store_true", help="tiny model dims (CPU smoke test)")
     parser.add_argument("--attention-impl", default="auto", help="EngineConfig.attention_impl for the decode steps")
+    parser.add_argument("--lora-impls", default="auto",
+                        help="comma-separated EngineConfig.lora_impl values: the adapter variants are timed under "
+                             "each (the first fills the table's columns; e.g. pallas_decode,pallas_segment to A/B "
+                             "the kernel forms in one run)")
     parser.add_argument("--tune-fused", default="",
                         help="comma-separated batches: first time the fused decode-attention kernel's knobs there "
                              "and use the fastest (the table to copy into FUSED_ATTENTION_TABLE is printed)")
@@ -118,7 +122,7 @@ def main():
     B_max = max(batches)
     ecfg = EngineConfig(max_num_seqs=B_max, page_size=16, num_lookahead=K, enable_lora=True, max_loras=args.max_loras,
                         max_lora_rank=16, warmup=False, max_num_batched_tokens=2048, max_prefill_chunk=512,
-                        num_kv_pages=1, attention_impl=args.attention_impl)
+                        num_kv_pages=1, attention_impl=args.attention_impl, lora_impl=args.lora_impls.split(",")[0])
     P = 1 << (-(-(max_len + K) // 16) - 1).bit_length()          # the runner's page-table width
     runner = ModelRunner(cfg, params, mesh, dataclass_replace(ecfg, num_kv_pages=B_max * P), B_max * P)
     runner.bank = random_bank(runner.bank, 16)
@@ -140,26 +144,29 @@ def main():
     variants = {"base": lambda B: None, "distinct": lambda B: 1 + np.arange(B) % args.max_loras,
                 "shared8": lambda B: 1 + np.arange(B) % 8}
 
-    def run(B, ctx, variant, prepared=None):
+    lora_impls = args.lora_impls.split(",")
+
+    def run(B, ctx, variant, prepared=None, lora_impl=lora_impls[0]):
         tokens, pos, active, table, rows, st, steps, lora = prepared or inputs(B, ctx, variants[variant](B))
         no_record = jnp.zeros(B, bool)
         res, _, runner.cache, runner.prompt_mask, runner.output_counts = _decode_steps(
             params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st, steps, runner.prompt_mask,
-            runner.output_counts, no_record, pos, num_steps=K, lora_impl=ecfg.lora_impl,
+            runner.output_counts, no_record, pos, num_steps=K, lora_impl=lora_impl,
             attention_impl=ecfg.attention_impl, needs_penalties=False, num_logprobs=0)
         return res
 
-    # compile every (batch, base|lora) variant in parallel threads (XLA compiles outside the GIL)
+    # compile every (batch, base|lora x impl) variant in parallel threads (XLA compiles outside the GIL)
     t = time.perf_counter()
     lowered = []
     for B in batches:
-        for variant in ("base", "distinct"):
-            tokens, pos, active, table, rows, st, steps, lora = inputs(B, 100, variants[variant](B))
-            lowered.append(_decode_steps.lower(params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st,
-                                               steps, runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool),
-                                               pos, num_steps=K,
-                                               lora_impl=ecfg.lora_impl, attention_impl=ecfg.attention_impl,
-                                               needs_penalties=False, num_logprobs=0))
+        for variant, impls in (("base", lora_impls[:1]), ("distinct", lora_impls)):
+            for impl in impls:
+                tokens, pos, active, table, rows, st, steps, lora = inputs(B, 100, variants[variant](B))
+                lowered.append(_decode_steps.lower(params, cfg, runner.cache, lora, tokens, pos, active, table, rows,
+                                                   st, steps, runner.prompt_mask, runner.output_counts,
+                                                   jnp.zeros(B, bool), pos, num_steps=K, lora_impl=impl,
+                                                   attention_impl=ecfg.attention_impl, needs_penalties=False,
+                                                   num_logprobs=0))
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda lw: lw.compile(), lowered))
     print(f"compiled {len(lowered)} decode variants in {time.perf_counter() - t:.0f}s")
@@ -170,20 +177,22 @@ def main():
         for B in batches:
             row = dict(prompt=prompt, new=new, ctx=ctx, batch=B)
             base_bytes = weight_bytes + B * (ctx + 1) * kv_token_bytes
-            for variant in ("base", "distinct", "shared8"):
+            cases = [("base", lora_impls[0])] + [(v, impl) for impl in lora_impls for v in ("distinct", "shared8")]
+            for variant, impl in cases:
                 prepared = jax.block_until_ready(inputs(B, ctx, variants[variant](B)))   # device time only
-                jax.block_until_ready(run(B, ctx, variant, prepared))
+                jax.block_until_ready(run(B, ctx, variant, prepared, impl))
                 times = []
                 for _ in range(args.iters):
                     t = time.perf_counter()
-                    jax.block_until_ready(run(B, ctx, variant, prepared))
+                    jax.block_until_ready(run(B, ctx, variant, prepared, impl))
                     times.append((time.perf_counter() - t) / K)
                 step = statistics.median(times)
                 distinct = 0 if variant == "base" else min(B, args.max_loras if variant == "distinct" else 8)
                 nbytes = base_bytes + distinct * slot_bytes
-                row[variant] = dict(step_ms=step * 1e3, tok_s=B / step, roofline_ms=nbytes / bw * 1e3,
-                                    pct_roofline=100 * nbytes / bw / step, adapter_bytes_ratio=distinct * slot_bytes /
-                                    base_bytes)
+                key = variant if impl == lora_impls[0] else f"{variant}@{impl}"
+                row[key] = dict(step_ms=step * 1e3, tok_s=B / step, roofline_ms=nbytes / bw * 1e3,
+                                pct_roofline=100 * nbytes / bw / step, adapter_bytes_ratio=distinct * slot_bytes /
+                                base_bytes, lora_impl=impl)
             rows_out.append(row)
             b, d, s = row["base"], row["distinct"], row["shared8"]
             print(f"p{prompt}/n{new} B={B:3d}: base {b['step_ms']:.2f} ms ({b['tok_s']:.0f} tok/s, "
@@ -192,6 +201,11 @@ def main():
                   f"+{100 * d['adapter_bytes_ratio']:.0f}%) | shared8 {s['step_ms']:.2f} ms "
                   f"(+{100 * (s['step_ms'] / b['step_ms'] - 1):.0f}% vs bytes +{100 * s['adapter_bytes_ratio']:.0f}%)",
                   flush=True)
+            for impl in lora_impls[1:]:
+                d, s = row[f"distinct@{impl}"], row[f"shared8@{impl}"]
+                print(f"    lora_impl={impl}: distinct {d['step_ms']:.2f} ms "
+                      f"(+{100 * (d['step_ms'] / b['step_ms'] - 1):.0f}%) | shared8 {s['step_ms']:.2f} ms "
+                      f"(+{100 * (s['step_ms'] / b['step_ms'] - 1):.0f}%)", flush=True)
 
     # host time per decode step at the largest batch: the runner's input assembly + dispatch + result copy,
     # against device-only time, and the scheduler's schedule() for the same batch
@@ -240,7 +254,7 @@ def main():
             json.dump(dict(device=jax.devices()[0].device_kind, hbm_tb_s=bw / 1e12, weight_bytes=weight_bytes,
                            attention_table={str(b): str(c) for b, c in tuned.items()},
                            fused_attention_table={str(b): str(c) for b, c in attention.FUSED_ATTENTION_TABLE.items()},
-                           attention_impl=args.attention_impl,
+                           attention_impl=args.attention_impl, lora_impls=lora_impls,
                            slot_bytes=slot_bytes, lookahead=K, rows=rows_out, host=host), f, indent=1)
 
 

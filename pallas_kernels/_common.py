@@ -13,6 +13,8 @@ every implementation here masks them before they touch an output.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -107,6 +109,55 @@ def group_tokens(slot_ids, num_slots: int, block_m: int):
     perm = jnp.pad(perm, (0, tp - t), mode="edge")
     sorted_slots = jnp.pad(sorted_slots, (0, tp - t), mode="edge")
     return perm, sorted_slots
+
+
+class SegmentTiles(NamedTuple):
+    """Tokens sorted by slot and cut into tiles of at most ``block_m`` tokens of one slot (``segment_tiles``).
+
+    Attributes:
+      perm: [T] int32, token index of each sorted position.
+      start: [N] int32, first sorted position of each tile.
+      length: [N] int32, tokens in each tile (0 for the unused tiles at the end).
+      slot: [N] int32, the tile's slot (that of its first token; meaningless where length is 0).
+    """
+
+    perm: jax.Array
+    start: jax.Array
+    length: jax.Array
+    slot: jax.Array
+
+
+def max_segment_tiles(num_tokens: int, num_slots: int, block_m: int) -> int:
+    """Static bound on the tiles of ``segment_tiles``: each of the <= min(T, S) non-empty slots needs
+    ceil(n_s / block_m) <= n_s / block_m + 1 tiles, and no tile is empty."""
+    return min(num_tokens, -(-num_tokens // block_m) + min(num_tokens, num_slots))
+
+
+def segment_tiles(slot_ids, num_slots: int, block_m: int) -> SegmentTiles:
+    """Groups tokens by slot into tiles of one slot each, for the segment (grouped decode) kernels.
+
+    Unlike ``group_tokens`` no tile mixes slots, so a tile runs one dot against one adapter; the price is a
+    data-dependent tile count, padded to the static bound ``max_segment_tiles`` with empty tiles. Plain XLA
+    (a sort and a few scans over T); the decoder computes it once per step and every layer reuses it.
+    """
+    t = slot_ids.shape[0]
+    n_max = max_segment_tiles(t, num_slots, block_m)
+    perm, sorted_slots = group_tokens(slot_ids, num_slots, 1)
+    pos = jnp.arange(t, dtype=jnp.int32)
+    new_seg = jnp.concatenate([jnp.ones((1,), bool), sorted_slots[1:] != sorted_slots[:-1]])
+    seg_start = lax.cummax(jnp.where(new_seg, pos, 0))
+    opens = (pos - seg_start) % block_m == 0  # a tile starts at each segment start and every block_m after
+    tile = jnp.cumsum(opens.astype(jnp.int32)) - 1  # [T] tile of each sorted position
+    start = jnp.zeros((n_max,), jnp.int32).at[jnp.where(opens, tile, n_max)].set(pos, mode="drop")
+    length = jnp.zeros((n_max,), jnp.int32).at[tile].add(1)
+    return SegmentTiles(perm=perm, start=start, length=length, slot=sorted_slots[start])
+
+
+def tile_tokens(i, perm_ref, start_ref, len_ref, block_m: int):
+    """Inside a segment kernel: the token of each row of tile i, [block_m] int32. Rows past the tile's length
+    repeat its last token; their results equal that row's, so storing them is harmless."""
+    rows = start_ref[i] + jnp.minimum(lax.broadcasted_iota(jnp.int32, (block_m,), 0), len_ref[i] - 1)
+    return perm_ref[rows]
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:

@@ -18,7 +18,11 @@ Backends (``backend=``):
 
 Forms (``form=``): "decode" (BGMV: one program per token, tokens in any order), "prefill" (SGMV: tokens
 sorted by slot inside jit, tiles of sorted rows, tensor-core dots, results scattered back to token order) or
-"auto" (prefill when T >= ``PREFILL_MIN_TOKENS`` and R >= 16, the dot's minimum).
+"auto" (prefill when T >= ``PREFILL_MIN_TOKENS`` and R >= 16, the dot's minimum). The multi-slice delta op
+(``lora_shrink_expand_multi(..., delta=True)``, the decoder's decode path) has a third form, "segment":
+tokens sorted by slot into tiles of one slot each (``_common.segment_tiles``, which the decoder builds once
+per step), so a tile reads its adapter once for up to ``SEGMENT_BLOCK_M`` tokens where the decode form reads
+it once per token; "auto" picks it for SEGMENT_MIN_TOKENS <= T < PREFILL_MIN_TOKENS and R >= 16.
 
 Every op is a pure function of its (local) arrays with static shapes: it jits, runs inside ``jax.shard_map``
 and has a ``jax.custom_vjp`` (gradients for x, a, b and h; none for slot_ids and ranks) whose backward pass is
@@ -38,8 +42,10 @@ from pallas_kernels.expand import ref_lora_expand
 from pallas_kernels.shrink import ref_lora_shrink
 
 BACKENDS = ("reference", "triton", "tpu")
-FORMS = ("auto", "decode", "prefill")
+FORMS = ("auto", "decode", "prefill", "segment")
 PREFILL_MIN_TOKENS = 512  # measured on the H200: see benchmarks/KERNELS_NOTES.md
+SEGMENT_MIN_TOKENS = 128  # measured in the decode step on the H200: benchmarks/RESULTS.md, "Segment LoRA"
+SEGMENT_BLOCK_M = 16  # rows per segment tile: the tensor-core dot's minimum
 
 
 def gpu_backend() -> str:
@@ -95,6 +101,8 @@ def _pick(backend, interpret, r_max, dims):
 def _pick_form(form: str, num_tokens: int, r_max: int) -> str:
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form == "segment":
+        raise ValueError('form="segment" is only for lora_shrink_expand_multi(..., delta=True)')
     if form == "auto":
         return "prefill" if (num_tokens >= PREFILL_MIN_TOKENS and r_max >= 16) else "decode"
     if form == "prefill" and r_max < 16:
@@ -256,12 +264,46 @@ def _fused_core_bwd(backend, form, interpret, res, dy):
 _fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
 
 
-def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret, delta):
+def multi_form(form: str, num_tokens: int, r_max: int, delta: bool) -> str:
+    """The form ``lora_shrink_expand_multi`` runs for T tokens at rank R (on the Triton backend)."""
+    if form == "segment":
+        if not delta or r_max < 16:
+            raise ValueError(f'form="segment" needs delta=True and R >= 16 (tensor-core dot), got R={r_max}')
+        return form
+    if form == "auto" and delta and r_max >= 16 and SEGMENT_MIN_TOKENS <= num_tokens < PREFILL_MIN_TOKENS:
+        return "segment"
+    return _pick_form(form, num_tokens, r_max)
+
+
+def segment_tiles_for(slot_ids, num_slots: int, r_max: int, *, form: str = "auto", delta: bool = True,
+                      backend: str | None = None, interpret: bool = False):
+    """The segment tiles ``lora_shrink_expand_multi`` would build for these tokens (same form, delta, backend
+    and interpret), or None when it would not run the segment form. Build them once and pass them to every
+    call that shares the slot ids (the decoder does, once per step)."""
+    if (resolve_backend(backend, interpret) != "triton"
+            or multi_form(form, slot_ids.shape[0], r_max, delta) != "segment"):
+        return None
+    return _common.segment_tiles(slot_ids.astype(jnp.int32), num_slots, SEGMENT_BLOCK_M)
+
+
+def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, form, interpret, delta):
     """Slices sharing x and one ranks vector: returns (outputs, per-slice h [T, R] float32).
 
-    ``delta``: the Triton decode form computes the deltas into fresh arrays and adds them with XLA (for ys
-    that are slices of one fused projection output) instead of updating each y in place."""
+    ``delta``: the Triton decode and segment forms compute the deltas into fresh arrays and add them with XLA
+    (for ys that are slices of one fused projection output) instead of updating each y in place.
+    ``tiles``: prebuilt ``_common.SegmentTiles`` for the segment form, or None (built here when needed)."""
     same_r = len({a.shape[2] for a in a_slices} | {b.shape[1] for b in b_slices}) == 1
+    picked = multi_form(form, x.shape[0], a_slices[0].shape[2], delta) if same_r else None
+    if backend == "triton" and picked == "segment":
+        if tiles is None:
+            tiles = _common.segment_tiles(slot_ids, a_slices[0].shape[0], SEGMENT_BLOCK_M)
+        hp = shrink.seg_shrink_partials_multi(x, a_slices, tiles, ranks, block_m=SEGMENT_BLOCK_M,
+                                              interpret=interpret)
+        deltas = expand.seg_delta_multi(ys[0].dtype, hp, b_slices, tiles, ranks, block_m=SEGMENT_BLOCK_M,
+                                        interpret=interpret)
+        return tuple(y + d for y, d in zip(ys, deltas)), tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
+    if picked == "segment":  # other backends: their own default form
+        form = "auto"
     if backend == "triton" and same_r and _pick_form(form, x.shape[0], a_slices[0].shape[2]) == "decode":
         hp = shrink.bgmv_shrink_partials_multi(x, a_slices, slot_ids, ranks, interpret=interpret)
         hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
@@ -274,13 +316,13 @@ def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, in
     return tuple(o for o, _ in res), tuple(jnp.sum(hp, axis=0) for _, hp in res)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _multi_core(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret, delta):
-    return _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret, delta)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _multi_core(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, form, interpret, delta):
+    return _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, form, interpret, delta)[0]
 
 
-def _multi_core_fwd(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret, delta):
-    outs, hs = _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, backend, form, interpret, delta)
+def _multi_core_fwd(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, form, interpret, delta):
+    outs, hs = _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, form, interpret, delta)
     return outs, (x, a_slices, b_slices, hs, slot_ids, ranks)
 
 
@@ -291,7 +333,7 @@ def _multi_core_bwd(backend, form, interpret, delta, res, dys):
         dh, db = _expand_bwd_math(h, b, slot_ids, ranks, dy)
         dx_i, da = _shrink_bwd_math(x, a, slot_ids, ranks, dh)
         dx, das, dbs = dx + dx_i, das + [da], dbs + [db]
-    return tuple(dys), dx, tuple(das), tuple(dbs), None, None
+    return tuple(dys), dx, tuple(das), tuple(dbs), None, None, None
 
 
 _multi_core.defvjp(_multi_core_fwd, _multi_core_bwd)
@@ -365,7 +407,7 @@ def lora_shrink_expand(y, x, a, b, slot_ids, ranks, *, backend=None, form="auto"
 
 
 def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, form="auto", interpret=False,
-                             delta=False):
+                             delta=False, tiles=None):
     """Multi-slice LoRA for projections that share one input (q/k/v, gate/up).
 
     Args:
@@ -375,12 +417,14 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
       slot_ids: [T] int32.
       ranks: [S] int32 shared by all slices (an adapter bank: the Triton decode form then runs every slice
         in one shrink and one expand launch), or a tuple of one [S] array per slice (one call per slice).
-      backend, form, interpret: as in ``lora_shrink``.
-      delta: the Triton decode form writes the deltas into fresh arrays and adds them with XLA, which fuses
-        each add into the output's consumer, instead of updating each y in place. For ys that are slices of
+      backend, interpret: as in ``lora_shrink``.
+      form: as in ``lora_shrink``, plus "segment" (needs ``delta``; see the module docstring).
+      delta: the Triton decode and segment forms write the deltas into fresh arrays and add them with XLA,
+        which fuses each add into the output's consumer, instead of updating each y in place. For ys that are slices of
         one fused projection output (in place, XLA would first copy every slice out), and for outputs whose
         consumer can take the add (the decoder's residual adds). Same result up to the rounding of the delta
         to y's dtype before the add.
+      tiles: the segment form's tiles from ``segment_tiles_for`` (built here when None).
 
     Returns:
       tuple of y_out[i]: [T, O_i] in ys[i].dtype.
@@ -401,8 +445,12 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
     # every slice must suit the backend (the fallback for mixed ranks runs one slice at a time)
     chosen = {_pick(backend, interpret, a.shape[2], (x.shape[1], y.shape[1])) for y, (a, _) in zip(ys, adapters)}
     chosen = "reference" if "reference" in chosen else chosen.pop()
+    if form == "segment":
+        if len({a.shape[2] for a, _ in adapters} | {b.shape[1] for _, b in adapters}) != 1:
+            raise ValueError('form="segment" needs one R across the slices')
+        multi_form(form, x.shape[0], adapters[0][0].shape[2], delta)  # needs delta and R >= 16
     return _multi_core(tuple(ys), x, tuple(a for a, _ in adapters), tuple(b for _, b in adapters),
-                       slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), chosen, form, interpret, delta)
+                       slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), tiles, chosen, form, interpret, delta)
 
 
 def lora_shrink_multi(x, a_slices, slot_ids, ranks, *, backend=None, form="auto", interpret=False):

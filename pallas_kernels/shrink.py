@@ -276,3 +276,86 @@ def sgmv_shrink_partials(
         name="lora_sgmv_shrink",
     )(*args)
     return h
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Segment form (grouped decode): tiles of up to block_m tokens of one slot, several A's sharing x.
+
+
+def _seg_shrink_multi_kernel(perm_ref, start_ref, len_ref, tslot_ref, rank_ref, x_ref, *refs, block_m, block_k,
+                             k_per_split):
+    # perm_ref [T], start_ref/len_ref/tslot_ref [N] int32 (``_common.SegmentTiles``); rank_ref [S];
+    # x_ref [T, H]; refs: n a_refs [S, H, R], then h_ref [n, n_split, T, R] f32. Grid: (tile, H-slice, slice).
+    *a_refs, h_ref = refs
+    i, sp, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    r_max = a_refs[0].shape[2]
+    cols = lax.broadcasted_iota(jnp.int32, (block_k, r_max), 1)
+    n_k = k_per_split // block_k
+
+    @pl.when(len_ref[i] > 0)  # tiles past the data-dependent count are empty
+    def _():
+        toks = _common.tile_tokens(i, perm_ref, start_ref, len_ref, block_m)
+        s = tslot_ref[i]
+        rank = rank_ref[s]
+        for ii, a_ref in enumerate(a_refs):
+            @pl.when(j == ii)
+            def _(a_ref=a_ref, ii=ii):
+                def k_step(step, acc, masked):
+                    k0 = pl.multiple_of(sp * k_per_split + step * block_k, block_k)
+                    xv = x_ref[toks, pl.ds(k0, block_k)]  # [BM, BK] rows gathered by token index
+                    if masked:  # rank < R: dead columns are not read
+                        av = plgpu.load(a_ref.at[s, pl.ds(k0, block_k), :], mask=cols < rank, other=0)
+                    else:
+                        av = a_ref[s, pl.ds(k0, block_k), :]
+                    return acc + jnp.dot(xv, av.astype(xv.dtype), preferred_element_type=jnp.float32)
+
+                zero = jnp.zeros((block_m, r_max), jnp.float32)
+                full = lambda: lax.fori_loop(0, n_k, functools.partial(k_step, masked=False), zero)
+                some = lambda: lax.fori_loop(0, n_k, functools.partial(k_step, masked=True), zero)
+                acc = lax.cond(rank >= r_max, full, lambda: lax.cond(rank > 0, some, lambda: zero))
+                h_ref[ii, sp, toks, :] = acc
+
+
+def seg_block_sizes(num_tokens: int, hidden: int, n_slices: int, block_m: int) -> tuple[int, int]:
+    """Default (block_k, n_split) of the segment shrink: enough programs (>= ~512) even when every tile is
+    full (the fewest tiles, T / block_m), each program keeping >= 512 of H."""
+    block_k = _common.largest_pow2_divisor(hidden, 128)
+    min_tiles = max(1, num_tokens // block_m)
+    n_split = 1
+    while (min_tiles * n_slices * n_split < 512 and hidden // (n_split * 2) >= 512
+           and (hidden // block_k) % (n_split * 2) == 0):
+        n_split *= 2
+    return block_k, n_split
+
+
+def seg_shrink_partials_multi(x, a_slices, tiles, ranks, *, block_m, block_k=None, n_split=None, num_warps=4,
+                              num_stages=2, interpret=False):
+    """Segment-form shrink of several A's that share x, in one launch (Pallas Triton lowering; R >= 16).
+
+    Args:
+      x: [T, H]; a_slices: tuple of n [S, H, R] banks (same H and R); ranks: [S] int32.
+      tiles: ``_common.segment_tiles(slot_ids, S, block_m)``.
+      block_m: the tiles' row count (16 or more: a tensor-core dot).
+      block_k, n_split: H-chunk per loop step and number of H-slices (defaults from ``seg_block_sizes``).
+
+    Returns:
+      h_partials: [n, n_split, T, R] float32 in token order; ``h_partials[i]`` sum over axis 0 to slice i's h.
+    """
+    t, hidden = x.shape
+    r_max = a_slices[0].shape[2]
+    dk, dn = seg_block_sizes(t, hidden, len(a_slices), block_m)
+    block_k, n_split = block_k or dk, n_split or dn
+    if hidden % (block_k * n_split):
+        raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
+    kernel = functools.partial(_seg_shrink_multi_kernel, block_m=block_m, block_k=block_k,
+                               k_per_split=hidden // n_split)
+    args = _common.match_vma(tiles.perm, tiles.start, tiles.length, tiles.slot, ranks.astype(jnp.int32), x,
+                             *a_slices)
+    return pl.pallas_call(
+        kernel,
+        out_shape=_common.out_struct((len(a_slices), n_split, t, r_max), jnp.float32, *args),
+        grid=(tiles.start.shape[0], n_split, len(a_slices)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lora_seg_shrink_multi",
+    )(*args)

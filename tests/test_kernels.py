@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import lora
-from pallas_kernels._common import group_tokens
+from pallas_kernels._common import group_tokens, max_segment_tiles, segment_tiles
 from pallas_kernels.expand import ref_lora_expand
 from pallas_kernels.shrink import ref_lora_shrink
 
@@ -150,7 +150,8 @@ def _slice_like(seed, ranks, t, hidden, out_dim, r_max, dtype):
 
 @pytest.mark.parametrize("form,dtype,delta", [("decode", jnp.float32, False), ("decode", jnp.bfloat16, False),
                                               ("decode", jnp.float32, True), ("decode", jnp.bfloat16, True),
-                                              ("prefill", jnp.float32, False)])
+                                              ("prefill", jnp.float32, False), ("segment", jnp.float32, True),
+                                              ("segment", jnp.bfloat16, True)])
 @SETTINGS
 @given(groups=group_sizes_st, seed=st.integers(0, 2**31 - 1))
 def test_multi_slice_one_bank_matches_reference(form, dtype, delta, groups, seed):
@@ -172,8 +173,8 @@ def test_multi_slice_one_bank_matches_reference(form, dtype, delta, groups, seed
         np.testing.assert_array_equal(np.asarray(out)[base], np.asarray(yy)[base])   # rank 0: untouched
 
 
-@pytest.mark.parametrize("delta", [False, True])
-def test_multi_slice_gradients_match_reference(delta):
+@pytest.mark.parametrize("form,delta", [("decode", False), ("decode", True), ("segment", True)])
+def test_multi_slice_gradients_match_reference(form, delta):
     x, y, a, b, slot_ids, ranks = make_inputs(3, [4, 7, 0, 9], 128, 256, 16, jnp.float32)
     y2, a2, b2 = _slice_like(4, ranks, x.shape[0], 128, 128, 16, jnp.float32)
     w = (jax.random.normal(jax.random.key(1), y.shape), jax.random.normal(jax.random.key(2), y2.shape))
@@ -183,7 +184,7 @@ def test_multi_slice_gradients_match_reference(delta):
         return sum(jnp.sum(wi * o) for wi, o in zip(w, outs))
 
     kernel = functools.partial(lora.lora_shrink_expand_multi, slot_ids=slot_ids, ranks=ranks, backend="triton",
-                               form="decode", interpret=True, delta=delta)
+                               form=form, interpret=True, delta=delta)
 
     def reference(ys, x_, adapters):
         return tuple(ref_lora_expand(yy, ref_lora_shrink(x_, aa, slot_ids, ranks), bb, slot_ids, ranks)
@@ -228,6 +229,47 @@ def test_group_tokens_pads_with_last_row():
     assert perm.shape == (8,) and sorted_slots.shape == (8,)
     np.testing.assert_array_equal(np.asarray(sorted_slots), [0, 0, 1, 3, 3, 3, 3, 3])
     np.testing.assert_array_equal(np.asarray(slot_ids)[np.asarray(perm)], np.asarray(sorted_slots))
+
+
+@SETTINGS
+@given(slots=st.lists(st.integers(0, 6), min_size=1, max_size=70), block_m=st.sampled_from([1, 4, 16]))
+def test_segment_tiles_cover_every_token_once(slots, block_m):
+    slot_ids = jnp.asarray(slots, jnp.int32)
+    tiles = jax.jit(segment_tiles, static_argnums=(1, 2))(slot_ids, 7, block_m)
+    perm, start, length, slot = (np.asarray(v) for v in tiles)
+    assert start.shape == (max_segment_tiles(len(slots), 7, block_m),)
+    assert sorted(perm.tolist()) == list(range(len(slots)))
+    used = length > 0
+    assert used.sum() == sum(-(-slots.count(s) // block_m) for s in set(slots))   # the fewest tiles
+    assert np.all(length[used.argmin():] == 0) if not used.all() else True       # empty tiles at the end
+    covered = []
+    for st_, n, s in zip(start[used], length[used], slot[used]):
+        assert 1 <= n <= block_m
+        toks = perm[st_:st_ + n]
+        assert np.all(np.asarray(slots)[toks] == s)                               # one slot per tile
+        covered += toks.tolist()
+    assert sorted(covered) == list(range(len(slots)))                             # every token exactly once
+
+
+def test_segment_form_validation():
+    x, y, a, b, slot_ids, ranks = make_inputs(1, [3, 4, 2], 128, 128, 16, jnp.float32)
+    kw = dict(backend="triton", form="segment", interpret=True)
+    with pytest.raises(ValueError, match="delta=True"):
+        lora.lora_shrink_expand_multi((y,), x, ((a, b),), slot_ids, ranks, **kw)
+    with pytest.raises(ValueError, match="R >= 16"):
+        lora.lora_shrink_expand_multi((y,), x, ((a[:, :, :8], b[:, :8]),), slot_ids, ranks, delta=True, **kw)
+    with pytest.raises(ValueError, match="one R"):
+        lora.lora_shrink_expand_multi((y, y), x, ((a, b), (a[:, :, :8], b[:, :8])), slot_ids, ranks, delta=True,
+                                      **kw)
+    with pytest.raises(ValueError, match="only for lora_shrink_expand_multi"):
+        lora.lora_shrink(x, a, slot_ids, ranks, **kw)
+    # auto picks the segment form from SEGMENT_MIN_TOKENS tokens (R >= 16, deltas), and builds its tiles
+    assert lora.multi_form("auto", lora.SEGMENT_MIN_TOKENS, 16, True) == "segment"
+    assert lora.multi_form("auto", lora.SEGMENT_MIN_TOKENS - 1, 16, True) == "decode"
+    assert lora.multi_form("auto", lora.SEGMENT_MIN_TOKENS, 8, True) == "decode"
+    assert lora.multi_form("auto", lora.SEGMENT_MIN_TOKENS, 16, False) == "decode"
+    assert lora.segment_tiles_for(slot_ids, 3, 16) is None                          # CPU: the reference runs
+    assert lora.segment_tiles_for(slot_ids, 3, 16, form="segment", backend="triton", interpret=True) is not None
 
 
 def test_backend_resolution_and_validation():

@@ -151,9 +151,12 @@ def test_routing_formulations_agree(setup):
         assert_matches_peft(setup, adapters, PROMPTS, lp), impl
 
 
-# "pallas_gpu_fused" takes the LoRA terms of q/k/v as deltas into its kernel (Pallas interpreter on CPU)
-@pytest.mark.parametrize("decode_attention", ["auto", "pallas_gpu_fused"])
-def test_decode_with_adapters_equals_full_forward(setup, decode_attention):
+# "pallas_gpu_fused" takes the LoRA terms of q/k/v as deltas into its kernel; "pallas_decode" and
+# "pallas_segment" run the GPU LoRA kernels of that form (all three in the Pallas interpreter on CPU)
+@pytest.mark.parametrize("decode_attention,lora_impl", [("auto", "auto"), ("pallas_gpu_fused", "auto"),
+                                                        ("auto", "pallas_decode"),
+                                                        ("pallas_gpu_fused", "pallas_segment")])
+def test_decode_with_adapters_equals_full_forward(setup, decode_attention, lora_impl):
     if setup.family not in ("llama", "gemma"):
         pytest.skip("decode routing is family-independent; two families suffice")
     server = Server(setup, max_loras=3)
@@ -171,7 +174,7 @@ def test_decode_with_adapters_equals_full_forward(setup, decode_attention):
     for t in range(4):
         logits, cache = forward_logits(setup.params, cfg, jnp.asarray([[s[t]] for s in steps], jnp.int32),
                                        jnp.full(B, 4 + t, jnp.int32), jnp.ones(B, jnp.int32), table, cache, lora,
-                                       attention_impl=decode_attention)
+                                       lora_impl=lora_impl, attention_impl=decode_attention)
         decoded.append(np.asarray(jax.nn.log_softmax(logits[:, 0], axis=-1)))
     server.release(adapters)
     for i, adapter in enumerate(adapters):

@@ -8,7 +8,10 @@ formulations behind one function (``impl``):
   Reads each slot's weights once (no per-row copies) at the cost of ``S`` times the (tiny) low-rank flops;
   decode-only (``T == 1``), where its extra flops are negligible.
 - ``"ragged"``: tokens sorted by slot and two ``lax.ragged_dot`` grouped matmuls (SGMV-like).
-- ``"pallas"``: the gathered low-rank Pallas kernels of ``pallas_kernels.lora`` (BGMV/SGMV per shape).
+- ``"pallas"``: the gathered low-rank Pallas kernels of ``pallas_kernels.lora``, the form picked per shape
+  (BGMV, segment or SGMV); off GPU/TPU their jnp reference.
+- ``"pallas_decode"``, ``"pallas_segment"``: the same with the GPU form forced (one program per token, or
+  tiles of same-adapter tokens); off GPU/TPU the Triton kernels run in the Pallas interpreter (tests).
 
 Measured choices are in ``benchmarks/RESULTS.md``; ``default_impl`` holds the winner per shape and platform.
 """
@@ -23,7 +26,16 @@ from jmlora.lora.bank import AdapterBank, TargetBank
 
 Array = jax.Array
 
-LORA_IMPLS = ("gather", "onehot", "ragged", "pallas")
+LORA_IMPLS = ("gather", "onehot", "ragged", "pallas", "pallas_decode", "pallas_segment")
+_PALLAS_FORMS = {"pallas": "auto", "pallas_decode": "decode", "pallas_segment": "segment"}
+
+
+def _pallas_options(impl: str) -> dict:
+    """``pallas_kernels.lora`` keyword arguments of a "pallas*" impl."""
+    form = _PALLAS_FORMS[impl]
+    if form == "auto" or jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
+        return dict(form=form)
+    return dict(form=form, backend="triton", interpret=True)
 
 
 def default_impl(num_new_tokens: int, batch: int, platform: str) -> str:
@@ -99,7 +111,9 @@ def lora_delta(x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: st
         ys = jax.lax.ragged_dot(h, tb.b, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
         y = jnp.zeros_like(ys).at[order].set(ys)                                        # unsort
         return y.reshape(B, T, -1)
-    if impl == "pallas":
+    if impl in _PALLAS_FORMS:
+        if impl != "pallas":  # a forced GPU form: the fused multi-slice op, whose h is not rounded in between
+            return apply_lora(jnp.zeros((B, T, tb.b.shape[-1]), x.dtype), x, tb, slot_ids, ranks, impl)
         from pallas_kernels.lora import lora_expand, lora_shrink
 
         token_slots = jnp.repeat(slot_ids, T)
@@ -110,13 +124,27 @@ def lora_delta(x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: st
     raise ValueError(f"unknown lora impl {impl!r}")
 
 
-def apply_lora(y: Array, x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: str) -> Array:
+def segment_tiles(lora: LoRABatch, num_new_tokens: int, impl: str):
+    """The "pallas*" kernels' segment tiles for this batch (tokens grouped by slot), or None where they run
+    another form. Built once per forward and shared by every layer's LoRA calls (``apply_lora``'s ``tiles``)."""
+    from pallas_kernels.lora import segment_tiles_for
+
+    tb = next(iter(lora.bank.layers[0].values()), None) if lora.bank.layers else None
+    if impl not in _PALLAS_FORMS or tb is None:
+        return None
+    return segment_tiles_for(jnp.repeat(lora.slot_ids, num_new_tokens), lora.bank.num_slots, tb.a.shape[2],
+                             **_pallas_options(impl))
+
+
+def apply_lora(y: Array, x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: str,
+               tiles=None) -> Array:
     """``y`` plus the LoRA term of one projection (``lora_delta``), in y's dtype.
 
     Args:
       y: ``[B, T, ...out]`` the base projection's output.
       x: ``[B, T, in]`` its input.
       tb, slot_ids, ranks, impl: as in ``lora_delta``.
+      tiles: "pallas" only: ``segment_tiles`` of this batch (None: built inside when the kernels need them).
 
     The "pallas" formulation runs one shrink and one expand kernel; the shrink's float32 partial sums go
     straight into the expand, so h is not rounded to x's dtype in between as PEFT rounds it: the result is the
@@ -126,17 +154,18 @@ def apply_lora(y: Array, x: Array, tb: TargetBank, slot_ids: Array, ranks: Array
     ``lora_delta``.
     """
     B, T = x.shape[:2]
-    if impl == "pallas":
+    if impl in _PALLAS_FORMS:
         from pallas_kernels.lora import lora_shrink_expand_multi
 
         (out,) = lora_shrink_expand_multi((y.reshape(B * T, -1),), x.reshape(B * T, -1), ((tb.a, tb.b),),
-                                          jnp.repeat(slot_ids, T), ranks, delta=True)
+                                          jnp.repeat(slot_ids, T), ranks, delta=True, tiles=tiles,
+                                          **_pallas_options(impl))
         return out.reshape(y.shape)
     return y + lora_delta(x, tb, slot_ids, ranks, impl).reshape(y.shape).astype(y.dtype)
 
 
 def apply_lora_group(ys: tuple[Array, ...], x: Array, tbs: tuple[TargetBank, ...], slot_ids: Array, ranks: Array,
-                     impl: str) -> tuple[Array, ...]:
+                     impl: str, tiles=None) -> tuple[Array, ...]:
     """``apply_lora`` for projections that share their input x (q/k/v, gate/up).
 
     With "pallas" every projection's LoRA term comes from one shrink and one expand launch (decode form);
@@ -144,11 +173,12 @@ def apply_lora_group(ys: tuple[Array, ...], x: Array, tbs: tuple[TargetBank, ...
     inside each output's consumer (as in ``apply_lora``): the ys are usually slices of one fused projection
     output, which updating in place would first copy out (``lora_shrink_expand_multi``'s ``delta``).
     """
-    if impl != "pallas":
-        return tuple(apply_lora(y, x, tb, slot_ids, ranks, impl) for y, tb in zip(ys, tbs))
+    if impl not in _PALLAS_FORMS:
+        return tuple(apply_lora(y, x, tb, slot_ids, ranks, impl, tiles) for y, tb in zip(ys, tbs))
     from pallas_kernels.lora import lora_shrink_expand_multi
 
     B, T = x.shape[:2]
     outs = lora_shrink_expand_multi(tuple(y.reshape(B * T, -1) for y in ys), x.reshape(B * T, -1),
-                                    tuple((tb.a, tb.b) for tb in tbs), jnp.repeat(slot_ids, T), ranks, delta=True)
+                                    tuple((tb.a, tb.b) for tb in tbs), jnp.repeat(slot_ids, T), ranks, delta=True,
+                                    tiles=tiles, **_pallas_options(impl))
     return tuple(o.reshape(y.shape) for o, y in zip(outs, ys))
