@@ -9,8 +9,9 @@ Parts (all on the Llama-3-8B shape, bf16, random weights made on the device):
   scatters + ``pallas_gpu``'s kernel against the fused RoPE + cache write + attention kernel over its knobs
   (``fused_grid``); the fastest knobs per batch fill ``attention.FUSED_ATTENTION_TABLE`` for the step part.
 - ``step``: the engine's jitted decode step (``_decode_steps``) under the JAX profiler, per kernel family
-  (``benchmarks/device_profile.py``), base and every-row-its-own-adapter, at the given batches, for each
-  attention implementation in ``--step-attention``.
+  (``benchmarks/device_profile.py``) at the given batches: the ``--step-variants`` (base, every row its own
+  adapter, 8 shared adapters) under each attention implementation in ``--step-attention`` and each LoRA
+  implementation in ``--step-lora``.
 - ``lora``: the LoRA kernels of issue 4 (prefill and decode shapes) under the profiler, per kernel.
 
     PYTHONPATH=. python benchmarks/decode_profile.py --parts attn,fused,step,lora --out $OUT
@@ -304,7 +305,8 @@ def time_fused(cfg, log, batches, ctxs, bw, grid_for, small=False):
     return results
 
 
-def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("auto",)):
+def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("auto",), lora_impls=("auto",),
+                 variants=("base", "distinct")):
     ecfg = EngineConfig(max_num_seqs=max(batches), page_size=16, num_lookahead=K, enable_lora=True, max_loras=64,
                         max_lora_rank=16, warmup=False, max_num_batched_tokens=2048, max_prefill_chunk=512,
                         num_kv_pages=max(batches) * P_WIDTH)
@@ -312,20 +314,24 @@ def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("au
     runner.bank = random_bank(runner.bank, 16)
     greedy = SamplingParams(temperature=0.0)
     cases = []
+    adapters = {"distinct": 64, "shared8": 8}
     for B in batches:
-        for variant in ("base", "distinct"):
+        for variant in variants:
             for attn in attention_impls:
-                st = SamplingTensors.from_params([greedy] * B, [0] * B, B)
-                table = jnp.asarray(np.arange(B * P_WIDTH, dtype=np.int32).reshape(B, P_WIDTH))
-                lora = None if variant == "base" else LoRABatch(runner.bank, jnp.asarray(1 + np.arange(B) % 64,
-                                                                                          jnp.int32))
-                pos = jnp.full(B, ctx, jnp.int32)
-                args = (lora, jnp.full(B, 5, jnp.int32), pos, jnp.ones(B, bool), table,
-                        jnp.arange(B, dtype=jnp.int32), st, jnp.zeros(B, jnp.int32))
-                lowered = model_runner._decode_steps.lower(
-                    params, cfg, runner.cache, *args, runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool),
-                    pos, num_steps=K, lora_impl="auto", attention_impl=attn, needs_penalties=False, num_logprobs=0)
-                cases.append((B, f"{variant} {attn}", args, lowered))
+                for impl in lora_impls[:1] if variant == "base" else lora_impls:
+                    st = SamplingTensors.from_params([greedy] * B, [0] * B, B)
+                    table = jnp.asarray(np.arange(B * P_WIDTH, dtype=np.int32).reshape(B, P_WIDTH))
+                    lora = None if variant == "base" else LoRABatch(
+                        runner.bank, jnp.asarray(1 + np.arange(B) % adapters[variant], jnp.int32))
+                    pos = jnp.full(B, ctx, jnp.int32)
+                    args = (lora, jnp.full(B, 5, jnp.int32), pos, jnp.ones(B, bool), table,
+                            jnp.arange(B, dtype=jnp.int32), st, jnp.zeros(B, jnp.int32))
+                    lowered = model_runner._decode_steps.lower(
+                        params, cfg, runner.cache, *args, runner.prompt_mask, runner.output_counts,
+                        jnp.zeros(B, bool), pos, num_steps=K, lora_impl=impl, attention_impl=attn,
+                        needs_penalties=False, num_logprobs=0)
+                    label = f"{variant} {attn}" + ("" if variant == "base" else f" {impl}")
+                    cases.append((B, label, args, lowered))
     t = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
         compiled = list(pool.map(lambda c: c[3].compile(), cases))
@@ -373,6 +379,8 @@ def main():
     p.add_argument("--fused-grid", default="default", choices=("default", "full"),
                    help="the fused kernel's knobs to time: the default configuration or fused_grid()")
     p.add_argument("--step-attention", default="auto", help="comma-separated attention impls for the step part")
+    p.add_argument("--step-lora", default="auto", help="comma-separated lora impls for the step part")
+    p.add_argument("--step-variants", default="base,distinct", help="of base, distinct (64 adapters), shared8")
     p.add_argument("--ctx", type=int, default=192)
     p.add_argument("--out", default=".")
     p.add_argument("--small", action="store_true", help="tiny dims (CPU smoke test of the script)")
@@ -397,7 +405,9 @@ def main():
         mesh = make_mesh()
         params = init_params(cfg, mesh, dtype=jnp.bfloat16)
         results["step"] = step_profile(cfg, params, mesh, log, [int(b) for b in args.batches.split(",")], args.ctx,
-                                       attention_impls=tuple(args.step_attention.split(",")))
+                                       attention_impls=tuple(args.step_attention.split(",")),
+                                       lora_impls=tuple(args.step_lora.split(",")),
+                                       variants=tuple(args.step_variants.split(",")))
         del params
     if "lora" in parts:
         results["lora"] = lora_profile(log)
