@@ -13,6 +13,8 @@ Parts (all on the Llama-3-8B shape, bf16, random weights made on the device):
   adapter, 8 shared adapters) under each attention implementation in ``--step-attention`` and each LoRA
   implementation in ``--step-lora``.
 - ``lora``: the LoRA kernels of issue 4 (prefill and decode shapes) under the profiler, per kernel.
+- ``segment``: one layer's LoRA kernels at decode, the segment form over a few knob settings against the
+  decode (BGMV) form (``time_segment``).
 
     PYTHONPATH=. python benchmarks/decode_profile.py --parts attn,fused,step,lora --out $OUT
 """
@@ -352,6 +354,71 @@ def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("au
     return out
 
 
+SEGMENT_KNOBS = [  # (shrink block_k, n_split scale, delta block_n, num_warps); the first are the code's defaults
+    (None, 1, None, 4), (256, 1, 512, 4), (128, 2, 1024, 4), (128, 0.5, 512, 8)]
+
+
+def time_segment(cfg, log, batches, knobs=SEGMENT_KNOBS, copies=4):
+    """The LoRA kernels of one decoder layer (q/k/v, o, gate/up, down: shrink + delta each) at decode, the
+    segment form over ``knobs`` against the decode (BGMV) form, for 64 distinct and 8 shared adapters.
+
+    Each timed call runs ``copies`` layers with their own banks (> the L2 together); device time from the
+    profiler per kernel family, per layer. Returns dicts with batch, variant, form, knobs and us per family.
+    """
+    from pallas_kernels import _common, expand, shrink
+
+    E, M = cfg.hidden_size, cfg.intermediate_size
+    qo, kvo = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    groups = [(E, (qo, kvo, kvo)), (qo, (E,)), (E, (M, M)), (M, (E,))]
+    S, R = 65, 16
+    key = jax.random.key(11)
+    rnd = lambda shape: (0.01 * jax.random.normal(jax.random.fold_in(key, hash(shape) % 9973), shape)).astype(
+        jnp.bfloat16)
+    banks = [[(tuple(rnd((S, h, R)) for _ in outs), tuple(rnd((S, R, o)) for o in outs)) for h, outs in groups]
+             for _ in range(copies)]
+    ranks = jnp.full((S,), R, jnp.int32).at[0].set(0)
+
+    def layer(xs, banks, slots, tiles, knob):
+        out = []
+        for layer_banks in banks:
+            for x, (a_sl, b_sl) in zip(xs, layer_banks):
+                if knob is None:   # the decode (BGMV) form
+                    hp = shrink.bgmv_shrink_partials_multi(x, a_sl, slots, ranks)
+                    out += expand.bgmv_delta_multi(x.dtype, hp, b_sl, slots, ranks)
+                    continue
+                bk, scale, bn, warps = knob
+                dk, dn = shrink.seg_block_sizes(x.shape[0], x.shape[1], len(a_sl), 16)
+                bk = bk or dk
+                ns = max(1, min(int(dn * scale), x.shape[1] // bk))
+                while ns > 1 and x.shape[1] % (bk * ns):
+                    ns //= 2
+                hp = shrink.seg_shrink_partials_multi(x, a_sl, tiles, block_k=bk, n_split=ns)
+                out += expand.seg_delta_multi(x.dtype, hp, b_sl, tiles, block_n=bn, num_warps=warps)
+        return out
+
+    results = []
+    for B in batches:
+        xs = [rnd((B, h)) for h, _ in groups]
+        for variant, n_adapters in (("distinct", 64), ("shared8", 8)):
+            slots = jnp.asarray(1 + np.arange(B) % n_adapters, jnp.int32)
+            tiles = jax.jit(_common.segment_tiles, static_argnums=2)(slots, ranks, 16)
+            for knob in [None] + list(knobs):
+                f = jax.jit(functools.partial(layer, knob=knob))
+                try:
+                    prof = kernel_times(functools.partial(lambda f, *a: jax.block_until_ready(f(*a)), f, xs, banks,
+                                                          slots, tiles), n_calls=5)
+                except Exception as e:  # a configuration the compiler refuses: skip it, say why
+                    log(f"segment B={B} {variant} {knob}: failed: {str(e)[:200]}")
+                    continue
+                fams = {k: us / copies for k, us, _ in prof["kernels"]}
+                total = prof["total_us"] / copies
+                form = "decode" if knob is None else "segment"
+                log(f"segment B={B:3d} {variant:8s} {form:7s} knobs={knob}: {total:6.1f} us/layer "
+                    + " ".join(f"{k}={v:.1f}" for k, v in sorted(fams.items())))
+                results.append(dict(batch=B, variant=variant, form=form, knobs=knob, us=total, families=fams))
+    return results
+
+
 def lora_profile(log):
     from kernels import make_case
 
@@ -411,6 +478,8 @@ def main():
         del params
     if "lora" in parts:
         results["lora"] = lora_profile(log)
+    if "segment" in parts:
+        results["segment"] = time_segment(cfg, log, [int(b) for b in args.batches.split(",")])
     if "attn" in parts:
         results["attn"] = attn_sweep(cfg, bw, log, [int(b) for b in args.attn_batches.split(",")], (192, 1152),
                                      args.small)

@@ -114,17 +114,21 @@ def group_tokens(slot_ids, num_slots: int, block_m: int):
 class SegmentTiles(NamedTuple):
     """Tokens sorted by slot and cut into tiles of at most ``block_m`` tokens of one slot (``segment_tiles``).
 
+    Everything a segment kernel's program needs is one independent load from these arrays (no chain of
+    dependent loads: position -> token -> slot -> rank).
+
     Attributes:
-      perm: [T] int32, token index of each sorted position.
-      start: [N] int32, first sorted position of each tile.
+      tokens: [N, block_m] int32, the token of each row of each tile; rows past the tile's length repeat its
+        last token (their results equal that row's, so storing them is harmless).
       length: [N] int32, tokens in each tile (0 for the unused tiles at the end).
-      slot: [N] int32, the tile's slot (that of its first token; meaningless where length is 0).
+      slot: [N] int32, the tile's slot.
+      rank: [N] int32, the rank of the tile's slot (0 for unused tiles).
     """
 
-    perm: jax.Array
-    start: jax.Array
+    tokens: jax.Array
     length: jax.Array
     slot: jax.Array
+    rank: jax.Array
 
 
 def max_segment_tiles(num_tokens: int, num_slots: int, block_m: int) -> int:
@@ -133,14 +137,19 @@ def max_segment_tiles(num_tokens: int, num_slots: int, block_m: int) -> int:
     return min(num_tokens, -(-num_tokens // block_m) + min(num_tokens, num_slots))
 
 
-def segment_tiles(slot_ids, num_slots: int, block_m: int) -> SegmentTiles:
+def segment_tiles(slot_ids, ranks, block_m: int) -> SegmentTiles:
     """Groups tokens by slot into tiles of one slot each, for the segment (grouped decode) kernels.
+
+    Args:
+      slot_ids: [T] int32 slot of each token.
+      ranks: [S] int32 rank of each slot.
+      block_m: rows per tile.
 
     Unlike ``group_tokens`` no tile mixes slots, so a tile runs one dot against one adapter; the price is a
     data-dependent tile count, padded to the static bound ``max_segment_tiles`` with empty tiles. Plain XLA
     (a sort and a few scans over T); the decoder computes it once per step and every layer reuses it.
     """
-    t = slot_ids.shape[0]
+    t, num_slots = slot_ids.shape[0], ranks.shape[0]
     n_max = max_segment_tiles(t, num_slots, block_m)
     perm, sorted_slots = group_tokens(slot_ids, num_slots, 1)
     pos = jnp.arange(t, dtype=jnp.int32)
@@ -150,14 +159,11 @@ def segment_tiles(slot_ids, num_slots: int, block_m: int) -> SegmentTiles:
     tile = jnp.cumsum(opens.astype(jnp.int32)) - 1  # [T] tile of each sorted position
     start = jnp.zeros((n_max,), jnp.int32).at[jnp.where(opens, tile, n_max)].set(pos, mode="drop")
     length = jnp.zeros((n_max,), jnp.int32).at[tile].add(1)
-    return SegmentTiles(perm=perm, start=start, length=length, slot=sorted_slots[start])
-
-
-def tile_tokens(i, perm_ref, start_ref, len_ref, block_m: int):
-    """Inside a segment kernel: the token of each row of tile i, [block_m] int32. Rows past the tile's length
-    repeat its last token; their results equal that row's, so storing them is harmless."""
-    rows = start_ref[i] + jnp.minimum(lax.broadcasted_iota(jnp.int32, (block_m,), 0), len_ref[i] - 1)
-    return perm_ref[rows]
+    rows = start[:, None] + jnp.minimum(jnp.arange(block_m, dtype=jnp.int32)[None, :],
+                                        jnp.maximum(length - 1, 0)[:, None])
+    slot = sorted_slots[start]
+    rank = jnp.where(length > 0, ranks.astype(jnp.int32)[slot], 0)
+    return SegmentTiles(tokens=perm[rows], length=length, slot=slot, rank=rank)
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:

@@ -334,10 +334,9 @@ def sgmv_expand(
 # Segment form (grouped decode): tiles of up to block_m tokens of one slot, deltas of several B's.
 
 
-def _seg_delta_multi_kernel(perm_ref, start_ref, len_ref, tslot_ref, rank_ref, h_ref, *refs, block_m, block_n,
-                            starts):
-    # perm_ref [T], start_ref/len_ref/tslot_ref [N] (``_common.SegmentTiles``); rank_ref [S];
-    # h_ref [n, n_split, T, R] f32 partials; refs: n b_refs [S, R, O_i], then n fresh outputs d_i [T, O_i].
+def _seg_delta_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, block_m, block_n, starts):
+    # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N] (``_common.SegmentTiles``); h_ref [n, n_split, T, R] f32
+    # partials; refs: n b_refs [S, R, O_i], then n fresh outputs d_i [T, O_i].
     # Grid: (tile, O-block over all slices); slice i owns O-blocks starts[i] .. starts[i + 1] - 1.
     n_slices = len(starts) - 1
     b_refs, o_refs = refs[:n_slices], refs[n_slices:]
@@ -348,9 +347,9 @@ def _seg_delta_multi_kernel(perm_ref, start_ref, len_ref, tslot_ref, rank_ref, h
 
     @pl.when(len_ref[i] > 0)  # every token is in exactly one non-empty tile: each output row written once
     def _():
-        toks = _common.tile_tokens(i, perm_ref, start_ref, len_ref, block_m)
+        toks = tok_ref[i, :]  # [BM]
         s = tslot_ref[i]
-        rank = rank_ref[s]
+        rank = trank_ref[i]
         for ii in range(n_slices):
             @pl.when((nb >= starts[ii]) & (nb < starts[ii + 1]))
             def _(ii=ii):
@@ -373,30 +372,29 @@ def seg_delta_block_n(out_dims: list[int]) -> int:
     return min(_common.largest_pow2_divisor(o, 256) for o in out_dims)
 
 
-def seg_delta_multi(out_dtype, h_partials, b_slices, tiles, ranks, *, block_m, block_n=None, num_warps=4,
-                    num_stages=2, interpret=False):
+def seg_delta_multi(out_dtype, h_partials, b_slices, tiles, *, block_n=None, num_warps=4, num_stages=2,
+                    interpret=False):
     """Segment-form LoRA deltas of several slices in one launch: d_i[t] = h_i[t, :rank] @ b_i[slot[t], :rank].
 
     Args:
       out_dtype: the deltas' dtype (the base outputs').
       h_partials: [n, n_split, T, R] f32 (``seg_shrink_partials_multi``); b_slices: tuple of n [S, R, O_i]
-        banks (same R >= 16); tiles: the shrink's ``_common.SegmentTiles``; ranks: [S] int32.
-      block_m: the tiles' row count.
+        banks (same R >= 16); tiles: the shrink's ``_common.SegmentTiles``.
 
     Returns:
       tuple of d_i: [T, O_i] in out_dtype (zero rows for rank-0 tokens). h is rounded to B's dtype before the
       tensor-core dot, as PEFT rounds it to the model's dtype.
     """
     t = h_partials.shape[2]
+    block_m = tiles.tokens.shape[1]
     out_dims = [b.shape[2] for b in b_slices]
     block_n, starts = _multi_blocks(out_dims, b_slices[0].shape[1], block_n or seg_delta_block_n(out_dims))
     kernel = functools.partial(_seg_delta_multi_kernel, block_m=block_m, block_n=block_n, starts=starts)
-    args = _common.match_vma(tiles.perm, tiles.start, tiles.length, tiles.slot, ranks.astype(jnp.int32),
-                             h_partials, *b_slices)
+    args = _common.match_vma(*tiles, h_partials, *b_slices)
     return tuple(pl.pallas_call(
         kernel,
         out_shape=tuple(_common.out_struct((t, o), out_dtype, *args) for o in out_dims),
-        grid=(tiles.start.shape[0], starts[-1]),
+        grid=(tiles.length.shape[0], starts[-1]),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="lora_seg_delta_multi",

@@ -275,7 +275,7 @@ def multi_form(form: str, num_tokens: int, r_max: int, delta: bool) -> str:
     return _pick_form(form, num_tokens, r_max)
 
 
-def segment_tiles_for(slot_ids, num_slots: int, r_max: int, *, form: str = "auto", delta: bool = True,
+def segment_tiles_for(slot_ids, ranks, r_max: int, *, form: str = "auto", delta: bool = True,
                       backend: str | None = None, interpret: bool = False):
     """The segment tiles ``lora_shrink_expand_multi`` would build for these tokens (same form, delta, backend
     and interpret), or None when it would not run the segment form. Build them once and pass them to every
@@ -283,7 +283,7 @@ def segment_tiles_for(slot_ids, num_slots: int, r_max: int, *, form: str = "auto
     if (resolve_backend(backend, interpret) != "triton"
             or multi_form(form, slot_ids.shape[0], r_max, delta) != "segment"):
         return None
-    return _common.segment_tiles(slot_ids.astype(jnp.int32), num_slots, SEGMENT_BLOCK_M)
+    return _common.segment_tiles(slot_ids.astype(jnp.int32), ranks, SEGMENT_BLOCK_M)
 
 
 def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, form, interpret, delta):
@@ -296,11 +296,9 @@ def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, f
     picked = multi_form(form, x.shape[0], a_slices[0].shape[2], delta) if same_r else None
     if backend == "triton" and picked == "segment":
         if tiles is None:
-            tiles = _common.segment_tiles(slot_ids, a_slices[0].shape[0], SEGMENT_BLOCK_M)
-        hp = shrink.seg_shrink_partials_multi(x, a_slices, tiles, ranks, block_m=SEGMENT_BLOCK_M,
-                                              interpret=interpret)
-        deltas = expand.seg_delta_multi(ys[0].dtype, hp, b_slices, tiles, ranks, block_m=SEGMENT_BLOCK_M,
-                                        interpret=interpret)
+            tiles = _common.segment_tiles(slot_ids, ranks, SEGMENT_BLOCK_M)
+        hp = shrink.seg_shrink_partials_multi(x, a_slices, tiles, interpret=interpret)
+        deltas = expand.seg_delta_multi(ys[0].dtype, hp, b_slices, tiles, interpret=interpret)
         return tuple(y + d for y, d in zip(ys, deltas)), tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
     if picked == "segment":  # other backends: their own default form
         form = "auto"
@@ -424,7 +422,8 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
         one fused projection output (in place, XLA would first copy every slice out), and for outputs whose
         consumer can take the add (the decoder's residual adds). Same result up to the rounding of the delta
         to y's dtype before the add.
-      tiles: the segment form's tiles from ``segment_tiles_for`` (built here when None).
+      tiles: the segment form's tiles from ``segment_tiles_for`` with these slot ids and ranks (built here
+        when None).
 
     Returns:
       tuple of y_out[i]: [T, O_i] in ys[i].dtype.

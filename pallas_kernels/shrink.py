@@ -282,10 +282,9 @@ def sgmv_shrink_partials(
 # Segment form (grouped decode): tiles of up to block_m tokens of one slot, several A's sharing x.
 
 
-def _seg_shrink_multi_kernel(perm_ref, start_ref, len_ref, tslot_ref, rank_ref, x_ref, *refs, block_m, block_k,
-                             k_per_split):
-    # perm_ref [T], start_ref/len_ref/tslot_ref [N] int32 (``_common.SegmentTiles``); rank_ref [S];
-    # x_ref [T, H]; refs: n a_refs [S, H, R], then h_ref [n, n_split, T, R] f32. Grid: (tile, H-slice, slice).
+def _seg_shrink_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, x_ref, *refs, block_m, block_k, k_per_split):
+    # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N] int32 (``_common.SegmentTiles``); x_ref [T, H];
+    # refs: n a_refs [S, H, R], then h_ref [n, n_split, T, R] f32. Grid: (tile, H-slice, slice).
     *a_refs, h_ref = refs
     i, sp, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     r_max = a_refs[0].shape[2]
@@ -294,9 +293,9 @@ def _seg_shrink_multi_kernel(perm_ref, start_ref, len_ref, tslot_ref, rank_ref, 
 
     @pl.when(len_ref[i] > 0)  # tiles past the data-dependent count are empty
     def _():
-        toks = _common.tile_tokens(i, perm_ref, start_ref, len_ref, block_m)
+        toks = tok_ref[i, :]  # [BM]
         s = tslot_ref[i]
-        rank = rank_ref[s]
+        rank = trank_ref[i]
         for ii, a_ref in enumerate(a_refs):
             @pl.when(j == ii)
             def _(a_ref=a_ref, ii=ii):
@@ -328,14 +327,13 @@ def seg_block_sizes(num_tokens: int, hidden: int, n_slices: int, block_m: int) -
     return block_k, n_split
 
 
-def seg_shrink_partials_multi(x, a_slices, tiles, ranks, *, block_m, block_k=None, n_split=None, num_warps=4,
-                              num_stages=2, interpret=False):
+def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None, num_warps=4, num_stages=2,
+                              interpret=False):
     """Segment-form shrink of several A's that share x, in one launch (Pallas Triton lowering; R >= 16).
 
     Args:
-      x: [T, H]; a_slices: tuple of n [S, H, R] banks (same H and R); ranks: [S] int32.
-      tiles: ``_common.segment_tiles(slot_ids, S, block_m)``.
-      block_m: the tiles' row count (16 or more: a tensor-core dot).
+      x: [T, H]; a_slices: tuple of n [S, H, R] banks (same H and R).
+      tiles: ``_common.segment_tiles(slot_ids, ranks, block_m)`` (block_m >= 16: a tensor-core dot).
       block_k, n_split: H-chunk per loop step and number of H-slices (defaults from ``seg_block_sizes``).
 
     Returns:
@@ -343,18 +341,18 @@ def seg_shrink_partials_multi(x, a_slices, tiles, ranks, *, block_m, block_k=Non
     """
     t, hidden = x.shape
     r_max = a_slices[0].shape[2]
+    block_m = tiles.tokens.shape[1]
     dk, dn = seg_block_sizes(t, hidden, len(a_slices), block_m)
     block_k, n_split = block_k or dk, n_split or dn
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
     kernel = functools.partial(_seg_shrink_multi_kernel, block_m=block_m, block_k=block_k,
                                k_per_split=hidden // n_split)
-    args = _common.match_vma(tiles.perm, tiles.start, tiles.length, tiles.slot, ranks.astype(jnp.int32), x,
-                             *a_slices)
+    args = _common.match_vma(*tiles, x, *a_slices)
     return pl.pallas_call(
         kernel,
         out_shape=_common.out_struct((len(a_slices), n_split, t, r_max), jnp.float32, *args),
-        grid=(tiles.start.shape[0], n_split, len(a_slices)),
+        grid=(tiles.length.shape[0], n_split, len(a_slices)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="lora_seg_shrink_multi",

@@ -234,20 +234,20 @@ def test_group_tokens_pads_with_last_row():
 @SETTINGS
 @given(slots=st.lists(st.integers(0, 6), min_size=1, max_size=70), block_m=st.sampled_from([1, 4, 16]))
 def test_segment_tiles_cover_every_token_once(slots, block_m):
-    slot_ids = jnp.asarray(slots, jnp.int32)
-    tiles = jax.jit(segment_tiles, static_argnums=(1, 2))(slot_ids, 7, block_m)
-    perm, start, length, slot = (np.asarray(v) for v in tiles)
-    assert start.shape == (max_segment_tiles(len(slots), 7, block_m),)
-    assert sorted(perm.tolist()) == list(range(len(slots)))
+    ranks = jnp.asarray([0, 4, 16, 8, 0, 16, 1], jnp.int32)
+    tiles = jax.jit(segment_tiles, static_argnums=2)(jnp.asarray(slots, jnp.int32), ranks, block_m)
+    tokens, length, slot, rank = (np.asarray(v) for v in tiles)
+    assert tokens.shape == (max_segment_tiles(len(slots), 7, block_m), block_m)
     used = length > 0
     assert used.sum() == sum(-(-slots.count(s) // block_m) for s in set(slots))   # the fewest tiles
-    assert np.all(length[used.argmin():] == 0) if not used.all() else True       # empty tiles at the end
+    assert not used[used.sum():].any()                                            # empty tiles at the end
+    assert np.all(rank[~used] == 0)
     covered = []
-    for st_, n, s in zip(start[used], length[used], slot[used]):
-        assert 1 <= n <= block_m
-        toks = perm[st_:st_ + n]
+    for toks, n, s, r in zip(tokens[used], length[used], slot[used], rank[used]):
+        assert 1 <= n <= block_m and r == ranks[s]
         assert np.all(np.asarray(slots)[toks] == s)                               # one slot per tile
-        covered += toks.tolist()
+        assert np.all(toks[n:] == toks[n - 1])                                    # padding repeats the last
+        covered += toks[:n].tolist()
     assert sorted(covered) == list(range(len(slots)))                             # every token exactly once
 
 
@@ -268,8 +268,8 @@ def test_segment_form_validation():
     assert lora.multi_form("auto", lora.SEGMENT_MIN_TOKENS - 1, 16, True) == "decode"
     assert lora.multi_form("auto", lora.SEGMENT_MIN_TOKENS, 8, True) == "decode"
     assert lora.multi_form("auto", lora.SEGMENT_MIN_TOKENS, 16, False) == "decode"
-    assert lora.segment_tiles_for(slot_ids, 3, 16) is None                          # CPU: the reference runs
-    assert lora.segment_tiles_for(slot_ids, 3, 16, form="segment", backend="triton", interpret=True) is not None
+    assert lora.segment_tiles_for(slot_ids, ranks, 16) is None                      # CPU: the reference runs
+    assert lora.segment_tiles_for(slot_ids, ranks, 16, form="segment", backend="triton", interpret=True) is not None
 
 
 def test_backend_resolution_and_validation():

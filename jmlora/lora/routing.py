@@ -132,7 +132,7 @@ def segment_tiles(lora: LoRABatch, num_new_tokens: int, impl: str):
     tb = next(iter(lora.bank.layers[0].values()), None) if lora.bank.layers else None
     if impl not in _PALLAS_FORMS or tb is None:
         return None
-    return segment_tiles_for(jnp.repeat(lora.slot_ids, num_new_tokens), lora.bank.num_slots, tb.a.shape[2],
+    return segment_tiles_for(jnp.repeat(lora.slot_ids, num_new_tokens), lora.bank.ranks, tb.a.shape[2],
                              **_pallas_options(impl))
 
 
