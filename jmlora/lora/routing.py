@@ -144,7 +144,7 @@ def apply_lora(y: Array, x: Array, tb: TargetBank, slot_ids: Array, ranks: Array
       y: ``[B, T, ...out]`` the base projection's output.
       x: ``[B, T, in]`` its input.
       tb, slot_ids, ranks, impl: as in ``lora_delta``.
-      tiles: "pallas" only: ``segment_tiles`` of this batch (None: built inside when the kernels need them).
+      tiles: the "pallas*" impls only: ``segment_tiles`` of this batch (None: built inside when needed).
 
     The "pallas" formulation runs one shrink and one expand kernel; the shrink's float32 partial sums go
     straight into the expand, so h is not rounded to x's dtype in between as PEFT rounds it: the result is the
