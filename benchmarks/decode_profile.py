@@ -365,7 +365,7 @@ def time_segment(cfg, log, batches, knobs=SEGMENT_KNOBS, copies=4):
     Each timed call runs ``copies`` layers with their own banks (> the L2 together); device time from the
     profiler per kernel family, per layer. Returns dicts with batch, variant, form, knobs and us per family.
     """
-    from pallas_kernels import _common, expand, shrink
+    from pallas_kernels import expand, grouping, shrink
 
     E, M = cfg.hidden_size, cfg.intermediate_size
     qo, kvo = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -401,7 +401,7 @@ def time_segment(cfg, log, batches, knobs=SEGMENT_KNOBS, copies=4):
         xs = [rnd((B, h)) for h, _ in groups]
         for variant, n_adapters in (("distinct", 64), ("shared8", 8)):
             slots = jnp.asarray(1 + np.arange(B) % n_adapters, jnp.int32)
-            tiles = jax.jit(_common.segment_tiles, static_argnums=2)(slots, ranks, 16)
+            tiles = jax.jit(grouping.segment_tiles_triton, static_argnums=2)(slots, ranks, 16)
             for knob in [None] + list(knobs):
                 f = jax.jit(functools.partial(layer, knob=knob))
                 try:

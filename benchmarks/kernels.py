@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pallas_kernels import _common, expand, lora, shrink  # noqa: E402
+from pallas_kernels import _common, expand, grouping, lora, shrink  # noqa: E402
 
 DECODE_SHAPES = [  # (T, H, O, r, distinct slots)
     (64, 4096, 4096, 16, 64),
@@ -138,8 +138,13 @@ def bench_fn(fn, a, b, ranks, sets, n_calls, trials):
 
 
 def kernel_fn(default_form, **knobs):
-    """shrink+expand through the Triton kernels with explicit knobs (for sweeps)."""
+    """shrink+expand through the Triton kernels with explicit knobs (for sweeps).
+
+    Forms: "decode" (BGMV), "segment" (the prefill form: the counting-sort grouping kernel, then the segment
+    shrink and the in-place segment expand; ``block_m`` = rows per tile) and "sgmv" (the earlier prefill
+    kernels: an XLA sort, then SGMV tiles that may mix slots), kept for the A/B."""
     form = knobs.pop("form", default_form)
+    block_m = knobs.pop("block_m", None)
     sk = {k[3:]: v for k, v in knobs.items() if k.startswith("sh_")}
     ek = {k[3:]: v for k, v in knobs.items() if k.startswith("ex_")}
 
@@ -147,12 +152,31 @@ def kernel_fn(default_form, **knobs):
         if form == "decode":
             hp = shrink.bgmv_shrink_partials(x, a, slots, ranks, **sk)
             return expand.bgmv_expand(y, hp, b, slots, ranks, **ek)
-        bm = sk.get("block_m") or shrink.sgmv_block_sizes(x.shape[0], x.shape[1], a.shape[2])[0]
-        grouping = _common.group_tokens(slots, a.shape[0], bm)
-        hp = shrink.sgmv_shrink_partials(x, a, slots, ranks, grouping=grouping, **sk)
-        return expand.sgmv_expand(y, hp, b, slots, ranks, grouping=grouping, block_m=bm, **ek)
+        if form == "sgmv":
+            bm = block_m or shrink.sgmv_block_sizes(x.shape[0], x.shape[1], a.shape[2])[0]
+            groups = _common.group_tokens(slots, a.shape[0], bm)
+            hp = shrink.sgmv_shrink_partials(x, a, slots, ranks, grouping=groups, block_m=bm, **sk)
+            return expand.sgmv_expand(y, hp, b, slots, ranks, grouping=groups, block_m=bm, **ek)
+        tiles = grouping.segment_tiles_triton(slots, ranks, block_m or lora.segment_block_m(x.shape[0]))
+        hp = shrink.seg_shrink_partials_multi(x, (a,), tiles, **sk)
+        return expand.seg_expand_multi((y,), hp, (b,), tiles, **ek)[0]
 
     return fn
+
+
+PREFILL_SWEEP = [
+    {},
+    dict(form="sgmv"),
+    dict(block_m=32),
+    dict(block_m=128),
+    dict(ex_block_n=128),
+    dict(ex_block_n=512),
+    dict(sh_n_split=1),
+    dict(sh_n_split=8),
+    dict(sh_block_k=256),
+    dict(sh_num_warps=8, ex_num_warps=8),
+    dict(sh_num_stages=3, ex_num_stages=3),
+]
 
 
 def api_fn(backend):
@@ -306,12 +330,10 @@ def main():
                    "flops": 2 * t * r * (h + o)}
             x0, y0, s0 = sets[0]
             row["xla_us"] = bench_fn(api_fn("reference"), a, b, ranks, sets, 5, args.trials) * 1e6
-            configs = [{}] + ([dict(ex_block_n=256), dict(sh_num_warps=8, ex_num_warps=8),
-                               dict(ex_block_n=256, sh_num_warps=8, ex_num_warps=8),
-                               dict(sh_block_k=64, ex_block_n=64)] if args.sweep else [])
+            configs = PREFILL_SWEEP if args.sweep else [{}]
             best = None
             for cfg in configs:
-                fn = kernel_fn("prefill", **dict(cfg))
+                fn = kernel_fn("segment", **dict(cfg))
                 try:
                     err, finite = check(fn, a, b, ranks, x0, y0, s0)
                     us = bench_fn(fn, a, b, ranks, sets, 5, args.trials) * 1e6

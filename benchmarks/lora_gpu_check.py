@@ -4,8 +4,9 @@ the Pallas interpreter, which cannot catch a Triton-lowering difference).
 Cases at the decode step's shapes (Llama-3-8B: q/k/v 4096 -> 4096/1024/1024, gate/up 4096 -> 2 x 14336,
 down 14336 -> 4096), bf16, 65 slots: ranks mixed in one bank (1 to 16; slot 0 and one empty slot at rank 0),
 padding past each rank poisoned with NaN, tokens shuffled, batches of 1 token per adapter up to 64 per
-adapter. Each form ("decode", "segment") must give every delta within 1e-2 relative error of the float32
-reference, finite outputs, and rank-0 rows exactly equal to the input. Exits non-zero on a failure.
+adapter, and prefill-sized batches (1024 and 2048 tokens: 64-row tiles). Each form ("decode" as deltas,
+"segment" as deltas and in place) must give every delta within 1e-2 relative error of the float32 reference,
+finite outputs, and rank-0 rows exactly equal to the input. Exits non-zero on a failure.
 
     PYTHONPATH=. python benchmarks/lora_gpu_check.py
 """
@@ -50,12 +51,13 @@ def case(seed, batch, n_adapters, hidden, outs):
 def main():
     print(f"device {jax.devices()[0].device_kind}")
     failures = 0
-    for batch, n_adapters in ((32, 32), (128, 64), (256, 64), (256, 8), (256, 2)):
+    for batch, n_adapters in ((32, 32), (128, 64), (256, 64), (256, 8), (256, 2), (1024, 64), (2048, 4)):
         for name, (hidden, outs) in GROUPS.items():
             ys, x, adapters, slot_ids, ranks = case(batch * 7 + len(outs), batch, n_adapters, hidden, outs)
             base = np.asarray(ranks)[np.asarray(slot_ids)] == 0
-            for form in ("decode", "segment"):
-                run = jax.jit(functools.partial(lora.lora_shrink_expand_multi, form=form, delta=True))
+            forms = [("segment", True), ("segment", False)] + ([("decode", True)] if batch <= 256 else [])
+            for form, delta in forms:
+                run = jax.jit(functools.partial(lora.lora_shrink_expand_multi, form=form, delta=delta))
                 got = run(ys, x, adapters, slot_ids, ranks)
                 errs = []
                 for out, y, (a, b) in zip(got, ys, adapters):
@@ -67,7 +69,8 @@ def main():
                           and np.array_equal(np.asarray(out)[base], np.asarray(y)[base]))
                     failures += not ok
                     errs.append(f"{err:.1e}{'' if ok else ' FAIL'}")
-                print(f"B={batch:3d} adapters={n_adapters:2d} {name:7s} {form:7s}: rel err {', '.join(errs)}",
+                how = "delta" if delta else "in place"
+                print(f"B={batch:4d} adapters={n_adapters:2d} {name:7s} {form:7s} {how:8s}: rel err {', '.join(errs)}",
                       flush=True)
     print("all passed" if not failures else f"{failures} FAILED")
     sys.exit(1 if failures else 0)

@@ -112,7 +112,7 @@ def group_tokens(slot_ids, num_slots: int, block_m: int):
 
 
 class SegmentTiles(NamedTuple):
-    """Tokens sorted by slot and cut into tiles of at most ``block_m`` tokens of one slot (``segment_tiles``).
+    """Tokens sorted by slot and cut into tiles of at most ``block_m`` tokens of one slot (``grouping``).
 
     Everything a segment kernel's program needs is one independent load from these arrays (no chain of
     dependent loads: position -> token -> slot -> rank).
@@ -120,7 +120,7 @@ class SegmentTiles(NamedTuple):
     Attributes:
       tokens: [N, block_m] int32, the token of each row of each tile; rows past the tile's length repeat its
         last token (their results equal that row's, so storing them is harmless).
-      length: [N] int32, tokens in each tile (0 for the unused tiles at the end).
+      length: [N] int32, tokens in each tile (0 for an empty tile; see ``grouping`` for the layout).
       slot: [N] int32, the tile's slot.
       rank: [N] int32, the rank of the tile's slot (0 for unused tiles).
     """
@@ -132,38 +132,9 @@ class SegmentTiles(NamedTuple):
 
 
 def max_segment_tiles(num_tokens: int, num_slots: int, block_m: int) -> int:
-    """Static bound on the tiles of ``segment_tiles``: each of the <= min(T, S) non-empty slots needs
-    ceil(n_s / block_m) <= n_s / block_m + 1 tiles, and no tile is empty."""
-    return min(num_tokens, -(-num_tokens // block_m) + min(num_tokens, num_slots))
-
-
-def segment_tiles(slot_ids, ranks, block_m: int) -> SegmentTiles:
-    """Groups tokens by slot into tiles of one slot each, for the segment (grouped decode) kernels.
-
-    Args:
-      slot_ids: [T] int32 slot of each token.
-      ranks: [S] int32 rank of each slot.
-      block_m: rows per tile.
-
-    Unlike ``group_tokens`` no tile mixes slots, so a tile runs one dot against one adapter; the price is a
-    data-dependent tile count, padded to the static bound ``max_segment_tiles`` with empty tiles. Plain XLA
-    (a sort and a few scans over T); the decoder computes it once per step and every layer reuses it.
-    """
-    t, num_slots = slot_ids.shape[0], ranks.shape[0]
-    n_max = max_segment_tiles(t, num_slots, block_m)
-    perm, sorted_slots = group_tokens(slot_ids, num_slots, 1)
-    pos = jnp.arange(t, dtype=jnp.int32)
-    new_seg = jnp.concatenate([jnp.ones((1,), bool), sorted_slots[1:] != sorted_slots[:-1]])
-    seg_start = lax.cummax(jnp.where(new_seg, pos, 0))
-    opens = (pos - seg_start) % block_m == 0  # a tile starts at each segment start and every block_m after
-    tile = jnp.cumsum(opens.astype(jnp.int32)) - 1  # [T] tile of each sorted position
-    start = jnp.zeros((n_max,), jnp.int32).at[jnp.where(opens, tile, n_max)].set(pos, mode="drop")
-    length = jnp.zeros((n_max,), jnp.int32).at[tile].add(1)
-    rows = start[:, None] + jnp.minimum(jnp.arange(block_m, dtype=jnp.int32)[None, :],
-                                        jnp.maximum(length - 1, 0)[:, None])
-    slot = sorted_slots[start]
-    rank = jnp.where(length > 0, ranks.astype(jnp.int32)[slot], 0)
-    return SegmentTiles(tokens=perm[rows], length=length, slot=slot, rank=rank)
+    """Tiles of ``grouping.ref_segment_tiles`` (a static count): slot s owns the tiles from
+    (tokens of slots < s) // block_m + s, which puts the end of the last slot's range at T // block_m + S."""
+    return num_tokens // block_m + num_slots
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:

@@ -334,12 +334,13 @@ def sgmv_expand(
 # Segment form (grouped decode): tiles of up to block_m tokens of one slot, deltas of several B's.
 
 
-def _seg_delta_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, block_m, block_n, starts):
+def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, block_m, block_n, starts, in_place):
     # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N] (``_common.SegmentTiles``); h_ref [n, n_split, T, R] f32
-    # partials; refs: n b_refs [S, R, O_i], then n fresh outputs d_i [T, O_i].
-    # Grid: (tile, O-block over all slices); slice i owns O-blocks starts[i] .. starts[i + 1] - 1.
+    # partials; refs: n b_refs [S, R, O_i], then (in place) n y_refs and n aliased o_refs [T, O_i], or (delta)
+    # n fresh outputs d_i [T, O_i]. Grid: (tile, O-block over all slices); slice i owns O-blocks
+    # starts[i] .. starts[i + 1] - 1.
     n_slices = len(starts) - 1
-    b_refs, o_refs = refs[:n_slices], refs[n_slices:]
+    b_refs, o_refs = refs[:n_slices], refs[(2 if in_place else 1) * n_slices:]
     i, nb = pl.program_id(0), pl.program_id(1)
     r_max = b_refs[0].shape[1]
     hcols = lax.broadcasted_iota(jnp.int32, (block_m, r_max), 1)
@@ -363,13 +364,41 @@ def _seg_delta_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs
                     bv = plgpu.load(b_refs[ii].at[s, :, pl.ds(n0, block_n)], mask=brows < rank, other=0)
                     return jnp.dot(hv.astype(bv.dtype), bv, preferred_element_type=jnp.float32)
 
-                d = lax.cond(rank > 0, delta, lambda: jnp.zeros((block_m, block_n), jnp.float32))
-                o_refs[ii][toks, pl.ds(n0, block_n)] = d.astype(o_refs[ii].dtype)
+                o_ref = o_refs[ii]
+                if in_place:  # rank-0 tiles leave their rows untouched (neither read nor written)
+                    @pl.when(rank > 0)
+                    def _():
+                        yv = o_ref[toks, pl.ds(n0, block_n)].astype(jnp.float32)  # [BM, BN] rows by token
+                        o_ref[toks, pl.ds(n0, block_n)] = (yv + delta()).astype(o_ref.dtype)
+                else:
+                    d = lax.cond(rank > 0, delta, lambda: jnp.zeros((block_m, block_n), jnp.float32))
+                    o_ref[toks, pl.ds(n0, block_n)] = d.astype(o_ref.dtype)
 
 
 def seg_delta_block_n(out_dims: list[int]) -> int:
     """Default O-block of the segment delta: 256 columns, or the largest power of two dividing every O."""
     return min(_common.largest_pow2_divisor(o, 256) for o in out_dims)
+
+
+def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, num_warps, num_stages, interpret):
+    t = h_partials.shape[2]
+    block_m = tiles.tokens.shape[1]
+    out_dims = [b.shape[2] for b in b_slices]
+    block_n, starts = _multi_blocks(out_dims, b_slices[0].shape[1], block_n or seg_delta_block_n(out_dims))
+    in_place = ys is not None
+    kernel = functools.partial(_seg_multi_kernel, block_m=block_m, block_n=block_n, starts=starts,
+                               in_place=in_place)
+    args = _common.match_vma(*tiles, h_partials, *b_slices, *(ys or ()))
+    n = len(b_slices)
+    return tuple(pl.pallas_call(
+        kernel,
+        out_shape=tuple(_common.out_struct((t, o), out_dtype, *args) for o in out_dims),
+        grid=(tiles.length.shape[0], starts[-1]),
+        input_output_aliases={5 + n + i: i for i in range(n)} if in_place else {},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lora_seg_expand_multi" if in_place else "lora_seg_delta_multi",
+    )(*args))
 
 
 def seg_delta_multi(out_dtype, h_partials, b_slices, tiles, *, block_n=None, num_warps=4, num_stages=2,
@@ -380,22 +409,28 @@ def seg_delta_multi(out_dtype, h_partials, b_slices, tiles, *, block_n=None, num
       out_dtype: the deltas' dtype (the base outputs').
       h_partials: [n, n_split, T, R] f32 (``seg_shrink_partials_multi``); b_slices: tuple of n [S, R, O_i]
         banks (same R >= 16); tiles: the shrink's ``_common.SegmentTiles``.
+      block_n: columns of O per program (default ``seg_delta_block_n``).
 
     Returns:
       tuple of d_i: [T, O_i] in out_dtype (zero rows for rank-0 tokens). h is rounded to B's dtype before the
       tensor-core dot, as PEFT rounds it to the model's dtype.
     """
-    t = h_partials.shape[2]
-    block_m = tiles.tokens.shape[1]
-    out_dims = [b.shape[2] for b in b_slices]
-    block_n, starts = _multi_blocks(out_dims, b_slices[0].shape[1], block_n or seg_delta_block_n(out_dims))
-    kernel = functools.partial(_seg_delta_multi_kernel, block_m=block_m, block_n=block_n, starts=starts)
-    args = _common.match_vma(*tiles, h_partials, *b_slices)
-    return tuple(pl.pallas_call(
-        kernel,
-        out_shape=tuple(_common.out_struct((t, o), out_dtype, *args) for o in out_dims),
-        grid=(tiles.length.shape[0], starts[-1]),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="lora_seg_delta_multi",
-    )(*args))
+    return _seg_call(out_dtype, h_partials, b_slices, None, tiles, block_n, num_warps, num_stages, interpret)
+
+
+def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, num_warps=4, num_stages=2,
+                     interpret=False):
+    """Segment-form expand of several slices in one launch, in place: y_i[t] += h_i[t, :rank] @ b_i[slot, :rank].
+
+    Args:
+      ys: tuple of n base outputs [T, O_i] (one dtype); other arguments as in ``seg_delta_multi``.
+
+    Returns:
+      tuple of y_out[i]: [T, O_i] (each aliases ys[i]: donate them to update in place). Rows of rank-0 tokens
+      are neither read nor written.
+    """
+    dtypes = {y.dtype for y in ys}
+    if len(dtypes) != 1:
+        raise ValueError(f"the outputs of one segment expand need one dtype, got {sorted(map(str, dtypes))}")
+    return _seg_call(ys[0].dtype, h_partials, b_slices, tuple(ys), tiles, block_n, num_warps, num_stages,
+                     interpret)

@@ -16,13 +16,13 @@ Backends (``backend=``):
   "tpu"         Pallas kernels through Mosaic TPU (decode form for every shape).
 ``interpret=True`` runs a kernel backend through the Pallas interpreter (CPU tests).
 
-Forms (``form=``): "decode" (BGMV: one program per token, tokens in any order), "prefill" (SGMV: tokens
-sorted by slot inside jit, tiles of sorted rows, tensor-core dots, results scattered back to token order) or
-"auto" (prefill when T >= ``PREFILL_MIN_TOKENS`` and R >= 16, the dot's minimum). The multi-slice delta op
-(``lora_shrink_expand_multi(..., delta=True)``, the decoder's decode path) has a third form, "segment":
-tokens sorted by slot into tiles of one slot each (``_common.segment_tiles``, which the decoder builds once
-per step), so a tile reads its adapter once for up to ``SEGMENT_BLOCK_M`` tokens where the decode form reads
-it once per token; "auto" picks it for SEGMENT_MIN_TOKENS <= T < PREFILL_MIN_TOKENS and R >= 16.
+Forms (``form=``): "decode" (BGMV: one program per token, tokens in any order, each reading its adapter),
+"segment" (the prefill form; "prefill" names it too: tokens grouped by slot into tiles of one slot each by a
+counting-sort kernel, ``grouping.segment_tiles``, one tensor-core dot per tile against the tile's adapter, rows
+gathered and scattered by token index) or "auto": the segment form when R >= 16 (the dot's minimum) and
+T >= ``PREFILL_MIN_TOKENS``, or T >= ``SEGMENT_MIN_TOKENS`` for the multi-slice delta op
+(``lora_shrink_expand_multi(..., delta=True)``, the decoder's path, whose tiles the decoder builds once per
+step). Tiles hold ``SEGMENT_BLOCK_M`` tokens below PREFILL_MIN_TOKENS, ``PREFILL_BLOCK_M`` from there.
 
 Every op is a pure function of its (local) arrays with static shapes: it jits, runs inside ``jax.shard_map``
 and has a ``jax.custom_vjp`` (gradients for x, a, b and h; none for slot_ids and ranks) whose backward pass is
@@ -37,15 +37,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _common, expand, shrink
+from pallas_kernels import _common, expand, grouping, shrink
 from pallas_kernels.expand import ref_lora_expand
 from pallas_kernels.shrink import ref_lora_shrink
 
 BACKENDS = ("reference", "triton", "tpu")
-FORMS = ("auto", "decode", "prefill", "segment")
+FORMS = ("auto", "decode", "prefill", "segment")  # "prefill" and "segment" are one form
 PREFILL_MIN_TOKENS = 512  # measured on the H200: see benchmarks/KERNELS_NOTES.md
 SEGMENT_MIN_TOKENS = 128  # measured in the decode step on the H200: benchmarks/RESULTS.md, "Segment LoRA"
-SEGMENT_BLOCK_M = 16  # rows per segment tile: the tensor-core dot's minimum
+SEGMENT_BLOCK_M = 16  # rows per segment tile below PREFILL_MIN_TOKENS: the tensor-core dot's minimum
+PREFILL_BLOCK_M = 64  # rows per segment tile from PREFILL_MIN_TOKENS (H200 sweep: benchmarks/KERNELS_NOTES.md)
+
+
+def segment_block_m(num_tokens: int) -> int:
+    """Rows per segment tile for T tokens."""
+    return SEGMENT_BLOCK_M if num_tokens < PREFILL_MIN_TOKENS else PREFILL_BLOCK_M
 
 
 def gpu_backend() -> str:
@@ -98,15 +104,16 @@ def _pick(backend, interpret, r_max, dims):
     return chosen
 
 
-def _pick_form(form: str, num_tokens: int, r_max: int) -> str:
+def _pick_form(form: str, num_tokens: int, r_max: int, min_tokens: int = PREFILL_MIN_TOKENS) -> str:
+    """"decode" or "segment" for T tokens at rank R (``min_tokens``: where "auto" starts grouping)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    if form == "segment":
-        raise ValueError('form="segment" is only for lora_shrink_expand_multi(..., delta=True)')
     if form == "auto":
-        return "prefill" if (num_tokens >= PREFILL_MIN_TOKENS and r_max >= 16) else "decode"
-    if form == "prefill" and r_max < 16:
-        raise ValueError(f"the prefill form needs R >= 16 (tensor-core dot), got R={r_max}")
+        return "segment" if (num_tokens >= min_tokens and r_max >= 16) else "decode"
+    if form in ("prefill", "segment"):
+        if r_max < 16:
+            raise ValueError(f"the {form} form needs R >= 16 (tensor-core dot), got R={r_max}")
+        return "segment"
     return form
 
 
@@ -114,7 +121,12 @@ def _pick_form(form: str, num_tokens: int, r_max: int) -> str:
 # Forward implementations (no autodiff), per backend.
 
 
-def _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, grouping=None):
+def _tiles(slot_ids, ranks, interpret):
+    """The segment kernels' tiles for these tokens (the counting-sort kernel)."""
+    return grouping.segment_tiles(slot_ids, ranks, segment_block_m(slot_ids.shape[0]), interpret=interpret)
+
+
+def _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, tiles=None):
     """h partials [n_split, T, R] float32 (sum over axis 0 = shrink)."""
     if backend == "reference":
         return ref_lora_shrink(x, a, slot_ids, ranks)[None]
@@ -122,31 +134,30 @@ def _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, grouping=N
         from pallas_kernels import _tpu_lora
 
         return _tpu_lora.tpu_shrink(x, a, slot_ids, ranks, interpret=interpret)[None]
-    if _pick_form(form, x.shape[0], a.shape[2]) == "prefill":
-        return shrink.sgmv_shrink_partials(x, a, slot_ids, ranks, interpret=interpret, grouping=grouping)
+    if _pick_form(form, x.shape[0], a.shape[2]) == "segment":
+        tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, interpret)
+        return shrink.seg_shrink_partials_multi(x, (a,), tiles, interpret=interpret)[0]
     return shrink.bgmv_shrink_partials(x, a, slot_ids, ranks, interpret=interpret)
 
 
-def _expand_from_partials(y, hp, b, slot_ids, ranks, backend, form, interpret, grouping=None):
+def _expand_from_partials(y, hp, b, slot_ids, ranks, backend, form, interpret, tiles=None):
     if backend == "reference":
         return ref_lora_expand(y, jnp.sum(hp, axis=0), b, slot_ids, ranks)
     if backend == "tpu":
         from pallas_kernels import _tpu_lora
 
         return _tpu_lora.tpu_expand(y, jnp.sum(hp, axis=0), b, slot_ids, ranks, interpret=interpret)
-    if _pick_form(form, y.shape[0], b.shape[1]) == "prefill":
-        return expand.sgmv_expand(y, hp, b, slot_ids, ranks, interpret=interpret, grouping=grouping)
+    if _pick_form(form, y.shape[0], b.shape[1]) == "segment":
+        tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, interpret)
+        return expand.seg_expand_multi((y,), hp[None], (b,), tiles, interpret=interpret)[0]
     return expand.bgmv_expand(y, hp, b, slot_ids, ranks, interpret=interpret)
 
 
-def _grouping(backend, form, slot_ids, num_slots, r_max):
-    """One sort shared by the shrink and the expand of a fused prefill call (None elsewhere)."""
-    if backend != "triton" or _pick_form(form, slot_ids.shape[0], r_max) != "prefill":
+def _shared_tiles(backend, form, slot_ids, ranks, r_max, interpret):
+    """One grouping shared by the shrink and the expand of a fused segment-form call (None elsewhere)."""
+    if backend != "triton" or _pick_form(form, slot_ids.shape[0], r_max) != "segment":
         return None
-    block_m = shrink.sgmv_block_sizes(slot_ids.shape[0], 16, r_max)[0]
-    if block_m != expand.sgmv_expand_block_sizes(slot_ids.shape[0], 16, r_max)[0]:
-        return None
-    return _common.group_tokens(slot_ids, num_slots, block_m)
+    return _tiles(slot_ids, ranks, interpret)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,9 +250,9 @@ _expand_core.defvjp(_expand_core_fwd, _expand_core_bwd)
 
 
 def _fused_forward(y, x, a, b, slot_ids, ranks, backend, form, interpret):
-    grouping = _grouping(backend, form, slot_ids, a.shape[0], a.shape[2])
-    hp = _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, grouping)
-    return _expand_from_partials(y, hp, b, slot_ids, ranks, backend, form, interpret, grouping), hp
+    tiles = _shared_tiles(backend, form, slot_ids, ranks, a.shape[2], interpret)
+    hp = _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, tiles)
+    return _expand_from_partials(y, hp, b, slot_ids, ranks, backend, form, interpret, tiles), hp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -265,14 +276,10 @@ _fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
 
 
 def multi_form(form: str, num_tokens: int, r_max: int, delta: bool) -> str:
-    """The form ``lora_shrink_expand_multi`` runs for T tokens at rank R (on the Triton backend)."""
-    if form == "segment":
-        if not delta or r_max < 16:
-            raise ValueError(f'form="segment" needs delta=True and R >= 16 (tensor-core dot), got R={r_max}')
-        return form
-    if form == "auto" and delta and r_max >= 16 and SEGMENT_MIN_TOKENS <= num_tokens < PREFILL_MIN_TOKENS:
-        return "segment"
-    return _pick_form(form, num_tokens, r_max)
+    """The form ``lora_shrink_expand_multi`` runs for T tokens at rank R (on the Triton backend): "auto"
+    groups from SEGMENT_MIN_TOKENS for the delta op (measured in the decode step), from PREFILL_MIN_TOKENS
+    in place."""
+    return _pick_form(form, num_tokens, r_max, SEGMENT_MIN_TOKENS if delta else PREFILL_MIN_TOKENS)
 
 
 def segment_tiles_for(slot_ids, ranks, r_max: int, *, form: str = "auto", delta: bool = True,
@@ -283,32 +290,34 @@ def segment_tiles_for(slot_ids, ranks, r_max: int, *, form: str = "auto", delta:
     if (resolve_backend(backend, interpret) != "triton"
             or multi_form(form, slot_ids.shape[0], r_max, delta) != "segment"):
         return None
-    return _common.segment_tiles(slot_ids.astype(jnp.int32), ranks, SEGMENT_BLOCK_M)
+    return _tiles(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), interpret)
 
 
 def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, form, interpret, delta):
     """Slices sharing x and one ranks vector: returns (outputs, per-slice h [T, R] float32).
 
-    ``delta``: the Triton decode and segment forms compute the deltas into fresh arrays and add them with XLA
-    (for ys that are slices of one fused projection output) instead of updating each y in place.
+    ``delta``: the Triton kernels compute the deltas into fresh arrays and add them with XLA (for ys that
+    are slices of one fused projection output) instead of updating each y in place.
     ``tiles``: prebuilt ``_common.SegmentTiles`` for the segment form, or None (built here when needed)."""
     same_r = len({a.shape[2] for a in a_slices} | {b.shape[1] for b in b_slices}) == 1
-    picked = multi_form(form, x.shape[0], a_slices[0].shape[2], delta) if same_r else None
-    if backend == "triton" and picked == "segment":
-        if tiles is None:
-            tiles = _common.segment_tiles(slot_ids, ranks, SEGMENT_BLOCK_M)
-        hp = shrink.seg_shrink_partials_multi(x, a_slices, tiles, interpret=interpret)
-        deltas = expand.seg_delta_multi(ys[0].dtype, hp, b_slices, tiles, interpret=interpret)
-        return tuple(y + d for y, d in zip(ys, deltas)), tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
-    if picked == "segment":  # other backends: their own default form
-        form = "auto"
-    if backend == "triton" and same_r and _pick_form(form, x.shape[0], a_slices[0].shape[2]) == "decode":
-        hp = shrink.bgmv_shrink_partials_multi(x, a_slices, slot_ids, ranks, interpret=interpret)
-        hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
-        if delta:
-            deltas = expand.bgmv_delta_multi(ys[0].dtype, hp, b_slices, slot_ids, ranks, interpret=interpret)
-            return tuple(y + d for y, d in zip(ys, deltas)), hs
-        return expand.bgmv_expand_multi(ys, hp, b_slices, slot_ids, ranks, interpret=interpret), hs
+    if backend == "triton" and same_r:
+        picked = multi_form(form, x.shape[0], a_slices[0].shape[2], delta)
+        if picked == "segment":
+            tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, interpret)
+            hp = shrink.seg_shrink_partials_multi(x, a_slices, tiles, interpret=interpret)
+            hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
+            if delta:
+                deltas = expand.seg_delta_multi(ys[0].dtype, hp, b_slices, tiles, interpret=interpret)
+                return tuple(y + d for y, d in zip(ys, deltas)), hs
+            if len({y.dtype for y in ys}) == 1:
+                return expand.seg_expand_multi(ys, hp, b_slices, tiles, interpret=interpret), hs
+        else:
+            hp = shrink.bgmv_shrink_partials_multi(x, a_slices, slot_ids, ranks, interpret=interpret)
+            hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
+            if delta:
+                deltas = expand.bgmv_delta_multi(ys[0].dtype, hp, b_slices, slot_ids, ranks, interpret=interpret)
+                return tuple(y + d for y, d in zip(ys, deltas)), hs
+            return expand.bgmv_expand_multi(ys, hp, b_slices, slot_ids, ranks, interpret=interpret), hs
     res = [_fused_forward(y, x, a, b, slot_ids, ranks, backend, form, interpret)
            for y, a, b in zip(ys, a_slices, b_slices)]
     return tuple(o for o, _ in res), tuple(jnp.sum(hp, axis=0) for _, hp in res)
@@ -350,7 +359,7 @@ def lora_shrink(x, a, slot_ids, ranks, *, backend=None, form="auto", interpret=F
       slot_ids: [T] int32 in [0, S).
       ranks: [S] int32.
       backend: None (auto), "reference", "triton" or "tpu".
-      form: "auto", "decode" or "prefill".
+      form: "auto", "decode", or "segment" (alias "prefill"): see the module docstring.
       interpret: run the kernel through the Pallas interpreter.
 
     Returns:
@@ -416,7 +425,7 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
       ranks: [S] int32 shared by all slices (an adapter bank: the Triton decode form then runs every slice
         in one shrink and one expand launch), or a tuple of one [S] array per slice (one call per slice).
       backend, interpret: as in ``lora_shrink``.
-      form: as in ``lora_shrink``, plus "segment" (needs ``delta``; see the module docstring).
+      form: as in ``lora_shrink`` (slices with different R run one at a time).
       delta: the Triton decode and segment forms write the deltas into fresh arrays and add them with XLA,
         which fuses each add into the output's consumer, instead of updating each y in place. For ys that are slices of
         one fused projection output (in place, XLA would first copy every slice out), and for outputs whose
@@ -444,10 +453,8 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
     # every slice must suit the backend (the fallback for mixed ranks runs one slice at a time)
     chosen = {_pick(backend, interpret, a.shape[2], (x.shape[1], y.shape[1])) for y, (a, _) in zip(ys, adapters)}
     chosen = "reference" if "reference" in chosen else chosen.pop()
-    if form == "segment":
-        if len({a.shape[2] for a, _ in adapters} | {b.shape[1] for _, b in adapters}) != 1:
-            raise ValueError('form="segment" needs one R across the slices')
-        multi_form(form, x.shape[0], adapters[0][0].shape[2], delta)  # needs delta and R >= 16
+    for a, _ in adapters:  # a forced form: the same errors on every backend (R >= 16 for the segment form)
+        _pick_form(form, x.shape[0], a.shape[2])
     return _multi_core(tuple(ys), x, tuple(a for a, _ in adapters), tuple(b for _, b in adapters),
                        slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), tiles, chosen, form, interpret, delta)
 

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import lora
-from pallas_kernels._common import group_tokens, max_segment_tiles, segment_tiles
+from pallas_kernels import grouping, lora
+from pallas_kernels._common import group_tokens, max_segment_tiles
 from pallas_kernels.expand import ref_lora_expand
 from pallas_kernels.shrink import ref_lora_shrink
 
@@ -150,8 +150,8 @@ def _slice_like(seed, ranks, t, hidden, out_dim, r_max, dtype):
 
 @pytest.mark.parametrize("form,dtype,delta", [("decode", jnp.float32, False), ("decode", jnp.bfloat16, False),
                                               ("decode", jnp.float32, True), ("decode", jnp.bfloat16, True),
-                                              ("prefill", jnp.float32, False), ("segment", jnp.float32, True),
-                                              ("segment", jnp.bfloat16, True)])
+                                              ("prefill", jnp.float32, False), ("segment", jnp.bfloat16, False),
+                                              ("segment", jnp.float32, True), ("segment", jnp.bfloat16, True)])
 @SETTINGS
 @given(groups=group_sizes_st, seed=st.integers(0, 2**31 - 1))
 def test_multi_slice_one_bank_matches_reference(form, dtype, delta, groups, seed):
@@ -231,43 +231,51 @@ def test_group_tokens_pads_with_last_row():
     np.testing.assert_array_equal(np.asarray(slot_ids)[np.asarray(perm)], np.asarray(sorted_slots))
 
 
-@SETTINGS
-@given(slots=st.lists(st.integers(0, 6), min_size=1, max_size=70), block_m=st.sampled_from([1, 4, 16]))
-def test_segment_tiles_cover_every_token_once(slots, block_m):
+@settings(max_examples=6, deadline=None)
+@given(slots=st.lists(st.integers(0, 6), min_size=1, max_size=300), block_m=st.sampled_from([1, 4, 16, 64]),
+       chunk=st.sampled_from([None, 32]))
+def test_segment_tiles_cover_every_token_once(slots, block_m, chunk):
+    """The jnp grouping's invariants, and the counting-sort kernel (interpret mode) equal to it."""
     ranks = jnp.asarray([0, 4, 16, 8, 0, 16, 1], jnp.int32)
-    tiles = jax.jit(segment_tiles, static_argnums=2)(jnp.asarray(slots, jnp.int32), ranks, block_m)
+    slot_ids = jnp.asarray(slots, jnp.int32)
+    tiles = jax.jit(grouping.ref_segment_tiles, static_argnums=2)(slot_ids, ranks, block_m)
     tokens, length, slot, rank = (np.asarray(v) for v in tiles)
     assert tokens.shape == (max_segment_tiles(len(slots), 7, block_m), block_m)
     used = length > 0
-    assert used.sum() == sum(-(-slots.count(s) // block_m) for s in set(slots))   # the fewest tiles
-    assert not used[used.sum():].any()                                            # empty tiles at the end
-    assert np.all(rank[~used] == 0)
-    covered = []
+    assert used.sum() == sum(-(-slots.count(s) // block_m) for s in set(slots))   # the fewest live tiles
+    assert np.all(rank[~used] == 0) and np.all(slot[~used] == 0) and np.all(tokens[~used] == 0)
+    covered, order = [], []
     for toks, n, s, r in zip(tokens[used], length[used], slot[used], rank[used]):
         assert 1 <= n <= block_m and r == ranks[s]
         assert np.all(np.asarray(slots)[toks] == s)                               # one slot per tile
         assert np.all(toks[n:] == toks[n - 1])                                    # padding repeats the last
         covered += toks[:n].tolist()
+        order.append((s, toks[0]))
     assert sorted(covered) == list(range(len(slots)))                             # every token exactly once
+    assert covered == sorted(covered, key=lambda t: slots[t])                     # by slot, stable inside
+    kernel = jax.jit(functools.partial(grouping.segment_tiles_triton, block_m=block_m, chunk=chunk,
+                                       interpret=True))(slot_ids, ranks)
+    for name, want, got in zip(tiles._fields, tiles, kernel):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
 
 
 def test_segment_form_validation():
     x, y, a, b, slot_ids, ranks = make_inputs(1, [3, 4, 2], 128, 128, 16, jnp.float32)
     kw = dict(backend="triton", form="segment", interpret=True)
-    with pytest.raises(ValueError, match="delta=True"):
-        lora.lora_shrink_expand_multi((y,), x, ((a, b),), slot_ids, ranks, **kw)
-    with pytest.raises(ValueError, match="R >= 16"):
-        lora.lora_shrink_expand_multi((y,), x, ((a[:, :, :8], b[:, :8]),), slot_ids, ranks, delta=True, **kw)
-    with pytest.raises(ValueError, match="one R"):
-        lora.lora_shrink_expand_multi((y, y), x, ((a, b), (a[:, :, :8], b[:, :8])), slot_ids, ranks, delta=True,
-                                      **kw)
-    with pytest.raises(ValueError, match="only for lora_shrink_expand_multi"):
-        lora.lora_shrink(x, a, slot_ids, ranks, **kw)
-    # auto picks the segment form from SEGMENT_MIN_TOKENS tokens (R >= 16, deltas), and builds its tiles
+    for delta in (False, True):
+        with pytest.raises(ValueError, match="R >= 16"):
+            lora.lora_shrink_expand_multi((y,), x, ((a[:, :, :8], b[:, :8]),), slot_ids, ranks, delta=delta, **kw)
+    with pytest.raises(ValueError, match="R >= 16"):   # on the reference backend too
+        lora.lora_shrink_expand_multi((y,), x, ((a[:, :, :8], b[:, :8]),), slot_ids, ranks, form="segment")
+    # auto groups from SEGMENT_MIN_TOKENS tokens for the delta op, from PREFILL_MIN_TOKENS in place (R >= 16)
     assert lora.multi_form("auto", lora.SEGMENT_MIN_TOKENS, 16, True) == "segment"
     assert lora.multi_form("auto", lora.SEGMENT_MIN_TOKENS - 1, 16, True) == "decode"
     assert lora.multi_form("auto", lora.SEGMENT_MIN_TOKENS, 8, True) == "decode"
     assert lora.multi_form("auto", lora.SEGMENT_MIN_TOKENS, 16, False) == "decode"
+    assert lora.multi_form("auto", lora.PREFILL_MIN_TOKENS, 16, False) == "segment"
+    assert lora.multi_form("prefill", 1, 16, False) == "segment"                    # one form, two names
+    assert lora.segment_block_m(lora.PREFILL_MIN_TOKENS - 1) == lora.SEGMENT_BLOCK_M
+    assert lora.segment_block_m(lora.PREFILL_MIN_TOKENS) == lora.PREFILL_BLOCK_M
     assert lora.segment_tiles_for(slot_ids, ranks, 16) is None                      # CPU: the reference runs
     assert lora.segment_tiles_for(slot_ids, ranks, 16, form="segment", backend="triton", interpret=True) is not None
 
