@@ -302,3 +302,18 @@ def test_backend_resolution_and_validation():
         lora.lora_shrink(x, a12, slot_ids, ranks, backend="triton", interpret=True)
     with pytest.raises(ValueError, match="prefill form needs R >= 16"):
         lora.lora_shrink(x, a[:, :, :8], slot_ids, ranks, backend="triton", form="prefill", interpret=True)
+
+
+def test_prefill_sized_calls_use_wide_tiles():
+    """From PREFILL_MIN_TOKENS the segment form runs with PREFILL_BLOCK_M-row tiles (the prefill path of the
+    engine and of ``lora_shrink_expand``): in place and as deltas, against the reference."""
+    t = lora.PREFILL_MIN_TOKENS + 40
+    x, y, a, b, slot_ids, ranks = make_inputs(5, [t // 4, t // 2, t - 3 * (t // 4)], 128, 256, 16, jnp.float32)
+    tiles = lora.segment_tiles_for(slot_ids, ranks, 16, delta=False, backend="triton", interpret=True)
+    assert tiles.tokens.shape[1] == lora.PREFILL_BLOCK_M
+    want = ref_lora_expand(y, ref_lora_shrink(x, a, slot_ids, ranks), b, slot_ids, ranks)
+    fused = jax.jit(functools.partial(lora.lora_shrink_expand, backend="triton", interpret=True))
+    assert rel_err(fused(y, x, a, b, slot_ids, ranks) - y, want - y) < 1e-5
+    (out,) = lora.lora_shrink_expand_multi((y,), x, ((a, b),), slot_ids, ranks, backend="triton", interpret=True,
+                                           delta=True, tiles=tiles)
+    assert rel_err(out - y, want - y) < 1e-5
