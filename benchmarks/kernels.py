@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pallas_kernels import _common, expand, grouping, lora, shrink  # noqa: E402
+from pallas_kernels import expand, grouping, lora, shrink  # noqa: E402
 
 DECODE_SHAPES = [  # (T, H, O, r, distinct slots)
     (64, 4096, 4096, 16, 64),
@@ -140,9 +140,10 @@ def bench_fn(fn, a, b, ranks, sets, n_calls, trials):
 def kernel_fn(default_form, **knobs):
     """shrink+expand through the Triton kernels with explicit knobs (for sweeps).
 
-    Forms: "decode" (BGMV), "segment" (the prefill form: the counting-sort grouping kernel, then the segment
-    shrink and the in-place segment expand; ``block_m`` = rows per tile) and "sgmv" (the earlier prefill
-    kernels: an XLA sort, then SGMV tiles that may mix slots), kept for the A/B."""
+    Forms: "decode" (BGMV) and "segment" (the prefill form: the counting-sort grouping kernel, then the
+    segment shrink and the in-place segment expand; ``block_m`` = rows per tile). The earlier prefill kernels
+    (an XLA sort, then SGMV tiles that could mix slots) lost to it at every prefill shape in the seventh
+    session's A/B (RESULTS.md) and were removed."""
     form = knobs.pop("form", default_form)
     block_m = knobs.pop("block_m", None)
     sk = {k[3:]: v for k, v in knobs.items() if k.startswith("sh_")}
@@ -152,11 +153,6 @@ def kernel_fn(default_form, **knobs):
         if form == "decode":
             hp = shrink.bgmv_shrink_partials(x, a, slots, ranks, **sk)
             return expand.bgmv_expand(y, hp, b, slots, ranks, **ek)
-        if form == "sgmv":
-            bm = block_m or shrink.sgmv_block_sizes(x.shape[0], x.shape[1], a.shape[2])[0]
-            groups = _common.group_tokens(slots, a.shape[0], bm)
-            hp = shrink.sgmv_shrink_partials(x, a, slots, ranks, grouping=groups, block_m=bm, **sk)
-            return expand.sgmv_expand(y, hp, b, slots, ranks, grouping=groups, block_m=bm, **ek)
         tiles = grouping.segment_tiles_triton(slots, ranks, block_m or lora.segment_block_m(x.shape[0]))
         hp = shrink.seg_shrink_partials_multi(x, (a,), tiles, **sk)
         return expand.seg_expand_multi((y,), hp, (b,), tiles, **ek)[0]
@@ -166,7 +162,6 @@ def kernel_fn(default_form, **knobs):
 
 PREFILL_SWEEP = [
     {},
-    dict(form="sgmv"),
     dict(block_m=32),
     dict(block_m=128),
     dict(ex_block_n=128),
@@ -187,7 +182,7 @@ def api_fn(backend):
 
 
 def probe_mosaic(log, ceil):
-    """Mosaic GPU: JAX's grouped matmul (ragged_dot_mgpu) as an SGMV shrink on pre-sorted rows."""
+    """Mosaic GPU: JAX's grouped matmul (ragged_dot_mgpu) as a grouped shrink on pre-sorted rows."""
     try:
         from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as rd
 

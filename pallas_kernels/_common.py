@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 
 def _shape_error(name: str, got, want: str) -> ValueError:
@@ -80,35 +79,6 @@ def masked_bank_b(b, ranks):
     """b [S, R, O] with rows >= rank zeroed (NaN padding removed)."""
     keep = jnp.arange(b.shape[1])[None, :, None] < ranks[:, None, None]
     return jnp.where(keep, b, jnp.zeros((), b.dtype))
-
-
-def group_tokens(slot_ids, num_slots: int, block_m: int):
-    """Sorts tokens by slot for the grouped (prefill) kernels.
-
-    Args:
-      slot_ids: [T] int32.
-      num_slots: S; used as the sentinel slot of padding rows.
-      block_m: rows per tile; the outputs are padded to a multiple of it.
-
-    Returns:
-      perm: [Tp] int32, token index of each sorted row.
-      sorted_slots: [Tp] int32, slot of each sorted row.
-      Padding rows (Tp - T of them, all in the last tile) repeat the last sorted row: they compute exactly
-      the values of that row, so their duplicate stores are harmless (no masks, no out-of-range rows).
-    """
-    t = slot_ids.shape[0]
-    tp = -(-t // block_m) * block_m
-    if num_slots * t < 2**31:
-        # One int32 key per token (slot, then token index): a keys-only sort, which XLA on GPU runs as a CUB
-        # radix sort; a stable argsort (key + index operands) took ~38 us at T = 8192 on the H200.
-        keys = lax.sort(slot_ids.astype(jnp.int32) * t + jnp.arange(t, dtype=jnp.int32))
-        perm, sorted_slots = keys % t, keys // t
-    else:
-        perm = jnp.argsort(slot_ids, stable=True).astype(jnp.int32)  # [T]
-        sorted_slots = slot_ids[perm].astype(jnp.int32)
-    perm = jnp.pad(perm, (0, tp - t), mode="edge")
-    sorted_slots = jnp.pad(sorted_slots, (0, tp - t), mode="edge")
-    return perm, sorted_slots
 
 
 class SegmentTiles(NamedTuple):

@@ -10,8 +10,9 @@ Triton lowering:
   likewise but writes the deltas alone into fresh arrays (zero rows for rank 0), for outputs that are slices
   of one fused projection: the add is then left to XLA, which fuses it into the slices' consumers instead of
   copying each slice out for the kernel to update.
-* ``sgmv_expand`` (prefill form): tiles of tokens sorted by slot, rows of y gathered/scattered by token
-  index, one tensor-core dot per distinct slot in the tile.
+* ``seg_expand_multi`` / ``seg_delta_multi`` (segment form, also the prefill form): tiles of up to
+  ``block_m`` tokens of one slot (``grouping``), rows of y gathered/scattered by token index, one
+  tensor-core dot per (tile, block of O); in place or as deltas.
 
 Both take h as partial sums ``[n_split, T, R]`` (what the shrink kernels produce), so the fused
 shrink+expand never materialises the reduced h. The public entry point is ``pallas_kernels.lora.lora_expand``.
@@ -221,113 +222,6 @@ def bgmv_delta_multi(out_dtype, h_partials, b_slices, slot_ids, ranks, *, block_
         interpret=interpret,
         name="lora_bgmv_delta_multi",
     )(*args))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Prefill form (SGMV): tiles of tokens sorted by slot.
-
-
-def _sgmv_expand_kernel(
-    perm_ref, sslot_ref, rank_ref, h_ref, b_ref, y_ref, o_ref, *, block_m, block_n, num_tokens, num_slots
-):
-    # perm_ref, sslot_ref: [Tp]; rank_ref: [S]; h_ref: [n_split, T, R]; b_ref: [S, R, O]; y_ref/o_ref: [T, O]
-    del y_ref  # o_ref aliases it
-    i = pl.program_id(0)
-    n = pl.program_id(1)
-    r_max = b_ref.shape[1]
-    r0 = pl.multiple_of(i * block_m, block_m)
-    n0 = pl.multiple_of(n * block_n, block_n)
-    toks = perm_ref[pl.ds(r0, block_m)]  # [BM]
-    slots = sslot_ref[pl.ds(r0, block_m)]  # [BM] (padding rows repeat the last sorted row)
-    rows = toks
-    row_rank = rank_ref[slots]  # [BM]
-    live_row = (row_rank > 0)[:, None]  # rows of rank-0 slots are neither read nor written
-    row_mask = jnp.broadcast_to(live_row, (block_m, block_n))
-    first = jnp.min(slots)
-    last = jnp.max(slots)
-    hv = h_ref[0, rows, :].astype(jnp.float32)  # [BM, R] summed over the shrink's H-slices
-    for sp in range(1, h_ref.shape[0]):
-        hv = hv + h_ref[sp, rows, :].astype(jnp.float32)
-    hcols = lax.broadcasted_iota(jnp.int32, (block_m, r_max), 1)
-    brows = lax.broadcasted_iota(jnp.int32, (r_max, block_n), 0)
-
-    def one_slot(carry):
-        s, acc = carry  # acc: [BM, BN] f32
-        rank = rank_ref[s]
-
-        def add():
-            hs = jnp.where((slots == s)[:, None] & (hcols < rank), hv, 0.0)
-            bv = plgpu.load(b_ref.at[s, :, pl.ds(n0, block_n)], mask=brows < rank, other=0)  # [R, BN]
-            return acc + jnp.dot(hs.astype(bv.dtype), bv, preferred_element_type=jnp.float32)
-
-        acc = lax.cond(rank > 0, add, lambda: acc)
-        nxt = jnp.min(jnp.where(slots > s, slots, num_slots + 1))
-        return nxt, acc
-
-    _, acc = lax.while_loop(
-        lambda c: c[0] <= last, one_slot, (first, jnp.zeros((block_m, block_n), jnp.float32))
-    )
-    # Full [BM, BN] index arrays (row gather x contiguous columns): one form that both the Triton lowering
-    # and the interpreter accept for masked gathers/scatters.
-    ridx = jnp.broadcast_to(rows[:, None], (block_m, block_n))
-    cidx = n0 + lax.broadcasted_iota(jnp.int32, (block_m, block_n), 1)
-    yv = plgpu.load(o_ref.at[ridx, cidx], mask=row_mask, other=0)  # [BM, BN]
-    out = (yv.astype(jnp.float32) + acc).astype(o_ref.dtype)
-    plgpu.store(o_ref.at[ridx, cidx], out, mask=row_mask)
-
-
-def sgmv_expand_block_sizes(num_tokens: int, out_dim: int, r_max: int) -> tuple[int, int]:
-    block_m = 64 if num_tokens >= 64 else 16
-    block_n = _common.largest_pow2_divisor(out_dim, 256 if r_max >= 64 else 128)  # H200 sweep
-    return block_m, block_n
-
-
-def sgmv_expand(
-    y,
-    h_partials,
-    b,
-    slot_ids,
-    ranks,
-    *,
-    block_m=None,
-    block_n=None,
-    num_warps=4,
-    num_stages=2,
-    interpret=False,
-    grouping=None,
-):
-    """Prefill-form expand on GPU (Pallas Triton lowering); needs R >= 16 (tensor-core dot).
-
-    Args:
-      y: [T, O]; h_partials: [n_split, T, R] in token order; b: [S, R, O]; slot_ids: [T]; ranks: [S].
-      grouping: optional (perm, sorted_slots) from ``_common.group_tokens`` with the same block_m.
-
-    Returns:
-      y_out: [T, O] in y.dtype (aliases y).
-    """
-    t, o = y.shape
-    s_count, r_max, _ = b.shape
-    dm, dn = sgmv_expand_block_sizes(t, o, r_max)
-    block_m, block_n = block_m or dm, block_n or dn
-    if o % block_n:
-        raise ValueError(f"O={o} must be divisible by block_n={block_n}")
-    perm, sorted_slots = grouping if grouping is not None else _common.group_tokens(slot_ids, s_count, block_m)
-    tiles = perm.shape[0] // block_m
-    if h_partials.shape[0] > 1:  # every O-block re-reads h: reduce the H-slices once (tiny XLA op)
-        h_partials = jnp.sum(h_partials.astype(jnp.float32), axis=0, keepdims=True)
-    kernel = functools.partial(
-        _sgmv_expand_kernel, block_m=block_m, block_n=block_n, num_tokens=t, num_slots=s_count
-    )
-    args = _common.match_vma(perm, sorted_slots, ranks.astype(jnp.int32), h_partials, b, y)
-    return pl.pallas_call(
-        kernel,
-        out_shape=_common.out_struct(y.shape, y.dtype, *args),
-        grid=(tiles, o // block_n),
-        input_output_aliases={5: 0},
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="lora_sgmv_expand",
-    )(*args)
 
 
 # ----------------------------------------------------------------------------------------------------------

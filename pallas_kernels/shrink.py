@@ -6,8 +6,9 @@ Triton lowering:
 * ``bgmv_shrink_partials`` (decode form): one program per (token, slice of H); tokens in any order. Each
   program streams its slice of ``A[slot]`` once; the H-slices write partial sums ``[n_split, T, R]`` that the
   consumer (the expand kernel, or a tiny XLA sum) adds up, so no program needs a grid-wide reduction.
-* ``sgmv_shrink_partials`` (prefill form): tokens sorted by slot (``_common.group_tokens``), tiles of
-  ``block_m`` sorted rows gathered from x by index, one tensor-core dot per distinct slot in the tile.
+* ``seg_shrink_partials_multi`` (segment form, also the prefill form): tiles of up to ``block_m`` tokens of
+  one slot (``grouping``), rows gathered from x by token index, one tensor-core dot per tile against its
+  adapter; several A's sharing x in one launch.
 
 Both are rank-aware (slot of rank 0 skips its loop entirely, padding columns are masked before use) and write
 their rows in the original token order. The public entry point is ``pallas_kernels.lora.lora_shrink``.
@@ -166,116 +167,6 @@ def bgmv_shrink_partials_multi(
         interpret=interpret,
         name="lora_bgmv_shrink_multi",
     )(*args)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Prefill form (SGMV): tiles of tokens sorted by slot, one dot per distinct slot in the tile.
-
-
-def _sgmv_shrink_kernel(
-    perm_ref, sslot_ref, rank_ref, x_ref, a_ref, h_ref, *, block_m, block_k, k_per_split, num_tokens, num_slots
-):
-    # perm_ref, sslot_ref: [Tp] int32 (sorted order); x_ref: [T, H]; a_ref: [S, H, R];
-    # h_ref: [n_split, T, R] f32 (padding rows repeat the last sorted row: same values, harmless)
-    i = pl.program_id(0)
-    sp = pl.program_id(1)
-    r_max = a_ref.shape[2]
-    r0 = pl.multiple_of(i * block_m, block_m)
-    toks = perm_ref[pl.ds(r0, block_m)]  # [BM] token of each sorted row
-    slots = sslot_ref[pl.ds(r0, block_m)]  # [BM] its slot
-    first = jnp.min(slots)
-    last = jnp.max(slots)
-    cols = lax.broadcasted_iota(jnp.int32, (block_k, r_max), 1)
-    n_k = k_per_split // block_k
-
-    def one_slot(carry):
-        s, acc = carry  # acc: [BM, R] f32
-        rank = rank_ref[s]
-
-        def k_step(j, part, masked):
-            k0 = pl.multiple_of(sp * k_per_split + j * block_k, block_k)
-            xv = x_ref[toks, pl.ds(k0, block_k)]  # [BM, BK] rows gathered by token index
-            if masked:  # rank < R: dead columns are not read
-                av = plgpu.load(a_ref.at[s, pl.ds(k0, block_k), :], mask=cols < rank, other=0)  # [BK, R]
-            else:  # rank == R: whole rows, vectorised
-                av = a_ref[s, pl.ds(k0, block_k), :]
-            return part + jnp.dot(xv, av.astype(xv.dtype), preferred_element_type=jnp.float32)
-
-        zero = jnp.zeros_like(acc)
-        full = lambda: lax.fori_loop(0, n_k, functools.partial(k_step, masked=False), zero)
-        some = lambda: lax.fori_loop(0, n_k, functools.partial(k_step, masked=True), zero)
-        part = lax.cond(rank >= r_max, full, lambda: lax.cond(rank > 0, some, lambda: zero))
-        acc = acc + jnp.where((slots == s)[:, None], part, 0.0)
-        nxt = jnp.min(jnp.where(slots > s, slots, num_slots + 1))
-        return nxt, acc
-
-    _, acc = lax.while_loop(
-        lambda c: c[0] <= last, one_slot, (first, jnp.zeros((block_m, r_max), jnp.float32))
-    )
-    h_ref[sp, toks, :] = acc  # scatter back to token order
-
-
-def sgmv_block_sizes(num_tokens: int, hidden: int, r_max: int) -> tuple[int, int, int]:
-    """Default (block_m, block_k, n_split) of the prefill shrink."""
-    block_m = 64 if num_tokens >= 64 else 16
-    block_k = _common.largest_pow2_divisor(hidden, 128)
-    tiles = -(-num_tokens // block_m)
-    n_split = 1
-    while tiles * n_split < 264 and (hidden // block_k) % (n_split * 2) == 0 and n_split < 16:
-        n_split *= 2
-    return block_m, block_k, n_split
-
-
-def sgmv_shrink_partials(
-    x,
-    a,
-    slot_ids,
-    ranks,
-    *,
-    block_m=None,
-    block_k=None,
-    n_split=None,
-    num_warps=4,
-    num_stages=2,
-    interpret=False,
-    grouping=None,
-):
-    """Prefill-form shrink on GPU (Pallas Triton lowering); needs R >= 16 (tensor-core dot).
-
-    Args:
-      x: [T, H]; a: [S, H, R]; slot_ids: [T] int32; ranks: [S] int32.
-      grouping: optional (perm, sorted_slots) from ``_common.group_tokens`` with the same block_m, to share
-        one sort between the shrink and the expand.
-
-    Returns:
-      h_partials: [n_split, T, R] float32 in token order; sum over axis 0 is the shrink.
-    """
-    t, hidden = x.shape
-    s_count, _, r_max = a.shape
-    dm, dk, dn = sgmv_block_sizes(t, hidden, r_max)
-    block_m, block_k, n_split = block_m or dm, block_k or dk, n_split or dn
-    if hidden % (block_k * n_split):
-        raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
-    perm, sorted_slots = grouping if grouping is not None else _common.group_tokens(slot_ids, s_count, block_m)
-    tiles = perm.shape[0] // block_m
-    kernel = functools.partial(
-        _sgmv_shrink_kernel,
-        block_m=block_m,
-        block_k=block_k,
-        k_per_split=hidden // n_split,
-        num_tokens=t,
-        num_slots=s_count,
-    )
-    args = _common.match_vma(perm, sorted_slots, ranks.astype(jnp.int32), x, a)
-    h = pl.pallas_call(
-        kernel,
-        out_shape=_common.out_struct((n_split, t, r_max), jnp.float32, *args),
-        grid=(tiles, n_split),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="lora_sgmv_shrink",
-    )(*args)
-    return h
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import grouping, lora
-from pallas_kernels._common import group_tokens, max_segment_tiles
+from pallas_kernels._common import max_segment_tiles
 from pallas_kernels.expand import ref_lora_expand
 from pallas_kernels.shrink import ref_lora_shrink
 
@@ -221,14 +221,6 @@ def test_inside_shard_map():
         # The Pallas interpreter itself does not support check_vma=True (jax 0.11.2), hence False here.
         out = jax.jit(functools.partial(step, form=form, check_vma=False))(y, x, a, b, slot_ids, ranks)
         assert rel_err(out, want) < 1e-5
-
-
-def test_group_tokens_pads_with_last_row():
-    slot_ids = jnp.asarray([3, 0, 3, 1, 0], jnp.int32)
-    perm, sorted_slots = group_tokens(slot_ids, 4, 4)
-    assert perm.shape == (8,) and sorted_slots.shape == (8,)
-    np.testing.assert_array_equal(np.asarray(sorted_slots), [0, 0, 1, 3, 3, 3, 3, 3])
-    np.testing.assert_array_equal(np.asarray(slot_ids)[np.asarray(perm)], np.asarray(sorted_slots))
 
 
 @settings(max_examples=6, deadline=None)

@@ -9,7 +9,7 @@ formulations behind one function (``impl``):
   decode-only (``T == 1``), where its extra flops are negligible.
 - ``"ragged"``: tokens sorted by slot and two ``lax.ragged_dot`` grouped matmuls (SGMV-like).
 - ``"pallas"``: the gathered low-rank Pallas kernels of ``pallas_kernels.lora``, the form picked per shape
-  (BGMV, segment or SGMV); off GPU/TPU their jnp reference.
+  (BGMV or segment); off GPU/TPU their jnp reference.
 - ``"pallas_decode"``, ``"pallas_segment"``: the same with the GPU form forced (one program per token, or
   tiles of same-adapter tokens); off GPU/TPU the Triton kernels run in the Pallas interpreter (tests).
 
