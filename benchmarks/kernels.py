@@ -153,7 +153,7 @@ def kernel_fn(default_form, **knobs):
         if form == "decode":
             hp = shrink.bgmv_shrink_partials(x, a, slots, ranks, **sk)
             return expand.bgmv_expand(y, hp, b, slots, ranks, **ek)
-        tiles = grouping.segment_tiles_triton(slots, ranks, block_m or lora.segment_block_m(x.shape[0]))
+        tiles = grouping.segment_tiles_triton(slots, ranks, block_m or lora.segment_block_m(x.shape[0], a.shape[2]))
         hp = shrink.seg_shrink_partials_multi(x, (a,), tiles, **sk)
         return expand.seg_expand_multi((y,), hp, (b,), tiles, **ek)[0]
 
@@ -163,6 +163,7 @@ def kernel_fn(default_form, **knobs):
 PREFILL_SWEEP = [
     {},
     dict(block_m=32),
+    dict(block_m=64),
     dict(block_m=128),
     dict(ex_block_n=128),
     dict(ex_block_n=512),

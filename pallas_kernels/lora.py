@@ -22,7 +22,8 @@ counting-sort kernel, ``grouping.segment_tiles``, one tensor-core dot per tile a
 gathered and scattered by token index) or "auto": the segment form when R >= 16 (the dot's minimum) and
 T >= ``PREFILL_MIN_TOKENS``, or T >= ``SEGMENT_MIN_TOKENS`` for the multi-slice delta op
 (``lora_shrink_expand_multi(..., delta=True)``, the decoder's path, whose tiles the decoder builds once per
-step). Tiles hold ``SEGMENT_BLOCK_M`` tokens below PREFILL_MIN_TOKENS, ``PREFILL_BLOCK_M`` from there.
+step). Tiles hold ``SEGMENT_BLOCK_M`` tokens below PREFILL_MIN_TOKENS, ``PREFILL_BLOCK_M[R <= 16]`` from
+there (``segment_block_m``).
 
 Every op is a pure function of its (local) arrays with static shapes: it jits, runs inside ``jax.shard_map``
 and has a ``jax.custom_vjp`` (gradients for x, a, b and h; none for slot_ids and ranks) whose backward pass is
@@ -46,12 +47,15 @@ FORMS = ("auto", "decode", "prefill", "segment")  # "prefill" and "segment" are 
 PREFILL_MIN_TOKENS = 512  # measured on the H200: see benchmarks/KERNELS_NOTES.md
 SEGMENT_MIN_TOKENS = 128  # measured in the decode step on the H200: benchmarks/RESULTS.md, "Segment LoRA"
 SEGMENT_BLOCK_M = 16  # rows per segment tile below PREFILL_MIN_TOKENS: the tensor-core dot's minimum
-PREFILL_BLOCK_M = 64  # rows per segment tile from PREFILL_MIN_TOKENS (H200 sweep: benchmarks/KERNELS_NOTES.md)
+# Rows per segment tile from PREFILL_MIN_TOKENS, for R > 16 and R <= 16: two H200 sweeps over the issue's
+# prefill shapes (benchmarks/KERNELS_NOTES.md, seventh session): 32-row tiles 2-16% faster at R = 16, mixed
+# at R = 64; 128-row tiles 1.6-2.2x slower.
+PREFILL_BLOCK_M = (64, 32)
 
 
-def segment_block_m(num_tokens: int) -> int:
-    """Rows per segment tile for T tokens."""
-    return SEGMENT_BLOCK_M if num_tokens < PREFILL_MIN_TOKENS else PREFILL_BLOCK_M
+def segment_block_m(num_tokens: int, r_max: int) -> int:
+    """Rows per segment tile for T tokens at rank R."""
+    return SEGMENT_BLOCK_M if num_tokens < PREFILL_MIN_TOKENS else PREFILL_BLOCK_M[r_max <= 16]
 
 
 def gpu_backend() -> str:
@@ -121,9 +125,9 @@ def _pick_form(form: str, num_tokens: int, r_max: int, min_tokens: int = PREFILL
 # Forward implementations (no autodiff), per backend.
 
 
-def _tiles(slot_ids, ranks, interpret):
+def _tiles(slot_ids, ranks, r_max, interpret):
     """The segment kernels' tiles for these tokens (the counting-sort kernel)."""
-    return grouping.segment_tiles(slot_ids, ranks, segment_block_m(slot_ids.shape[0]), interpret=interpret)
+    return grouping.segment_tiles(slot_ids, ranks, segment_block_m(slot_ids.shape[0], r_max), interpret=interpret)
 
 
 def _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, tiles=None):
@@ -135,7 +139,7 @@ def _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, tiles=None
 
         return _tpu_lora.tpu_shrink(x, a, slot_ids, ranks, interpret=interpret)[None]
     if _pick_form(form, x.shape[0], a.shape[2]) == "segment":
-        tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, interpret)
+        tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, a.shape[2], interpret)
         return shrink.seg_shrink_partials_multi(x, (a,), tiles, interpret=interpret)[0]
     return shrink.bgmv_shrink_partials(x, a, slot_ids, ranks, interpret=interpret)
 
@@ -148,7 +152,7 @@ def _expand_from_partials(y, hp, b, slot_ids, ranks, backend, form, interpret, t
 
         return _tpu_lora.tpu_expand(y, jnp.sum(hp, axis=0), b, slot_ids, ranks, interpret=interpret)
     if _pick_form(form, y.shape[0], b.shape[1]) == "segment":
-        tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, interpret)
+        tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, b.shape[1], interpret)
         return expand.seg_expand_multi((y,), hp[None], (b,), tiles, interpret=interpret)[0]
     return expand.bgmv_expand(y, hp, b, slot_ids, ranks, interpret=interpret)
 
@@ -157,7 +161,7 @@ def _shared_tiles(backend, form, slot_ids, ranks, r_max, interpret):
     """One grouping shared by the shrink and the expand of a fused segment-form call (None elsewhere)."""
     if backend != "triton" or _pick_form(form, slot_ids.shape[0], r_max) != "segment":
         return None
-    return _tiles(slot_ids, ranks, interpret)
+    return _tiles(slot_ids, ranks, r_max, interpret)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,7 +294,7 @@ def segment_tiles_for(slot_ids, ranks, r_max: int, *, form: str = "auto", delta:
     if (resolve_backend(backend, interpret) != "triton"
             or multi_form(form, slot_ids.shape[0], r_max, delta) != "segment"):
         return None
-    return _tiles(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), interpret)
+    return _tiles(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), r_max, interpret)
 
 
 def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, form, interpret, delta):
@@ -303,7 +307,7 @@ def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, f
     if backend == "triton" and same_r:
         picked = multi_form(form, x.shape[0], a_slices[0].shape[2], delta)
         if picked == "segment":
-            tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, interpret)
+            tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, a_slices[0].shape[2], interpret)
             hp = shrink.seg_shrink_partials_multi(x, a_slices, tiles, interpret=interpret)
             hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
             if delta:

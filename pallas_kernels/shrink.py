@@ -224,7 +224,7 @@ def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None,
 
     Args:
       x: [T, H]; a_slices: tuple of n [S, H, R] banks (same H and R).
-      tiles: ``_common.segment_tiles(slot_ids, ranks, block_m)`` (block_m >= 16: a tensor-core dot).
+      tiles: ``grouping.segment_tiles(slot_ids, ranks, block_m)`` (block_m >= 16: a tensor-core dot).
       block_k, n_split: H-chunk per loop step and number of H-slices (defaults from ``seg_block_sizes``).
 
     Returns:

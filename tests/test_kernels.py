@@ -266,8 +266,9 @@ def test_segment_form_validation():
     assert lora.multi_form("auto", lora.SEGMENT_MIN_TOKENS, 16, False) == "decode"
     assert lora.multi_form("auto", lora.PREFILL_MIN_TOKENS, 16, False) == "segment"
     assert lora.multi_form("prefill", 1, 16, False) == "segment"                    # one form, two names
-    assert lora.segment_block_m(lora.PREFILL_MIN_TOKENS - 1) == lora.SEGMENT_BLOCK_M
-    assert lora.segment_block_m(lora.PREFILL_MIN_TOKENS) == lora.PREFILL_BLOCK_M
+    assert lora.segment_block_m(lora.PREFILL_MIN_TOKENS - 1, 16) == lora.SEGMENT_BLOCK_M
+    assert lora.segment_block_m(lora.PREFILL_MIN_TOKENS, 64) == lora.PREFILL_BLOCK_M[0]
+    assert lora.segment_block_m(lora.PREFILL_MIN_TOKENS, 16) == lora.PREFILL_BLOCK_M[1]
     assert lora.segment_tiles_for(slot_ids, ranks, 16) is None                      # CPU: the reference runs
     assert lora.segment_tiles_for(slot_ids, ranks, 16, form="segment", backend="triton", interpret=True) is not None
 
@@ -298,14 +299,16 @@ def test_backend_resolution_and_validation():
 
 def test_prefill_sized_calls_use_wide_tiles():
     """From PREFILL_MIN_TOKENS the segment form runs with PREFILL_BLOCK_M-row tiles (the prefill path of the
-    engine and of ``lora_shrink_expand``): in place and as deltas, against the reference."""
+    engine and of ``lora_shrink_expand``): in place and as deltas, against the reference; R = 16 and 32."""
     t = lora.PREFILL_MIN_TOKENS + 40
-    x, y, a, b, slot_ids, ranks = make_inputs(5, [t // 4, t // 2, t - 3 * (t // 4)], 128, 256, 16, jnp.float32)
-    tiles = lora.segment_tiles_for(slot_ids, ranks, 16, delta=False, backend="triton", interpret=True)
-    assert tiles.tokens.shape[1] == lora.PREFILL_BLOCK_M
-    want = ref_lora_expand(y, ref_lora_shrink(x, a, slot_ids, ranks), b, slot_ids, ranks)
-    fused = jax.jit(functools.partial(lora.lora_shrink_expand, backend="triton", interpret=True))
-    assert rel_err(fused(y, x, a, b, slot_ids, ranks) - y, want - y) < 1e-5
-    (out,) = lora.lora_shrink_expand_multi((y,), x, ((a, b),), slot_ids, ranks, backend="triton", interpret=True,
-                                           delta=True, tiles=tiles)
-    assert rel_err(out - y, want - y) < 1e-5
+    for r_max in (16, 32):
+        x, y, a, b, slot_ids, ranks = make_inputs(5, [t // 4, t // 2, t - 3 * (t // 4)], 128, 256, r_max,
+                                                  jnp.float32)
+        tiles = lora.segment_tiles_for(slot_ids, ranks, r_max, delta=False, backend="triton", interpret=True)
+        assert tiles.tokens.shape[1] == lora.PREFILL_BLOCK_M[r_max <= 16]
+        want = ref_lora_expand(y, ref_lora_shrink(x, a, slot_ids, ranks), b, slot_ids, ranks)
+        fused = jax.jit(functools.partial(lora.lora_shrink_expand, backend="triton", interpret=True))
+        assert rel_err(fused(y, x, a, b, slot_ids, ranks) - y, want - y) < 1e-5
+        (out,) = lora.lora_shrink_expand_multi((y,), x, ((a, b),), slot_ids, ranks, backend="triton",
+                                               interpret=True, delta=True, tiles=tiles)
+        assert rel_err(out - y, want - y) < 1e-5
