@@ -147,6 +147,7 @@ def device_step_time(llm: LLM, batch: int, ctx: int, slots: list[int], params: S
     engine = llm.llm_engine
     runner, pages = engine.runner, engine.page_manager
     K = engine.config.num_lookahead
+    iters = max(1, min(iters, (engine.model_config.max_model_len - ctx) // K - 1))  # pages within max_model_len
     seqs = []
     for i in range(batch):
         seq = Sequence("timing", [5] * ctx, params=params)       # the workload's params: the same variant
@@ -240,7 +241,9 @@ def main():
     parser.add_argument("--workloads", default="shared8,base,distinct256")
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--modes", default="async,sync")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="a JSON file for the rows")
+    parser.add_argument("--num-lookahead", type=int, default=None,
+                        help="decode steps per jitted call (default: the engine's, EngineConfig.num_lookahead)")
     parser.add_argument("--small", action="store_true", help="tiny model dims and short sequences (CPU smoke test)")
     args = parser.parse_args()
     jax.monitoring.register_event_duration_secs_listener(_count_compiles)
@@ -263,9 +266,11 @@ def main():
     llm = LLM(str(tmp / "model"), load_format="dummy", dtype="bfloat16", enable_lora=True, max_loras=n_adapters,
               max_lora_rank=16, max_num_seqs=big_batch if "distinct256" in workloads else batch,
               max_model_len=prompt_len + new_tokens + 16, warmup=False,
-              num_kv_pages=64 * big_batch if args.small else None)     # (CPU: room for the device timing too)
+              num_kv_pages=64 * big_batch if args.small else None,     # (CPU: room for the device timing too)
+              **({} if args.num_lookahead is None else {"num_lookahead": args.num_lookahead}))
     print(f"device {jax.devices()[0].device_kind}; engine up in {time.perf_counter() - t0:.0f}s "
-          f"({llm.llm_engine.runner.num_pages} KV pages)", flush=True)
+          f"({llm.llm_engine.runner.num_pages} KV pages, num_lookahead {llm.llm_engine.config.num_lookahead})",
+          flush=True)
     modes = [m == "async" for m in args.modes.split(",")]
     rows = []
     for name in workloads:
