@@ -13,7 +13,7 @@ Backends (``backend=``):
   None          auto: the platform's kernel ("triton" on CUDA/ROCm, "tpu" on TPU), else "reference".
   "reference"   the jnp twins (XLA gather + einsum).
   "triton"      Pallas kernels through the Triton lowering (the GPU choice: see ``gpu_backend``).
-  "tpu"         Pallas kernels through Mosaic TPU (decode form for every shape).
+  "tpu"         Pallas kernels through Mosaic TPU (decode and segment forms; untuned: no TPU here).
 ``interpret=True`` runs a kernel backend through the Pallas interpreter (CPU tests).
 
 Forms (``form=``): "decode" (BGMV: one program per token, tokens in any order, each reading its adapter),
@@ -137,6 +137,8 @@ def _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, tiles=None
     if backend == "tpu":
         from pallas_kernels import _tpu_lora
 
+        if _pick_form(form, x.shape[0], a.shape[2]) == "segment":
+            return _tpu_lora.tpu_seg_shrink(x, a, slot_ids, ranks, tiles=tiles, interpret=interpret)[None]
         return _tpu_lora.tpu_shrink(x, a, slot_ids, ranks, interpret=interpret)[None]
     if _pick_form(form, x.shape[0], a.shape[2]) == "segment":
         tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, a.shape[2], interpret)
@@ -150,6 +152,9 @@ def _expand_from_partials(y, hp, b, slot_ids, ranks, backend, form, interpret, t
     if backend == "tpu":
         from pallas_kernels import _tpu_lora
 
+        if _pick_form(form, y.shape[0], b.shape[1]) == "segment":
+            return _tpu_lora.tpu_seg_expand(y, jnp.sum(hp, axis=0), b, slot_ids, ranks, tiles=tiles,
+                                            interpret=interpret)
         return _tpu_lora.tpu_expand(y, jnp.sum(hp, axis=0), b, slot_ids, ranks, interpret=interpret)
     if _pick_form(form, y.shape[0], b.shape[1]) == "segment":
         tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, b.shape[1], interpret)
@@ -159,8 +164,12 @@ def _expand_from_partials(y, hp, b, slot_ids, ranks, backend, form, interpret, t
 
 def _shared_tiles(backend, form, slot_ids, ranks, r_max, interpret):
     """One grouping shared by the shrink and the expand of a fused segment-form call (None elsewhere)."""
-    if backend != "triton" or _pick_form(form, slot_ids.shape[0], r_max) != "segment":
+    if backend not in ("triton", "tpu") or _pick_form(form, slot_ids.shape[0], r_max) != "segment":
         return None
+    if backend == "tpu":
+        from pallas_kernels import _tpu_lora
+
+        return _tpu_lora.segment_tiles(slot_ids, ranks)
     return _tiles(slot_ids, ranks, r_max, interpret)
 
 

@@ -23,8 +23,8 @@ from pallas_kernels.shrink import ref_lora_shrink
 
 RANKS = (1, 4, 8, 16, 64, 128)
 SETTINGS = settings(max_examples=2, deadline=None)
-# (backend, form): the GPU kernels in both forms, and the TPU kernels.
-KERNELS = [("triton", "decode"), ("triton", "prefill"), ("tpu", "auto")]
+# (backend, form): the GPU and the TPU kernels, each in both forms.
+KERNELS = [("triton", "decode"), ("triton", "prefill"), ("tpu", "decode"), ("tpu", "segment")]
 
 
 def make_inputs(seed, group_sizes, hidden, out_dim, r_max, dtype):
