@@ -36,12 +36,9 @@ def _tpu_block(dim: int, cap: int) -> int:
     return best
 
 
-def _shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref):
-    # x_ref: [1, 1, BK]; a_ref: [1, BK, R]; h_ref: [1, 1, R] f32, accumulated over the k grid axis
-    t = pl.program_id(0)
-    k = pl.program_id(1)
-    rank = rank_ref[slot_ref[t]]
-
+def _accumulate_shrink(k, rank, x_ref, a_ref, h_ref, rows):
+    """h_ref[rows] += x_ref[rows] @ a_ref[0][:, :rank] over the k grid axis (zeroed at k == 0; rank 0 adds
+    nothing). ``rows``: 0 for the decode form's [1, 1, ...] blocks, ``...`` for the segment form's tiles."""
     @pl.when(k == 0)
     def _():
         h_ref[...] = jnp.zeros_like(h_ref)
@@ -49,9 +46,15 @@ def _shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref):
     @pl.when(rank > 0)
     def _():
         av = a_ref[0]  # [BK, R]
-        cols = lax.broadcasted_iota(jnp.int32, av.shape, 1)
-        av = jnp.where(cols < rank, av, jnp.zeros((), av.dtype))
-        h_ref[0] += jnp.dot(x_ref[0], av, preferred_element_type=jnp.float32)
+        av = jnp.where(lax.broadcasted_iota(jnp.int32, av.shape, 1) < rank, av, jnp.zeros((), av.dtype))
+        h_ref[rows] += jnp.dot(x_ref[rows], av, preferred_element_type=jnp.float32)
+
+
+def _shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref):
+    # x_ref: [1, 1, BK]; a_ref: [1, BK, R]; h_ref: [1, 1, R] f32, accumulated over the k grid axis
+    t = pl.program_id(0)
+    k = pl.program_id(1)
+    _accumulate_shrink(k, rank_ref[slot_ref[t]], x_ref, a_ref, h_ref, 0)
 
 
 def tpu_shrink(x, a, slot_ids, ranks, *, block_k=None, interpret=False):
@@ -163,17 +166,7 @@ def _segment_rows(tiles, num_tokens: int):
 def _seg_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref):
     # x_ref: [BM, BK] the tile's rows (sorted); a_ref: [1, BK, R] its slot's A; h_ref: [BM, R] f32 over k
     i, k = pl.program_id(0), pl.program_id(1)
-    rank = rank_ref[i]  # 0 for an empty tile
-
-    @pl.when(k == 0)
-    def _():
-        h_ref[...] = jnp.zeros_like(h_ref)
-
-    @pl.when(rank > 0)
-    def _():
-        av = a_ref[0]  # [BK, R]
-        av = jnp.where(lax.broadcasted_iota(jnp.int32, av.shape, 1) < rank, av, jnp.zeros((), av.dtype))
-        h_ref[...] += jnp.dot(x_ref[...], av, preferred_element_type=jnp.float32)
+    _accumulate_shrink(k, rank_ref[i], x_ref, a_ref, h_ref, ...)  # rank 0 for an empty tile
 
 
 def _seg_delta_kernel(slot_ref, rank_ref, h_ref, b_ref, d_ref):

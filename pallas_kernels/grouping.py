@@ -104,7 +104,7 @@ def _segment_tiles_kernel(slot_ref, rank_ref, tok_ref, len_ref, tslot_ref, trank
     pad = (n + r) < n_live * block_m  # the last live tile's rows past its length repeat its last token
     plgpu.store(tok_ref.at[jnp.where(pad, base * block_m + n + r, tok_out)], jnp.full((block_m,), last),
                 mask=pad)
-    empty = (r < block_m) & (n_span > n_live)  # the slot's empty tile, if it has one: token 0 in every row
+    empty = jnp.broadcast_to(n_span > n_live, (block_m,))  # the slot's empty tile, if any: token 0 in every row
     plgpu.store(tok_ref.at[jnp.where(empty, (base + n_live) * block_m + r, tok_out)],
                 jnp.zeros((block_m,), jnp.int32), mask=empty)
     j = lax.broadcasted_iota(jnp.int32, (span,), 0)
