@@ -182,3 +182,55 @@ def apply_lora_group(ys: tuple[Array, ...], x: Array, tbs: tuple[TargetBank, ...
                                     tuple((tb.a, tb.b) for tb in tbs), jnp.repeat(slot_ids, T), ranks, delta=True,
                                     tiles=tiles, **_pallas_options(impl))
     return tuple(o.reshape(y.shape) for o, y in zip(outs, ys))
+
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def attention_lora(targets: dict[str, TargetBank], x: Array, slot_ids: Array, ranks: Array, impl: str,
+                   num_kv_heads: int, head_dim: int, o_shrink: bool = True):
+    """The q/k/v and o_proj adapters of one decode layer in the fused attention kernel's form, or None.
+
+    Returns ``pallas_kernels.fused_attention.FusedLoRA``: the q/k/v shrink runs here (one launch); the kernel
+    then adds the q/k/v expand to its heads and computes the o_proj shrink's partial sums, and
+    ``o_proj_from_partials`` finishes the o_proj term: four LoRA launches per layer become two. None where
+    the decode (BGMV) kernels would not run (another impl, form or backend, a target without adapters):
+    the caller then applies the LoRA terms itself.
+
+    Args:
+      targets: the layer's target banks; x: ``[B, 1, E]`` the q/k/v projections' input.
+      o_shrink: also the o_proj shrink in the kernel (else ``FusedLoRA.a_o`` is None and the caller applies
+        the o_proj term).
+    """
+    if impl not in _PALLAS_FORMS or any(t not in targets for t in ATTENTION_TARGETS):
+        return None
+    from pallas_kernels import lora as kernels
+    from pallas_kernels import shrink
+    from pallas_kernels.fused_attention import FusedLoRA
+
+    opts = _pallas_options(impl)
+    tq, tk, tv, to = (targets[t] for t in ATTENTION_TARGETS)
+    S, R = tq.b.shape[:2]
+    B, T, E = x.shape
+    dims = (E, tq.b.shape[2], tk.b.shape[2], tv.b.shape[2], to.a.shape[1])
+    if (T != 1 or kernels.pick_backend(opts.get("backend"), opts.get("interpret", False), R, dims) != "triton"
+            or kernels.multi_form(opts["form"], B, R, delta=True) != "decode"
+            or len({t.a.shape[2] for t in (tq, tk, tv, to)}) != 1):
+        return None
+    h = shrink.bgmv_shrink_partials_multi(x.reshape(B, E), (tq.a, tk.a, tv.a), slot_ids, ranks,
+                                          interpret=opts.get("interpret", False))
+    K, D = num_kv_heads, head_dim
+    G = tq.b.shape[2] // (K * D)
+    return FusedLoRA(slot_ids, ranks[slot_ids], h, tq.b.reshape(S, R, K, G, D), tk.b.reshape(S, R, K, D),
+                     tv.b.reshape(S, R, K, D), to.a.reshape(S, K, G, D, R) if o_shrink else None)
+
+
+def o_proj_from_partials(y: Array, h_partials: Array, tb: TargetBank, slot_ids: Array, ranks: Array,
+                         impl: str) -> Array:
+    """y ``[B, 1, E]`` plus the o_proj LoRA term, from the fused attention kernel's shrink partials
+    ``[K, B, R]`` (``attention_lora``): the decode-form delta kernel, added by XLA in y's consumer."""
+    from pallas_kernels import expand
+
+    (delta,) = expand.bgmv_delta_multi(y.dtype, h_partials[None], (tb.b,), slot_ids, ranks,
+                                       interpret=_pallas_options(impl).get("interpret", False))
+    return y + delta.reshape(y.shape)
