@@ -32,7 +32,7 @@ from jmlora.engine.sequence import Sequence
 from jmlora.lora.bank import AdapterBank, TargetBank
 from jmlora.lora.routing import LoRABatch
 from jmlora.lora.slots import SlotManager
-from jmlora.model import attention, decoder, init_params, make_mesh
+from jmlora.model import attention, init_params, make_mesh
 
 WORKLOADS = [(128, 128), (1024, 256)]
 
@@ -92,16 +92,11 @@ def main():
     parser.add_argument("--tune-fused", default="",
                         help="comma-separated batches: first time the fused decode-attention kernel's knobs there "
                              "and use the fastest (the table to copy into FUSED_ATTENTION_TABLE is printed)")
-    parser.add_argument("--attention-lora", default=None, choices=("off", "qkv", "qkv_o"),
-                        help="which LoRA steps run inside the fused attention kernel "
-                             "(jmlora.model.decoder.FUSE_ATTENTION_LORA; default: the code's), for A/B runs")
     parser.add_argument("--tune-attention", action="store_true",
                         help="first time the decode-attention kernels per batch and use the fastest (the table "
                              "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    if args.attention_lora:
-        decoder.FUSE_ATTENTION_LORA = args.attention_lora
     K = args.lookahead
     t0 = time.perf_counter()
     max_len = max(p + n for p, n in WORKLOADS)

@@ -16,17 +16,6 @@ program per (sequence, KV head):
    (the cache slot just written is never read back, so no ordering between the store and the loads is
    needed).
 
-With ``lora`` (a ``FusedLoRA``), the kernel also does two of the layer's LoRA steps (decode form, one adapter
-per sequence), which would otherwise be two launches of their own:
-
-- the q/k/v expand: each program adds ``h @ B[slot]`` for its own query heads, key and value, from the q/k/v
-  shrink's float32 partial sums (``shrink.bgmv_shrink_partials_multi``), before RoPE;
-- the o_proj shrink: each program multiplies its heads' attention output by its rows of ``A_o[slot]`` and
-  writes one partial sum per KV head, ``[K, B, R]``, which is what the o_proj expand kernels take as
-  ``h_partials`` (``expand.bgmv_delta_multi``).
-
-Both read only the ``rank`` live rows or columns of the adapter (nothing for rank 0).
-
 ``ref_fused_decode_attention`` is its jnp twin.
 """
 
@@ -34,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,26 +32,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common
-
-
-class FusedLoRA(NamedTuple):
-    """The LoRA inputs of ``fused_decode_attention`` (decode form: one adapter per sequence).
-
-    Attributes:
-      slot_ids: [B] int32 slot of each sequence; token_ranks: [B] int32 its adapter's rank
-        (``ranks[slot_ids]``: 0 for no adapter).
-      h_qkv: [3, n_split, B, R] float32 partial sums of the q/k/v shrink (their sum over axis 1 is h).
-      b_q: [S, R, K, G, D]; b_k, b_v: [S, R, K, D] the q/k/v B banks (rows >= rank ignored).
-      a_o: [S, K, G, D, R] the o_proj A bank (columns >= rank ignored), or None for no o_proj shrink.
-    """
-
-    slot_ids: jax.Array
-    token_ranks: jax.Array
-    h_qkv: jax.Array
-    b_q: jax.Array
-    b_k: jax.Array
-    b_v: jax.Array
-    a_o: jax.Array | None = None
 
 # A large finite negative (not -inf), so masked keys give exp(...) = 0 and never NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -75,36 +43,12 @@ def _rope(x, x_partner, cos, sin_signed):
     return x.astype(jnp.float32) * cos + x_partner.astype(jnp.float32) * sin_signed
 
 
-def _ref_lora_deltas(lora: FusedLoRA, dtype):
-    """(dq [B, K, G, D], dk [B, K, D], dv [B, K, D]) = h @ B[slot] over the live rows, rounded to dtype."""
-    h = jnp.sum(lora.h_qkv, axis=1)                                                 # [3, B, R]
-    live = jnp.arange(h.shape[-1])[None, :] < lora.token_ranks[:, None]            # [B, R]
-    h = jnp.where(live[None], h, 0.0)
-
-    def one(hi, bank):
-        b_t = bank[lora.slot_ids]                                                  # [B, R, ...]
-        b_t = jnp.where(live.reshape(live.shape + (1,) * (b_t.ndim - 2)), b_t.astype(jnp.float32), 0.0)
-        return jnp.einsum("br,br...->b...", hi, b_t, precision=lax.Precision.HIGHEST).astype(dtype)
-
-    return one(h[0], lora.b_q), one(h[1], lora.b_k), one(h[2], lora.b_v)
-
-
-def _ref_o_shrink(out, lora: FusedLoRA):
-    """[K, B, R] float32: each KV head's partial of out[b] @ A_o[slot[b]][:, :rank] (out: [B, K, G, D])."""
-    a_t = lora.a_o[lora.slot_ids].astype(jnp.float32)                              # [B, K, G, D, R]
-    live = jnp.arange(a_t.shape[-1])[None, :] < lora.token_ranks[:, None]          # [B, R]
-    a_t = jnp.where(live[:, None, None, None, :], a_t, 0.0)
-    return jnp.einsum("bkgd,bkgdr->kbr", out.astype(jnp.float32), a_t, precision=lax.Precision.HIGHEST)
-
-
 def ref_fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, deltas=None,
-                               lora=None, *, sm_scale=None):
+                               *, sm_scale=None):
     """Reference in jnp (same contract as ``fused_decode_attention``)."""
     B, K, G2, D = qkv.shape
     G, dtype = G2 - 2, qkv.dtype
     q, k, v = qkv[:, :, :G], qkv[:, :, G], qkv[:, :, G + 1]
-    if lora is not None:
-        deltas = _ref_lora_deltas(lora, dtype)
     if deltas is not None:
         dq, dk, dv = deltas
         q, k, v = (q + dq).astype(dtype), (k + dk).astype(dtype), (v + dv).astype(dtype)
@@ -134,70 +78,19 @@ def ref_fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, wri
     p_new = jnp.exp(s_new - m)
     o = (jnp.einsum("bkgs,kbsd->bkgd", p, vc, precision=lax.Precision.HIGHEST)
          + p_new[..., None] * v.astype(jnp.float32)[:, :, None, :])
-    o = (o / (p.sum(axis=-1) + p_new)[..., None]).astype(dtype)                   # [B, K, G, D]
-    if lora is not None and lora.a_o is not None:
-        return o.reshape(B, K * G, D), k_pages, v_pages, _ref_o_shrink(o, lora)
-    return o.reshape(B, K * G, D), k_pages, v_pages
-
-
-def _lora_qkv_deltas(s, rank, h_ref, bq_ref, bk_ref, bv_ref, head_rows, cols, partner, group, dtype):
-    """This program's q/k/v LoRA deltas, h @ B[s] over the rank live rows, rounded to the activation dtype (as
-    the unfused path's delta arrays are): (dq, dq at the RoPE partner columns [QR, D] in the q tile's layout;
-    dk, dk at the partner columns, dv [D]).
-
-    Every B block is one [R, D] load, all independent of each other (a loop over r would chain R load
-    round trips per program). Rows >= rank read a live row again instead (rank 0: row 0), which costs no
-    new bytes, and are zeroed after the load, so padding (NaN allowed) never reaches the sums."""
-    r_max = h_ref.shape[-1]
-    head_dim = cols.shape[0]
-    ridx = lax.broadcasted_iota(jnp.int32, (r_max, head_dim), 0)
-    live = ridx < rank
-    rsafe = jnp.minimum(ridx, jnp.maximum(rank - 1, 0))
-    cols_b = jnp.broadcast_to(cols[None, :], (r_max, head_dim))
-    partner_b = jnp.broadcast_to(partner[None, :], (r_max, head_dim))
-    # [R] each: the shrink's partials summed (a jnp scalar index: the interpreter's load rule wants shaped ones)
-    hq, hk, hv = (jnp.sum(h_ref[jnp.int32(i)].astype(jnp.float32), axis=0) for i in range(3))
-
-    def reduce(h, b):                                                # [R], [R, D] -> [D]
-        return jnp.sum(jnp.where(live, h[:, None] * b.astype(jnp.float32), 0.0), axis=0)
-
-    dq_x = dq_p = jnp.zeros(head_rows.shape, jnp.float32)            # [QR, D]
-    for g in range(group):
-        dq_x = jnp.where(head_rows == g, reduce(hq, bq_ref[s, rsafe, g, cols_b])[None, :], dq_x)
-        dq_p = jnp.where(head_rows == g, reduce(hq, bq_ref[s, rsafe, g, partner_b])[None, :], dq_p)
-    dk_x = reduce(hk, bk_ref[s, rsafe, cols_b])
-    dk_p = reduce(hk, bk_ref[s, rsafe, partner_b])
-    dv = reduce(hv, bv_ref[s, rsafe, cols_b])
-    return tuple(d.astype(dtype) for d in (dq_x, dq_p, dk_x, dk_p, dv))
-
-
-def _o_shrink(s, rank, ao_ref, o, rows, group):
-    """[R] float32: this program's partial of the o_proj shrink, o[:group] @ A_o[s][its rows, :rank] (o: the
-    [QR, D] output tile as stored, rows past the group ignored)."""
-    _, _, head_dim, r_max = ao_ref.shape
-    live = lax.broadcasted_iota(jnp.int32, (head_dim, r_max), 1) < rank            # columns >= rank never loaded
-    of = o.astype(jnp.float32)
-    acc = jnp.zeros((r_max,), jnp.float32)
-    for g in range(group):
-        og = jnp.sum(jnp.where(rows == g, of, 0.0), axis=0)                        # [D]: head g's row
-        a = plgpu.load(ao_ref.at[s, jnp.int32(g)], mask=live, other=0)             # [D, R]
-        acc = acc + jnp.sum(og[:, None] * a.astype(jnp.float32), axis=0)
-    return acc
+    o = o / (p.sum(axis=-1) + p_new)[..., None]
+    return o.reshape(B, K * G, D).astype(dtype), k_pages, v_pages
 
 
 def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, group, q_rows, block_pages, sm_scale,
-            has_deltas, has_lora, has_o_shrink):
+            has_deltas):
     # pos_ref, wpage_ref: [1]; table_ref: [P]; cos_ref, sin_ref: [D/2] (this sequence's); qkv_ref: [G + 2, D]
-    # (this sequence and KV head); dq_ref: [G, D], dk_ref, dv_ref: [D]; LoRA (``FusedLoRA``): slot_ref,
-    # trank_ref [1], h_ref [3, n_split, R], bq_ref [S, R, G, D], bk_ref, bv_ref [S, R, D], ao_ref [S, G, D, R];
-    # k_ref, v_ref, k_out_ref, v_out_ref: [num_pages, page_size, D] (this KV head; the outputs alias the
-    # inputs); o_ref: [G, D]; ho_ref: [R] (this KV head's o_proj shrink partial)
-    refs = list(refs)
-    dq_ref, dk_ref, dv_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if has_deltas else (None, None, None)
-    lora_refs = [refs.pop(0) for _ in range(6)] if has_lora else None
-    ao_ref = refs.pop(0) if has_o_shrink else None
-    k_ref, v_ref, o_ref, k_out_ref, v_out_ref = refs[:5]
-    ho_ref = refs[5] if has_o_shrink else None
+    # (this sequence and KV head); dq_ref: [G, D], dk_ref, dv_ref: [D]; k_ref, v_ref, k_out_ref, v_out_ref:
+    # [num_pages, page_size, D] (this KV head; the outputs alias the inputs); o_ref: [G, D]
+    if has_deltas:
+        dq_ref, dk_ref, dv_ref, k_ref, v_ref, o_ref, k_out_ref, v_out_ref = refs
+    else:
+        (k_ref, v_ref, o_ref, k_out_ref, v_out_ref), dq_ref, dk_ref, dv_ref = refs, None, None, None
     num_pages, page_size, head_dim = k_ref.shape
     half = head_dim // 2
     block_k = block_pages * page_size
@@ -222,17 +115,11 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
 
     q_x = with_delta(qkv_ref[head_rows, cols2], dq_ref, head_rows, cols2)
     q_p = with_delta(qkv_ref[head_rows, partner2], dq_ref, head_rows, partner2)
+    q = _rope(q_x, q_p, cos, sin).astype(dtype)                                   # [QR, D]
     k_x = with_delta(qkv_ref[group, cols], dk_ref, cols)
     k_p = with_delta(qkv_ref[group, partner], dk_ref, partner)
-    v_new = with_delta(qkv_ref[group + 1, cols], dv_ref, cols)                   # [D]
-    if has_lora:
-        slot_ref, trank_ref, h_ref, bq_ref, bk_ref, bv_ref = lora_refs
-        slot, rank = slot_ref[0], trank_ref[0]
-        deltas = _lora_qkv_deltas(slot, rank, h_ref, bq_ref, bk_ref, bv_ref, head_rows, cols, partner, group, dtype)
-        add = lambda x, d: (x.astype(jnp.float32) + d.astype(jnp.float32)).astype(dtype)
-        q_x, q_p, k_x, k_p, v_new = (add(x, d) for x, d in zip((q_x, q_p, k_x, k_p, v_new), deltas))
-    q = _rope(q_x, q_p, cos, sin).astype(dtype)                                   # [QR, D]
     k_new = _rope(k_x, k_p, cos, sin).astype(dtype)                              # [D]
+    v_new = with_delta(qkv_ref[group + 1, cols], dv_ref, cols)                   # [D]
 
     page = wpage_ref[0]
 
@@ -270,8 +157,6 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
     # stores write the same values, so no mask is needed (and the interpreter, which writes masked lanes
     # back with their old values, agrees)
     o_ref[head_rows, cols2] = o.astype(o_ref.dtype)
-    if has_o_shrink:
-        ho_ref[...] = _o_shrink(slot, rank, ao_ref, o.astype(o_ref.dtype), rows, group)
 
 
 def supported(num_heads: int, num_kv_heads: int, head_dim: int, pages_per_seq: int, page_size: int,
@@ -281,23 +166,6 @@ def supported(num_heads: int, num_kv_heads: int, head_dim: int, pages_per_seq: i
     pow2 = _common.is_pow2
     return (num_heads % num_kv_heads == 0 and pow2(head_dim) and head_dim >= 16 and pow2(page_size)
             and pow2(block_pages) and pages_per_seq % block_pages == 0)
-
-
-def _check_lora(lora: FusedLoRA, deltas, B, K, G, D):
-    if deltas is not None:
-        raise ValueError("fused_decode_attention takes deltas or lora, not both (fold biases into one of them)")
-    S, R = lora.b_q.shape[:2]
-    n_split = lora.h_qkv.shape[1] if lora.h_qkv.ndim == 4 else 0
-    want = {"slot_ids": (B,), "token_ranks": (B,), "h_qkv": (3, n_split, B, R), "b_q": (S, R, K, G, D),
-            "b_k": (S, R, K, D), "b_v": (S, R, K, D)}
-    if lora.a_o is not None:
-        want["a_o"] = (S, K, G, D, R)
-    for name, shape in want.items():
-        got = getattr(lora, name).shape
-        if got != shape:
-            raise ValueError(f"lora.{name} must be {shape}, got {got}")
-    if not (_common.is_pow2(R) and _common.is_pow2(n_split)):
-        raise ValueError(f"lora: the rank R={R} and the partial count n_split={n_split} must be powers of two")
 
 
 def _check(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, deltas, block_pages):
@@ -328,8 +196,8 @@ def _check(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_pages", "num_warps", "num_stages", "interpret"),
                    donate_argnames=("k_pages", "v_pages"))
-def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, deltas=None,
-                           lora=None, *, sm_scale=None, block_pages=4, num_warps=4, num_stages=2, interpret=False):
+def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, deltas=None, *,
+                           sm_scale=None, block_pages=4, num_warps=4, num_stages=2, interpret=False):
     """RoPE + cache write + paged decode attention for one new token per sequence.
 
     Args:
@@ -343,28 +211,22 @@ def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_p
         marks a padding row (nothing written; its output row is finite garbage).
       cos, sin: [B, D/2] float32 RoPE tables at ``positions`` (rotate-half convention).
       deltas: optional (dq [B, K, G, D], dk [B, K, D], dv [B, K, D]) added to q, k, v before RoPE (LoRA).
-      lora: optional ``FusedLoRA`` (instead of deltas): the q/k/v LoRA expand done in the kernel and, when
-        ``lora.a_o`` is given, the o_proj LoRA shrink of the output.
       sm_scale: logit scale (default 1 / sqrt(D)).
       block_pages: pages per loop step; num_warps, num_stages: Triton launch knobs.
       interpret: run through the Pallas interpreter (CPU tests).
 
     Returns:
-      (out [B, K * G, D] in qkv's dtype, k_pages, v_pages), and with ``lora.a_o`` also the o_proj shrink's
-      partial sums [K, B, R] float32 (one per KV head; their sum is out[b] @ A_o[slot[b]]).
+      (out [B, K * G, D] in qkv's dtype, k_pages, v_pages).
     """
     _check(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, deltas, block_pages)
     B, K, G2, D = qkv.shape
     G = G2 - 2
-    if lora is not None:
-        _check_lora(lora, deltas, B, K, G, D)
-    has_o_shrink = lora is not None and lora.a_o is not None
     _, num_pages, page_size, _ = k_pages.shape
     P = page_table.shape[1]
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     q_rows = max(16, 1 << (G - 1).bit_length())                     # the tensor-core tile's rows
     kernel = functools.partial(_kernel, group=G, q_rows=q_rows, block_pages=block_pages, sm_scale=scale,
-                               has_deltas=deltas is not None, has_lora=lora is not None, has_o_shrink=has_o_shrink)
+                               has_deltas=deltas is not None)
     row = lambda n: pl.BlockSpec((None, n), lambda b, h: (b, 0))
     cache_spec = pl.BlockSpec((None, num_pages, page_size, D), lambda b, h: (h, 0, 0, 0))
     inputs = [positions.astype(jnp.int32)[:, None], write_pages.astype(jnp.int32)[:, None],
@@ -376,38 +238,21 @@ def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_p
         specs += [pl.BlockSpec((None, None, G, D), lambda b, h: (b, h, 0, 0)),
                   pl.BlockSpec((None, None, D), lambda b, h: (b, h, 0)),
                   pl.BlockSpec((None, None, D), lambda b, h: (b, h, 0))]
-    if lora is not None:
-        S, R = lora.b_q.shape[:2]
-        n_split = lora.h_qkv.shape[1]
-        inputs += [lora.slot_ids.astype(jnp.int32)[:, None], lora.token_ranks.astype(jnp.int32)[:, None],
-                   lora.h_qkv.astype(jnp.float32), lora.b_q, lora.b_k, lora.b_v]
-        specs += [row(1), row(1), pl.BlockSpec((3, n_split, None, R), lambda b, h: (0, 0, b, 0)),
-                  pl.BlockSpec((S, R, None, G, D), lambda b, h: (0, 0, h, 0, 0)),
-                  pl.BlockSpec((S, R, None, D), lambda b, h: (0, 0, h, 0)),
-                  pl.BlockSpec((S, R, None, D), lambda b, h: (0, 0, h, 0))]
-    if has_o_shrink:
-        inputs.append(lora.a_o)
-        specs.append(pl.BlockSpec((S, None, G, D, R), lambda b, h: (0, h, 0, 0, 0)))
     inputs += [k_pages, v_pages]
     specs += [cache_spec, cache_spec]
     inputs = _common.match_vma(*inputs)
     n_in = len(inputs)
-    out_shape = [_common.out_struct((B, K, G, D), qkv.dtype, *inputs),
-                 _common.out_struct(k_pages.shape, k_pages.dtype, *inputs),
-                 _common.out_struct(v_pages.shape, v_pages.dtype, *inputs)]
-    out_specs = [pl.BlockSpec((None, None, G, D), lambda b, h: (b, h, 0, 0)), cache_spec, cache_spec]
-    if has_o_shrink:
-        out_shape.append(_common.out_struct((K, B, R), jnp.float32, *inputs))
-        out_specs.append(pl.BlockSpec((None, None, R), lambda b, h: (h, b, 0)))
-    outs = pl.pallas_call(
+    out, k_pages, v_pages = pl.pallas_call(
         kernel,
-        out_shape=tuple(out_shape),
+        out_shape=(_common.out_struct((B, K, G, D), qkv.dtype, *inputs),
+                   _common.out_struct(k_pages.shape, k_pages.dtype, *inputs),
+                   _common.out_struct(v_pages.shape, v_pages.dtype, *inputs)),
         grid=(B, K),
         in_specs=specs,
-        out_specs=tuple(out_specs),
+        out_specs=(pl.BlockSpec((None, None, G, D), lambda b, h: (b, h, 0, 0)), cache_spec, cache_spec),
         input_output_aliases={n_in - 2: 1, n_in - 1: 2},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"fused_decode_attention{'_lora' if lora is not None else ''}_bp{block_pages}w{num_warps}s{num_stages}",
+        name=f"fused_decode_attention_bp{block_pages}w{num_warps}s{num_stages}",   # knobs in profiles
     )(*inputs)
-    return (outs[0].reshape(B, K * G, D),) + tuple(outs[1:])
+    return out.reshape(B, K * G, D), k_pages, v_pages

@@ -96,9 +96,7 @@ def _kernel_supported(backend: str, r_max: int, dims: tuple[int, ...]) -> str | 
     return None
 
 
-def pick_backend(backend, interpret, r_max, dims):
-    """The backend the ops run for rank R and these dims: ``resolve_backend``'s choice, or the reference where
-    that backend cannot take the shapes (an error instead when ``backend`` was forced)."""
+def _pick(backend, interpret, r_max, dims):
     chosen = resolve_backend(backend, interpret)
     if chosen == "reference":
         return chosen
@@ -381,7 +379,7 @@ def lora_shrink(x, a, slot_ids, ranks, *, backend=None, form="auto", interpret=F
       h: [T, R] float32, zero in columns >= the token's rank.
     """
     _common.check_shrink_args(x, a, slot_ids, ranks)
-    chosen = pick_backend(backend, interpret, a.shape[2], (x.shape[1],))
+    chosen = _pick(backend, interpret, a.shape[2], (x.shape[1],))
     return _shrink_core(x, a, slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), chosen, form, interpret)
 
 
@@ -400,7 +398,7 @@ def lora_expand(y, h, b, slot_ids, ranks, *, backend=None, form="auto", interpre
       y_out: [T, O] in y.dtype.
     """
     _common.check_expand_args(y, h, b, slot_ids, ranks)
-    chosen = pick_backend(backend, interpret, b.shape[1], (y.shape[1],))
+    chosen = _pick(backend, interpret, b.shape[1], (y.shape[1],))
     return _expand_core(
         y, h, b, slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), chosen, form, interpret
     )
@@ -422,7 +420,7 @@ def lora_shrink_expand(y, x, a, b, slot_ids, ranks, *, backend=None, form="auto"
     """
     _common.check_shrink_args(x, a, slot_ids, ranks)
     _common.check_expand_args(y, jnp.zeros((x.shape[0], a.shape[2])), b, slot_ids, ranks)
-    chosen = pick_backend(backend, interpret, a.shape[2], (x.shape[1], y.shape[1]))
+    chosen = _pick(backend, interpret, a.shape[2], (x.shape[1], y.shape[1]))
     return _fused_core(
         y, x, a, b, slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), chosen, form, interpret
     )
@@ -466,8 +464,7 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
         _common.check_shrink_args(x, a, slot_ids, ranks)
         _common.check_expand_args(y, jnp.zeros((x.shape[0], a.shape[2])), b, slot_ids, ranks)
     # every slice must suit the backend (the fallback for mixed ranks runs one slice at a time)
-    chosen = {pick_backend(backend, interpret, a.shape[2], (x.shape[1], y.shape[1]))
-              for y, (a, _) in zip(ys, adapters)}
+    chosen = {_pick(backend, interpret, a.shape[2], (x.shape[1], y.shape[1])) for y, (a, _) in zip(ys, adapters)}
     chosen = "reference" if "reference" in chosen else chosen.pop()
     for a, _ in adapters:  # a forced form: the same errors on every backend (R >= 16 for the segment form)
         _pick_form(form, x.shape[0], a.shape[2])

@@ -8,13 +8,7 @@ import numpy as np
 import pytest
 
 from jmlora.model.attention import apply_rope, ref_paged_attention, rope_tables, write_kv
-from pallas_kernels.fused_attention import (
-    FusedLoRA,
-    _ref_lora_deltas,
-    fused_decode_attention,
-    ref_fused_decode_attention,
-    supported,
-)
+from pallas_kernels.fused_attention import fused_decode_attention, ref_fused_decode_attention, supported
 
 INV_FREQ = (1.0 / (10000.0 ** (np.arange(0, 32, 2) / 32))).astype(np.float32)       # head dim 32
 
@@ -96,74 +90,3 @@ def test_shapes_it_refuses():
         fused_decode_attention(qkv, k, v, table, pos[:1], write, cos, sin, interpret=True)
     with pytest.raises(ValueError, match="deltas must be"):
         fused_decode_attention(qkv, k, v, table, pos, write, cos, sin, (qkv, qkv, qkv), interpret=True)
-
-
-def _lora_case(seed, B, K, G, D, S, R, dtype):
-    """A FusedLoRA with mixed ranks (slot 0 and an unused slot of rank 0), NaN past each rank in every bank and
-    in the shrink partials, slots repeated across rows."""
-    rng = np.random.default_rng(seed)
-    ranks = rng.integers(1, R + 1, S).astype(np.int32)
-    ranks[0], ranks[-1], ranks[1] = 0, 0, R
-    slots = rng.integers(0, S - 1, B).astype(np.int32)
-    slots[:2] = (0, 1)
-    trank = ranks[slots]
-    h = rng.standard_normal((3, 2, B, R)).astype(np.float32)
-    bq = rng.standard_normal((S, R, K, G, D)).astype(np.float32) * 0.3
-    bk = rng.standard_normal((S, R, K, D)).astype(np.float32) * 0.3
-    bv = rng.standard_normal((S, R, K, D)).astype(np.float32) * 0.3
-    ao = rng.standard_normal((S, K, G, D, R)).astype(np.float32) * 0.3
-    for s, r in enumerate(ranks):
-        bq[s, r:], bk[s, r:], bv[s, r:], ao[s, ..., r:] = np.nan, np.nan, np.nan, np.nan
-    for b, r in enumerate(trank):
-        h[:, :, b, r:] = np.nan
-    cast = lambda a: jnp.asarray(a, dtype)
-    return FusedLoRA(jnp.asarray(slots), jnp.asarray(trank), jnp.asarray(h), cast(bq), cast(bk), cast(bv), cast(ao))
-
-
-@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
-@pytest.mark.parametrize("group,o_shrink", [(4, True), (1, True), (2, False)])
-def test_lora_in_the_kernel_matches_references(dtype, atol, group, o_shrink):
-    """With ``lora``, the q/k/v LoRA expand and the o_proj shrink run inside the kernel: against the jnp twin,
-    and against the kernel fed the reference's deltas; rank-0 rows get nothing, NaN padding never leaks."""
-    B, K, D = 5, 2, 32
-    qkv, k, v, table, pos, write, cos, sin, _ = _case(group + 40, B, K, group, 4, 8, 48, dtype, False)
-    lora = _lora_case(group, B, K, group, D, 6, 8, dtype)
-    if not o_shrink:
-        lora = lora._replace(a_o=None)
-    want = ref_fused_decode_attention(qkv, k, v, table, pos, write, cos, sin, lora=lora)
-    got = fused_decode_attention(qkv, jnp.array(k), jnp.array(v), table, pos, write, cos, sin, lora=lora,
-                                 block_pages=2, interpret=True)
-    assert len(got) == len(want) == (4 if o_shrink else 3)
-    live = np.array([b != 3 for b in range(B)])
-    out = np.asarray(got[0], np.float32)
-    assert np.isfinite(out).all()
-    np.testing.assert_allclose(out[live], np.asarray(want[0], np.float32)[live], atol=atol, rtol=0)
-    close = dict(atol=1e-5, rtol=0) if dtype == jnp.float32 else dict(atol=0, rtol=8e-3)
-    for g, w in zip(got[1:3], want[1:3]):
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), **close)
-    # the same kernel fed the deltas the reference computes: the LoRA path adds exactly those
-    deltas = _ref_lora_deltas(lora, dtype)
-    via_deltas = fused_decode_attention(qkv, jnp.array(k), jnp.array(v), table, pos, write, cos, sin, deltas,
-                                        block_pages=2, interpret=True)
-    np.testing.assert_allclose(out[live], np.asarray(via_deltas[0], np.float32)[live], atol=atol, rtol=0)
-    no_lora = fused_decode_attention(qkv, jnp.array(k), jnp.array(v), table, pos, write, cos, sin, block_pages=2,
-                                     interpret=True)[0]
-    base = np.asarray(lora.token_ranks) == 0
-    np.testing.assert_array_equal(out[base], np.asarray(no_lora, np.float32)[base])     # rank 0: untouched
-    assert not np.allclose(out[live & ~base], np.asarray(no_lora, np.float32)[live & ~base], atol=atol)
-    if o_shrink:
-        ho = np.asarray(got[3])
-        assert ho.shape == (K, B, 8) and np.isfinite(ho).all()
-        np.testing.assert_allclose(ho[:, live], np.asarray(want[3])[:, live], atol=1e-4 if dtype == jnp.float32
-                                   else 5e-2, rtol=1e-3 if dtype == jnp.float32 else 2e-2)
-        assert not ho[:, base].any()
-
-
-def test_lora_arguments_are_checked():
-    qkv, k, v, table, pos, write, cos, sin, d = _case(1, 5, 2, 4, 4, 8, 48, jnp.float32, True)
-    lora = _lora_case(1, 5, 2, 4, 32, 6, 8, jnp.float32)
-    with pytest.raises(ValueError, match="not both"):
-        fused_decode_attention(qkv, k, v, table, pos, write, cos, sin, d, lora, interpret=True)
-    with pytest.raises(ValueError, match=r"lora.b_k must be"):
-        fused_decode_attention(qkv, k, v, table, pos, write, cos, sin, lora=lora._replace(b_k=lora.b_v[:, :4]),
-                               interpret=True)

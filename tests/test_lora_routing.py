@@ -20,7 +20,7 @@ from jmlora.config import ModelConfig
 from jmlora.lora import SlotManager, peft_loader
 from jmlora.lora.bank import BankSpec, init_adapter_bank, write_adapter
 from jmlora.lora.routing import LORA_IMPLS, LoRABatch
-from jmlora.model import decoder, forward_logits, init_kv_cache, load_params, make_mesh
+from jmlora.model import forward_logits, init_kv_cache, load_params, make_mesh
 
 MAX_RANK = 16
 # name -> make_peft_adapter keyword arguments
@@ -151,22 +151,12 @@ def test_routing_formulations_agree(setup):
         assert_matches_peft(setup, adapters, PROMPTS, lp), impl
 
 
-# "pallas_gpu_fused" takes the LoRA terms of q/k/v as deltas into its kernel, or with "pallas_decode" runs the
-# q/k/v LoRA expand and the o_proj LoRA shrink itself; "pallas_decode" and "pallas_segment" run the GPU LoRA
-# kernels of that form (all in the Pallas interpreter on CPU)
+# "pallas_gpu_fused" takes the LoRA terms of q/k/v as deltas into its kernel; "pallas_decode" and
+# "pallas_segment" run the GPU LoRA kernels of that form (all three in the Pallas interpreter on CPU)
 @pytest.mark.parametrize("decode_attention,lora_impl", [("auto", "auto"), ("pallas_gpu_fused", "auto"),
                                                         ("auto", "pallas_decode"),
-                                                        ("pallas_gpu_fused", "pallas_decode"),
                                                         ("pallas_gpu_fused", "pallas_segment")])
-@pytest.mark.parametrize("attention_lora", ["off", "qkv_o"])
-def test_decode_with_adapters_equals_full_forward(setup, decode_attention, lora_impl, attention_lora, monkeypatch,
-                                                  request):
-    if attention_lora != "off" and (decode_attention, lora_impl) != ("pallas_gpu_fused", "pallas_decode"):
-        pytest.skip("the LoRA steps run in the attention kernel only with the fused kernel and the decode form")
-    if attention_lora != "off":   # traced with the switch on: jit caches keyed on the switch's old value go
-        jax.clear_caches()
-        monkeypatch.setattr(decoder, "FUSE_ATTENTION_LORA", attention_lora)
-        request.addfinalizer(jax.clear_caches)
+def test_decode_with_adapters_equals_full_forward(setup, decode_attention, lora_impl):
     if setup.family not in ("llama", "gemma"):
         pytest.skip("decode routing is family-independent; two families suffice")
     server = Server(setup, max_loras=3)

@@ -288,7 +288,7 @@ def rope_tables(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
 
 def fused_paged_decode(qkv: Array, deltas: tuple[Array, Array, Array] | None, k_cache: Array, v_cache: Array,
                        page_table: Array, positions: Array, write_pages: Array, inv_freq: np.ndarray,
-                       config: FusedAttentionConfig | None = None, lora=None) -> tuple[Array, ...]:
+                       config: FusedAttentionConfig | None = None) -> tuple[Array, Array, Array]:
     """RoPE, cache write and decode attention in one kernel (``fused_decode_attention``), from model arrays.
 
     Args:
@@ -298,20 +298,16 @@ def fused_paged_decode(qkv: Array, deltas: tuple[Array, Array, Array] | None, k_
       page_table: ``[B, P]``; positions: ``[B]`` the new token's position (= tokens already cached);
       write_pages: ``[B]`` its page (``num_pages``: a padding row, nothing written).
       config: the kernel's knobs (None: ``fused_tuning``).
-      lora: optional ``pallas_kernels.fused_attention.FusedLoRA`` (instead of deltas): the q/k/v LoRA expand
-        and the o_proj LoRA shrink done in the kernel.
 
     Returns:
-      (attn ``[B, 1, H, D]``, k_cache, v_cache), plus the o_proj shrink's partials ``[K, B, R]`` with
-      ``lora``. Off GPU the kernel runs in the Pallas interpreter.
+      (attn ``[B, 1, H, D]``, k_cache, v_cache). Off GPU the kernel runs in the Pallas interpreter.
     """
     from pallas_kernels.fused_attention import fused_decode_attention
 
     B = qkv.shape[0]
     config = config or fused_tuning(B, page_table.shape[1])
     cos, sin = rope_tables(positions, inv_freq)
-    out, *rest = fused_decode_attention(
-        qkv, k_cache, v_cache, page_table, positions, write_pages, cos, sin, deltas, lora,
-        block_pages=config.block_pages, num_warps=config.num_warps, num_stages=config.num_stages,
-        interpret=jax.default_backend() != "gpu")
-    return (out[:, None], *rest)
+    out, k_cache, v_cache = fused_decode_attention(
+        qkv, k_cache, v_cache, page_table, positions, write_pages, cos, sin, deltas, block_pages=config.block_pages,
+        num_warps=config.num_warps, num_stages=config.num_stages, interpret=jax.default_backend() != "gpu")
+    return out[:, None], k_cache, v_cache

@@ -14,15 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jmlora.config import ModelConfig
-from jmlora.lora.routing import (
-    LoRABatch,
-    apply_lora,
-    apply_lora_group,
-    attention_lora,
-    o_proj_from_partials,
-    resolve_impl,
-    segment_tiles,
-)
+from jmlora.lora.routing import LoRABatch, apply_lora, apply_lora_group, resolve_impl, segment_tiles
 from jmlora.model.attention import (
     KVCache,
     apply_rope,
@@ -36,12 +28,6 @@ from jmlora.model.attention import (
 from jmlora.model.params import LayerParams, Params
 
 Array = jax.Array
-
-# Decode with the fused attention kernel and the decode-form LoRA kernels: which LoRA steps run inside the
-# attention kernel (``jmlora.lora.routing.attention_lora``): "qkv_o" (the q/k/v expand and the o_proj
-# shrink), "qkv" (the expand only) or "off". Read when the step is traced (benchmarks flip it for A/B runs).
-# Off: measured slower on the H200 (benchmarks/RESULTS.md, "Eighth session").
-FUSE_ATTENTION_LORA = "off"
 
 
 def rms_norm(x: Array, weight: Array, eps: float, weight_offset: float) -> Array:
@@ -102,18 +88,6 @@ class _LayerLoRA:
             out[i] = o
         return tuple(out)
 
-    def for_attention(self, x: Array, num_kv_heads: int, head_dim: int):
-        """The q/k/v and o_proj adapters for the fused attention kernel (``attention_lora``), or None."""
-        if self.lora is None or FUSE_ATTENTION_LORA == "off":
-            return None
-        return attention_lora(self.targets, x, self.lora.slot_ids, self.lora.bank.ranks, self.impl, num_kv_heads,
-                              head_dim, o_shrink=FUSE_ATTENTION_LORA == "qkv_o")
-
-    def o_proj_from_partials(self, y: Array, h_partials: Array) -> Array:
-        """y plus the o_proj LoRA term from the attention kernel's shrink partials."""
-        return o_proj_from_partials(y, h_partials, self.targets["o_proj"], self.lora.slot_ids, self.lora.bank.ranks,
-                                    self.impl)
-
     def deltas(self, x: Array, shapes: tuple[tuple[int, ...], ...], targets: tuple[str, ...]
                ) -> tuple[Array, ...] | None:
         """The LoRA terms alone of projections that share x (zeros for a target without adapters), or None
@@ -148,19 +122,14 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
         attention_impl = "pallas_gpu"
     with jax.named_scope("attention"):
         h = rms_norm(x, layer.attn_norm, eps, offset)
-        o_partials = None
         if fused:
-            attn, k_cache, v_cache, o_partials = _fused_attention(cfg, layer, h, positions, k_cache, v_cache, page_idx,
-                                                                  page_table, lora, inv_freq)
+            attn, k_cache, v_cache = _fused_attention(cfg, layer, h, positions, k_cache, v_cache, page_idx, page_table,
+                                                      lora, inv_freq)
         else:
             attn, k_cache, v_cache = _attention(cfg, layer, h, positions, k_cache, v_cache, page_idx, slot_idx,
                                                 page_table, kv_lens, lora, inv_freq, attention_impl)
         B, T = attn.shape[:2]
-        o = _bias(_dense(attn, layer.wo, "bthd,hde->bte"), layer.bo)
-        if o_partials is not None:   # the o_proj shrink ran in the attention kernel
-            x = x + lora.o_proj_from_partials(o, o_partials)
-        else:
-            x = x + lora(o, attn.reshape(B, T, -1), "o_proj")
+        x = x + lora(_bias(_dense(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1), "o_proj")
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer.mlp_norm, eps, offset)
         gate_up = _dense(h, layer.w_gate_up, "bte,egm->btgm")                          # [B, T, 2, M]
@@ -205,29 +174,22 @@ def _fused_attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: 
                      v_cache: Array, page_idx: Array, page_table: Array, lora: _LayerLoRA, inv_freq
                      ) -> tuple[Array, Array, Array]:
     """Decode (T == 1) with the fused q/k/v weights: the projection, then one kernel for RoPE, the cache
-    writes and attention (``fused_paged_decode``); LoRA terms and biases go in as deltas, or, with the
-    decode-form LoRA kernels and no biases, the q/k/v LoRA expand and the o_proj LoRA shrink run in the kernel.
+    writes and attention (``fused_paged_decode``); LoRA terms and biases go in as deltas.
 
     Returns:
-      (attn ``[B, 1, H, D]``, k_cache, v_cache, the o_proj LoRA shrink's partials ``[K, B, R]`` or None).
+      (attn ``[B, 1, H, D]``, k_cache, v_cache).
     """
     qkv = _dense(h, layer.w_qkv, "bte,ekgd->btkgd")[:, 0]                              # [B, K, G + 2, D]
     B, K, G2, D = qkv.shape
-    biases = (layer.bq, layer.bk, layer.bv)
-    fused_lora = None if any(b is not None for b in biases) else lora.for_attention(h, K, D)
-    if fused_lora is not None:
-        out = fused_paged_decode(qkv, None, k_cache, v_cache, page_table, positions[:, 0], page_idx[:, 0], inv_freq,
-                                 lora=fused_lora)
-        return out if fused_lora.a_o is not None else out + (None,)
     shapes = ((B, 1, K * (G2 - 2), D), (B, 1, K, D), (B, 1, K, D))
     deltas = lora.deltas(h, shapes, ("q_proj", "k_proj", "v_proj"))
+    biases = (layer.bq, layer.bk, layer.bv)
     if deltas is None and any(b is not None for b in biases):
         deltas = tuple(jnp.zeros(s, h.dtype) for s in shapes)
     if deltas is not None:
         dq, dk, dv = (_bias(d, b) for d, b in zip(deltas, biases))
         deltas = (dq.reshape(B, K, G2 - 2, D), dk.reshape(B, K, D), dv.reshape(B, K, D))
-    return fused_paged_decode(qkv, deltas, k_cache, v_cache, page_table, positions[:, 0], page_idx[:, 0],
-                              inv_freq) + (None,)
+    return fused_paged_decode(qkv, deltas, k_cache, v_cache, page_table, positions[:, 0], page_idx[:, 0], inv_freq)
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, num_tokens: Array,
