@@ -13,6 +13,7 @@ Host time per step (the runner's input assembly + the scheduler) is measured at 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -89,6 +90,11 @@ def main():
                         help="comma-separated EngineConfig.lora_impl values: the adapter variants are timed under "
                              "each (the first fills the table's columns; e.g. pallas_decode,pallas_segment to A/B "
                              "the kernel forms in one run)")
+    parser.add_argument("--schedule-modes", default="",
+                        help="comma-separated xla_gpu_command_buffer_scheduling_mode values (e.g. SERIALIZE): "
+                             "every variant is also timed compiled under each (empty: the engine's options only, "
+                             "model_runner.COMPILER_OPTIONS). benchmarks/schedule_check.py checks that the "
+                             "modes compute the same")
     parser.add_argument("--tune-fused", default="",
                         help="comma-separated batches: first time the fused decode-attention kernel's knobs there "
                              "and use the fastest (the table to copy into FUSED_ATTENTION_TABLE is printed)")
@@ -145,31 +151,37 @@ def main():
                 "shared8": lambda B: 1 + np.arange(B) % 8}
 
     lora_impls = args.lora_impls.split(",")
+    modes = [None] + [m for m in args.schedule_modes.split(",") if m]     # None: the engine's own options
 
-    def run(B, ctx, variant, prepared=None, lora_impl=lora_impls[0]):
-        tokens, pos, active, table, rows, st, steps, lora = prepared or inputs(B, ctx, variants[variant](B))
-        no_record = jnp.zeros(B, bool)
-        res, _, runner.cache, runner.prompt_mask, runner.output_counts = _decode_steps(
-            params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st, steps, runner.prompt_mask,
-            runner.output_counts, no_record, pos, num_steps=K, lora_impl=lora_impl,
-            attention_impl=ecfg.attention_impl, needs_penalties=False, num_logprobs=0)
-        return res
-
-    # compile every (batch, base|lora x impl) variant in parallel threads (XLA compiles outside the GIL)
+    # compile every (batch, base|lora, impl, schedule mode) variant in parallel threads (XLA compiles outside
+    # the GIL); the timed calls run these executables
     t = time.perf_counter()
-    lowered = []
+    lowered = {}
     for B in batches:
-        for variant, impls in (("base", lora_impls[:1]), ("distinct", lora_impls)):
+        for kind, impls in (("base", lora_impls[:1]), ("lora", lora_impls)):
             for impl in impls:
-                tokens, pos, active, table, rows, st, steps, lora = inputs(B, 100, variants[variant](B))
-                lowered.append(_decode_steps.lower(params, cfg, runner.cache, lora, tokens, pos, active, table, rows,
-                                                   st, steps, runner.prompt_mask, runner.output_counts,
-                                                   jnp.zeros(B, bool), pos, num_steps=K, lora_impl=impl,
-                                                   attention_impl=ecfg.attention_impl, needs_penalties=False,
-                                                   num_logprobs=0))
+                tokens, pos, active, table, rows, st, steps, lora = inputs(B, 100, None if kind == "base" else
+                                                                             variants["distinct"](B))
+                lw = _decode_steps.lower(params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st, steps,
+                                         runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool), pos,
+                                         num_steps=K, lora_impl=impl, attention_impl=ecfg.attention_impl,
+                                         needs_penalties=False, num_logprobs=0)
+                for mode in modes:
+                    lowered[B, kind, impl, mode] = lw
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda lw: lw.compile(), lowered))
-    print(f"compiled {len(lowered)} decode variants in {time.perf_counter() - t:.0f}s")
+        keys = list(lowered)
+        execs = dict(zip(keys, pool.map(
+            lambda k: lowered[k].compile(None if k[3] is None else {"xla_gpu_command_buffer_scheduling_mode": k[3]}),
+            keys)))
+    print(f"compiled {len(execs)} decode variants in {time.perf_counter() - t:.0f}s")
+
+    def run(B, ctx, variant, prepared=None, lora_impl=lora_impls[0], mode=None):
+        tokens, pos, active, table, rows, st, steps, lora = prepared or inputs(B, ctx, variants[variant](B))
+        exe = execs[B, "base" if variant == "base" else "lora", lora_impl, mode]
+        res, _, runner.cache, runner.prompt_mask, runner.output_counts = exe(
+            params, runner.cache, lora, tokens, pos, active, table, rows, st, steps, runner.prompt_mask,
+            runner.output_counts, jnp.zeros(B, bool), pos)
+        return res
 
     rows_out = []
     for prompt, new in WORKLOADS:
@@ -178,18 +190,19 @@ def main():
             row = dict(prompt=prompt, new=new, ctx=ctx, batch=B)
             base_bytes = weight_bytes + B * (ctx + 1) * kv_token_bytes
             cases = [("base", lora_impls[0])] + [(v, impl) for impl in lora_impls for v in ("distinct", "shared8")]
-            for variant, impl in cases:
+            for (variant, impl), mode in itertools.product(cases, modes):
                 prepared = jax.block_until_ready(inputs(B, ctx, variants[variant](B)))   # device time only
-                jax.block_until_ready(run(B, ctx, variant, prepared, impl))
+                jax.block_until_ready(run(B, ctx, variant, prepared, impl, mode))
                 times = []
                 for _ in range(args.iters):
                     t = time.perf_counter()
-                    jax.block_until_ready(run(B, ctx, variant, prepared, impl))
+                    jax.block_until_ready(run(B, ctx, variant, prepared, impl, mode))
                     times.append((time.perf_counter() - t) / K)
                 step = statistics.median(times)
                 distinct = 0 if variant == "base" else min(B, args.max_loras if variant == "distinct" else 8)
                 nbytes = base_bytes + distinct * slot_bytes
                 key = variant if impl == lora_impls[0] else f"{variant}@{impl}"
+                key = key if mode is None else f"{key}@{mode}"
                 row[key] = dict(step_ms=step * 1e3, tok_s=B / step, roofline_ms=nbytes / bw * 1e3,
                                 pct_roofline=100 * nbytes / bw / step, adapter_bytes_ratio=distinct * slot_bytes /
                                 base_bytes, lora_impl=impl)
@@ -206,6 +219,11 @@ def main():
                 print(f"    lora_impl={impl}: distinct {d['step_ms']:.2f} ms "
                       f"(+{100 * (d['step_ms'] / b['step_ms'] - 1):.0f}%) | shared8 {s['step_ms']:.2f} ms "
                       f"(+{100 * (s['step_ms'] / b['step_ms'] - 1):.0f}%)", flush=True)
+            for mode in modes[1:]:
+                b, d, s = (row[f"{v}@{mode}"] for v in ("base", "distinct", "shared8"))
+                print(f"    schedule {mode}: base {b['step_ms']:.2f} ms | distinct "
+                      f"{d['step_ms']:.2f} ms (+{100 * (d['step_ms'] / b['step_ms'] - 1):.0f}%) | shared8 "
+                      f"{s['step_ms']:.2f} ms (+{100 * (s['step_ms'] / b['step_ms'] - 1):.0f}%)", flush=True)
 
     # host time per decode step at the largest batch: the runner's input assembly + dispatch + result copy,
     # against device-only time, and the scheduler's schedule() for the same batch

@@ -52,6 +52,16 @@ from jmlora.sharding import filled, logical_sharding
 
 Array = jax.Array
 
+COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+"""XLA options of the two jitted steps. On the GPU, XLA records each step into CUDA graphs (command buffers);
+by default a graph runs its kernels one after another. ``CONCURRENT`` gives the graph the edges of the
+buffer dependencies instead, so a projection's LoRA shrink/delta kernels (which read the same input as the
+base matmul, not its output) run beside the matmul rather than after it. H200, Llama-3-8B shape, 192-token
+context: the LoRA part of the decode step at batch 32 went from +31% to +22% of the base step (distinct
+adapters) and +24% to +14% (8 shared), base unchanged (benchmarks/RESULTS.md, "Ninth session"). The CPU
+compiler accepts and ignores this GPU option (tested); TPU compilers read the same DebugOptions and should
+too (not tried here)."""
+
 
 def _pow2_buckets(lo: int, hi: int) -> list[int]:
     """Powers of two from ``lo`` up to the first one >= ``hi``, capped at ``hi``."""
@@ -474,7 +484,7 @@ def _reset_and_record(prompt_mask, output_counts, rows, tokens, positions, valid
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_impl", "attention_impl", "needs_penalties", "num_logprobs",
                                              "num_prompt_logprobs"),
-                   donate_argnames=("cache", "prompt_mask", "output_counts"))
+                   donate_argnames=("cache", "prompt_mask", "output_counts"), compiler_options=COMPILER_OPTIONS)
 def _prefill_step(params, cfg, cache, lora, tokens, start, num_tokens, page_table, rows, prompt_lens, samples, st,
                   steps, prompt_mask, output_counts, targets, *, lora_impl, attention_impl, needs_penalties,
                   num_logprobs, num_prompt_logprobs):
@@ -532,7 +542,7 @@ def prompt_logprobs_in_chunks(params: Params, hidden: Array, targets: Array, num
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "lora_impl", "attention_impl", "needs_penalties",
                                              "num_logprobs", "unroll"),
-                   donate_argnames=("cache", "prompt_mask", "output_counts"))
+                   donate_argnames=("cache", "prompt_mask", "output_counts"), compiler_options=COMPILER_OPTIONS)
 def _decode_steps(params, cfg, cache, lora, tokens, pos, active, page_table, rows, st, steps, prompt_mask,
                   output_counts, record_fed, prompt_lens, *, num_steps, lora_impl, attention_impl, needs_penalties,
                   num_logprobs, unroll=False):
