@@ -2,7 +2,8 @@
 
 ``kernel_times(fn, n_calls)`` runs ``fn`` under ``jax.profiler.trace``, reads the trace back with
 ``jax.profiler.ProfileData`` and sums the duration of every event on the GPU plane's stream lines by kernel
-name (trailing ``.N``/``_N`` suffixes folded together), per call of ``fn``.
+name (trailing ``.N``/``_N`` suffixes folded together), per call of ``fn``; since kernels may overlap
+(``model_runner.COMPILER_OPTIONS``), also the time any kernel ran and the time only LoRA kernels ran.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ def kernel_times(fn, n_calls: int = 5) -> dict:
     """Runs ``fn()`` (which must block) ``n_calls`` times under the profiler.
 
     Returns:
-      ``{"total_us": device-busy us per call, "kernels": [(family, us per call, launches per call), ...]}``
-      sorted by time, over the device plane's stream lines (XLA's op/module summary lines are skipped).
+      ``{"total_us": summed kernel us per call, "kernels": [(family, us per call, launches per call), ...],
+      "span_us": us per call with at least one kernel running, "lora_exposed_us": of it, us with only LoRA
+      kernels running}``, kernels sorted by time, over the device plane's stream lines (XLA's op/module
+      summary lines are skipped).
     """
     fn()
     logdir = tempfile.mkdtemp()
@@ -41,11 +44,13 @@ def kernel_times(fn, n_calls: int = 5) -> dict:
     lines_seen = [line.name for line in lines]
     streams = [line for line in lines if line.name.startswith("Stream")]
     times, counts = collections.Counter(), collections.Counter()
+    intervals = []
     for line in streams or [line for line in lines if line.name == "XLA Ops"]:
         for ev in line.events:
             fam = _family(ev.name)
             times[fam] += ev.duration_ns / 1e3
             counts[fam] += 1
+            intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns, is_lora(fam)))
     kernels = [(k, t / n_calls, counts[k] / n_calls) for k, t in times.most_common()]
     # the same time by source location: XLA's op line carries each op's jax name stack (``tf_op``)
     scopes = collections.Counter()
@@ -60,13 +65,33 @@ def kernel_times(fn, n_calls: int = 5) -> dict:
             where = str(stats.get("tf_op") or stats.get("long_name") or ev.name)
             scopes[_LAYER.sub("layer_N", where)[-140:]] += ev.duration_ns / 1e3
     by_scope = [(k, t / n_calls) for k, t in scopes.most_common()]
+    span = _union_ns([(a, b) for a, b, _ in intervals])
     return {"total_us": sum(times.values()) / n_calls, "kernels": kernels, "lines": sorted(set(lines_seen)),
-            "scopes": by_scope}
+            "scopes": by_scope, "span_us": span / 1e3 / n_calls,
+            "lora_exposed_us": (span - _union_ns([(a, b) for a, b, lora in intervals if not lora])) / 1e3 / n_calls}
+
+
+def is_lora(family: str) -> bool:
+    """The LoRA kernels of ``pallas_kernels`` (decode, segment and grouping launches)."""
+    return family.startswith(("lora_", "segment_tiles", "grouping"))
+
+
+def _union_ns(intervals) -> float:
+    """Length of the union of ``(start, end)`` intervals: the time at least one of them ran. With kernels
+    running concurrently (CUDA-graph branches), this, not the sum of durations, is the device's busy time."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def print_kernels(label: str, prof: dict, top: int = 25, per: float = 1.0, log=print) -> None:
     """Prints the ``top`` kernel families of ``kernel_times``; times divided by ``per`` (e.g. steps per call)."""
-    log(f"--- {label}: device busy {prof['total_us'] / per:.0f} us per step; lines {prof['lines']}")
+    log(f"--- {label}: kernel time {prof['total_us'] / per:.0f} us per step, of it {prof['span_us'] / per:.0f} us "
+        f"with any kernel running ({prof['lora_exposed_us'] / per:.0f} us with only LoRA kernels running); "
+        f"lines {prof['lines']}")
     for name, us, n in prof["kernels"][:top]:
         log(f"  {us / per:9.1f} us  x{n / per:6.1f}  {name[:110]}")
     if prof.get("scopes"):

@@ -54,7 +54,7 @@ def side(x, annotate):
 
 def body(w, x, small, annotate):
     y = x @ w                                            # the "base projection": ~0.1 GB of weights
-    return y + jnp.sum(side(small, annotate)) * 1e-6
+    return (y + jnp.sum(side(small, annotate)) * 1e-6).astype(y.dtype)
 
 
 def make(annotate, in_loop, iters=8):
