@@ -60,7 +60,9 @@ base matmul, not its output) run beside the matmul rather than after it. H200, L
 context: the LoRA part of the decode step at batch 32 went from +31% to +22% of the base step (distinct
 adapters) and +24% to +14% (8 shared), base unchanged (benchmarks/RESULTS.md, "Ninth session"). The CPU
 compiler accepts and ignores this GPU option (tested); TPU compilers read the same DebugOptions and should
-too (not tried here)."""
+too (not tried here). Same results as the serial schedule, bit for bit, on one GPU
+(``benchmarks/schedule_check.py``); a tensor-parallel mesh over several GPUs (collectives inside the graph)
+has not run under it yet."""
 
 
 def _pow2_buckets(lo: int, hi: int) -> list[int]:
