@@ -2,7 +2,7 @@
 
 Run on the GPU machine (bf16):
 
-    PYTHONPATH=. python3 benchmarks/kernels.py --out $OUT [--sweep [all|order]] [--only decode,prefill] [--probe-mosaic]
+    PYTHONPATH=. python3 benchmarks/kernels.py --out $OUT [--sweep] [--probe-mosaic]
 
 For every shape it checks the kernel against the reference (relative error of the LoRA delta, computed in
 float32 from the same bf16 inputs), then times shrink+expand together: ``K`` independent input sets (one
@@ -238,15 +238,6 @@ DECODE_SWEEP = [
 ]
 
 
-# Launch order and load hoisting (tenth session), around the previous best settings of shapes 2 and 3.
-_ORDER_BASES = [dict(sh_block_k=512, sh_n_split=8, ex_block_n=512),
-                dict(sh_block_k=128, sh_n_split=16, ex_block_n=128),
-                dict(sh_block_k=512, sh_n_split=8, ex_block_n=1024, ex_num_warps=8)]
-ORDER_SWEEP = [{}] + [dict(base, **extra) for base in _ORDER_BASES for extra in (
-    {}, dict(sh_token_minor=False, ex_token_minor=False), dict(ex_prefetch=True),
-    dict(sh_token_minor=False, ex_token_minor=False, ex_prefetch=True))]
-
-
 def _too_big(cfg, r):
     return cfg.get("sh_block_k", 0) * r > 16384 or cfg.get("ex_block_n", 0) * r > 32768
 
@@ -274,8 +265,7 @@ def bench_parts(cfg, a, b, ranks, sets, trials):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=".")
-    p.add_argument("--sweep", nargs="?", const="all", default="", choices=["all", "order"],
-                   help="decode: all = DECODE_SWEEP, order = ORDER_SWEEP; prefill: PREFILL_SWEEP either way")
+    p.add_argument("--sweep", action="store_true")
     p.add_argument("--probe-mosaic", action="store_true")
     p.add_argument("--only", default="", help="comma list: decode,prefill")
     p.add_argument("--trials", type=int, default=5)
@@ -304,7 +294,7 @@ def main():
             row = {"shape": (t, h, o, r, nd), "bytes": ub, "k_sets": k_sets}
             x0, y0, s0 = sets[0]
             row["xla_us"] = bench_fn(api_fn("reference"), a, b, ranks, sets, 20, args.trials) * 1e6
-            configs = {"all": DECODE_SWEEP, "order": ORDER_SWEEP}.get(args.sweep, [{}])
+            configs = DECODE_SWEEP if args.sweep else [{}]
             best = None
             for cfg in configs:
                 if _too_big(cfg, r):

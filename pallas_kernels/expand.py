@@ -77,29 +77,19 @@ def _expand_token(s, rank, hv, b_ref, o_ref, t, n0, block_n):
     o_ref[t, pl.ds(n0, block_n)] = out.astype(o_ref.dtype)
 
 
-def _bgmv_expand_kernel(slot_ref, rank_ref, h_ref, b_ref, y_ref, o_ref, *, block_n, token_axis, prefetch):
+def _bgmv_expand_kernel(slot_ref, rank_ref, h_ref, b_ref, y_ref, o_ref, *, block_n):
     # slot_ref: [T]; rank_ref: [S]; h_ref: [n_split, T, R] f32 partials; b_ref: [S, R, O];
-    # y_ref, o_ref: [T, O] (aliased). token_axis: the grid axis that runs over tokens (the other one over
-    # O-blocks).
+    # y_ref, o_ref: [T, O] (aliased)
     del y_ref  # o_ref aliases it
-    t = pl.program_id(token_axis)
-    n = pl.program_id(1 - token_axis)
-    n0 = pl.multiple_of(n * block_n, block_n)
-    if prefetch:
-        # y's block and h are issued before the slot -> rank chain resolves (a rank-0 token reads them for
-        # nothing, and still writes nothing).
-        yv = o_ref[t, pl.ds(n0, block_n)].astype(jnp.float32)
-        hv = jnp.sum(h_ref[:, t, :].astype(jnp.float32), axis=0)
+    t = pl.program_id(0)
+    n = pl.program_id(1)
     s = slot_ref[t]
     rank = rank_ref[s]
 
     @pl.when(rank > 0)
     def _():
-        if prefetch:
-            o_ref[t, pl.ds(n0, block_n)] = (yv + _delta_block(s, rank, hv, b_ref, n0, block_n)).astype(o_ref.dtype)
-        else:
-            hv_ = jnp.sum(h_ref[:, t, :].astype(jnp.float32), axis=0)  # [R]
-            _expand_token(s, rank, hv_, b_ref, o_ref, t, n0, block_n)
+        hv = jnp.sum(h_ref[:, t, :].astype(jnp.float32), axis=0)  # [R]
+        _expand_token(s, rank, hv, b_ref, o_ref, t, pl.multiple_of(n * block_n, block_n), block_n)
 
 
 def _bgmv_expand_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts):
@@ -141,17 +131,12 @@ def bgmv_expand_block_n(out_dim: int, r_max: int) -> int:
     return _common.largest_pow2_divisor(out_dim, max(16, min(1024, 8192 // max(r_max, 1))))
 
 
-def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4, num_stages=2,
-                token_minor=True, prefetch=False, interpret=False):
+def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4, num_stages=2, interpret=False):
     """Decode-form expand on GPU (Pallas Triton lowering).
 
     Args:
       y: [T, O]; h_partials: [n_split, T, R] (n_split a power of two; sum over axis 0 is h);
       b: [S, R, O] with R a power of two; slot_ids: [T] int32; ranks: [S] int32.
-      token_minor: launch order; True: consecutive programs take consecutive tokens at one O-block, False:
-        consecutive O-blocks of one token (one adapter's B rows read front to back).
-      prefetch: issue the loads of y's block and h before the slot's rank is known (rank-0 tokens then read
-        their y block, but still never write it).
 
     Returns:
       y_out: [T, O] in y.dtype (aliases y: donate it to update in place).
@@ -161,13 +146,12 @@ def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4,
     block_n = block_n or bgmv_expand_block_n(o, r_max)
     if o % block_n:
         raise ValueError(f"O={o} must be divisible by block_n={block_n}")
-    kernel = functools.partial(_bgmv_expand_kernel, block_n=block_n, token_axis=0 if token_minor else 1,
-                               prefetch=prefetch)
+    kernel = functools.partial(_bgmv_expand_kernel, block_n=block_n)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), h_partials, b, y)
     return pl.pallas_call(
         kernel,
         out_shape=_common.out_struct(y.shape, y.dtype, *args),
-        grid=(t, o // block_n) if token_minor else (o // block_n, t),
+        grid=(t, o // block_n),
         input_output_aliases={4: 0},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,

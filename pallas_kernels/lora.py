@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _common, expand, grouping, one_launch, shrink
+from pallas_kernels import _common, expand, grouping, shrink
 from pallas_kernels.expand import ref_lora_expand
 from pallas_kernels.shrink import ref_lora_shrink
 
@@ -47,10 +47,6 @@ FORMS = ("auto", "decode", "prefill", "segment")  # "prefill" and "segment" are 
 PREFILL_MIN_TOKENS = 512  # measured on the H200: see benchmarks/KERNELS_NOTES.md
 SEGMENT_MIN_TOKENS = 128  # measured in the decode step on the H200: benchmarks/RESULTS.md, "Segment LoRA"
 SEGMENT_BLOCK_M = 16  # rows per segment tile below PREFILL_MIN_TOKENS: the tensor-core dot's minimum
-# Up to this many tokens the "auto" decode-form deltas run shrink and delta in one launch
-# (``one_launch``): faster at 1 token, slower at 8 (benchmarks/RESULTS.md, "Tenth session"). Grids this small
-# (<= 4 x (n_split x slices + O-blocks) programs) are co-resident on the GPU whatever the dispatch order.
-ONE_LAUNCH_MAX_TOKENS = 4
 # Rows per segment tile from PREFILL_MIN_TOKENS, for R > 16 and R <= 16: two H200 sweeps over the issue's
 # prefill shapes (benchmarks/KERNELS_NOTES.md, seventh session): 32-row tiles 2-16% faster at R = 16, mixed
 # at R = 64; 128-row tiles 1.6-2.2x slower.
@@ -328,10 +324,6 @@ def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, f
                 return tuple(y + d for y, d in zip(ys, deltas)), hs
             if len({y.dtype for y in ys}) == 1:
                 return expand.seg_expand_multi(ys, hp, b_slices, tiles, interpret=interpret), hs
-        elif delta and form == "auto" and x.shape[0] <= ONE_LAUNCH_MAX_TOKENS:
-            deltas, hp = one_launch.bgmv_one_launch_delta_multi(ys[0].dtype, x, a_slices, b_slices, slot_ids, ranks,
-                                                                interpret=interpret)
-            return tuple(y + d for y, d in zip(ys, deltas)), tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
         else:
             hp = shrink.bgmv_shrink_partials_multi(x, a_slices, slot_ids, ranks, interpret=interpret)
             hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
@@ -451,8 +443,7 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
         which fuses each add into the output's consumer, instead of updating each y in place. For ys that are slices of
         one fused projection output (in place, XLA would first copy every slice out), and for outputs whose
         consumer can take the add (the decoder's residual adds). Same result up to the rounding of the delta
-        to y's dtype before the add. With ``form="auto"`` and at most ``ONE_LAUNCH_MAX_TOKENS`` tokens, the
-        decode form's shrink and delta run as one launch (``one_launch``; the same bits).
+        to y's dtype before the add.
       tiles: the segment form's tiles from ``segment_tiles_for`` with these slot ids and ranks (built here
         when None).
 

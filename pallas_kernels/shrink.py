@@ -78,10 +78,9 @@ def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_spl
     return jnp.sum(acc, axis=0)
 
 
-def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *, block_k, k_per_split, token_axis):
-    # slot_ref: [T] int32, rank_ref: [S] int32, x_ref: [T, H], a_ref: [S, H, R], h_ref: [n_split, T, R] f32.
-    # token_axis: the grid axis that runs over tokens (the other one over H-slices).
-    t, sp = pl.program_id(token_axis), pl.program_id(1 - token_axis)
+def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *, block_k, k_per_split):
+    # slot_ref: [T] int32, rank_ref: [S] int32, x_ref: [T, H], a_ref: [S, H, R], h_ref: [n_split, T, R] f32
+    t, sp = pl.program_id(0), pl.program_id(1)
     h_ref[sp, t, :] = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
                                     k_per_split=k_per_split)
 
@@ -108,8 +107,7 @@ def bgmv_block_sizes(num_tokens: int, hidden: int, r_max: int) -> tuple[int, int
 
 
 def bgmv_shrink_partials(
-    x, a, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, token_minor=True,
-    interpret=False
+    x, a, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, interpret=False
 ):
     """Decode-form shrink on GPU (Pallas Triton lowering).
 
@@ -117,8 +115,6 @@ def bgmv_shrink_partials(
       x: [T, H]; a: [S, H, R] with R a power of two; slot_ids: [T] int32; ranks: [S] int32.
       block_k, n_split: H-chunk per loop step and number of H-slices (powers of two; defaults from
         ``bgmv_block_sizes``).
-      token_minor: launch order; True: consecutive programs take consecutive tokens at one H-slice, False:
-        consecutive H-slices of one token.
 
     Returns:
       h_partials: [n_split, T, R] float32 whose sum over axis 0 is the shrink.
@@ -130,13 +126,12 @@ def bgmv_shrink_partials(
     n_split = n_split or dn
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
-    kernel = functools.partial(_bgmv_shrink_kernel, block_k=block_k, k_per_split=hidden // n_split,
-                               token_axis=0 if token_minor else 1)
+    kernel = functools.partial(_bgmv_shrink_kernel, block_k=block_k, k_per_split=hidden // n_split)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), x, a)
     return pl.pallas_call(
         kernel,
         out_shape=_common.out_struct((n_split, t, r_max), jnp.float32, *args),
-        grid=(t, n_split) if token_minor else (n_split, t),
+        grid=(t, n_split),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="lora_bgmv_shrink",

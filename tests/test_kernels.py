@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import expand, grouping, lora, one_launch, shrink
+from pallas_kernels import grouping, lora
 from pallas_kernels._common import max_segment_tiles
 from pallas_kernels.expand import ref_lora_expand
 from pallas_kernels.shrink import ref_lora_shrink
@@ -171,62 +171,6 @@ def test_multi_slice_one_bank_matches_reference(form, dtype, delta, groups, seed
         assert out.shape == yy.shape and out.dtype == yy.dtype and bool(jnp.all(jnp.isfinite(out)))
         assert rel_err(out - yy, want - yy) < tol(dtype)
         np.testing.assert_array_equal(np.asarray(out)[base], np.asarray(yy)[base])   # rank 0: untouched
-
-
-small_groups_st = st.lists(st.integers(0, 3), min_size=3, max_size=5).filter(lambda g: 0 < sum(g) <= 12)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@SETTINGS
-@given(groups=small_groups_st, seed=st.integers(0, 2**31 - 1), r_max=st.sampled_from([16, 64]))
-def test_one_launch_matches_two_launches_and_reference(dtype, groups, seed, r_max):
-    """Shrink and delta as two phases of one grid (delta programs wait on per-token counters): the same bits
-    as the two launches, and the reference's deltas; rank-0 rows zero; NaN padding never read."""
-    x, _, a, b, slot_ids, ranks = make_inputs(seed, groups, 256, 256, r_max, dtype)
-    t = x.shape[0]
-    _, a2, b2 = _slice_like(seed + 1, ranks, t, 256, 64, r_max, dtype)
-    kw = dict(block_k=64, n_split=2, block_n=64)        # several H-slices and O-blocks at these small sizes
-    deltas, hp = jax.jit(functools.partial(one_launch.bgmv_one_launch_delta_multi, dtype, interpret=True, **kw))(
-        x, (a, a2), (b, b2), slot_ids, ranks)
-    hp2 = shrink.bgmv_shrink_partials_multi(x, (a, a2), slot_ids, ranks, block_k=64, n_split=2, interpret=True)
-    two = expand.bgmv_delta_multi(dtype, hp2, (b, b2), slot_ids, ranks, block_n=64, interpret=True)
-    np.testing.assert_array_equal(np.asarray(hp), np.asarray(hp2))
-    base = np.asarray(ranks)[np.asarray(slot_ids)] == 0
-    for d, d2, aa, bb in zip(deltas, two, (a, a2), (b, b2)):
-        np.testing.assert_array_equal(np.asarray(d), np.asarray(d2))
-        want = ref_lora_expand(jnp.zeros(d.shape, jnp.float32), ref_lora_shrink(x, aa, slot_ids, ranks), bb,
-                               slot_ids, ranks)
-        assert bool(jnp.all(jnp.isfinite(d))) and rel_err(d, want) < tol(dtype)
-        assert not np.asarray(d, np.float32)[base].any()
-
-
-def test_auto_decode_deltas_use_one_launch_for_few_tokens(monkeypatch):
-    """``form="auto"`` deltas at <= ONE_LAUNCH_MAX_TOKENS tokens go through the one-launch kernel (counted),
-    above through the two launches; outputs and gradients match the reference either way."""
-    calls = []
-    real = one_launch.bgmv_one_launch_delta_multi
-    monkeypatch.setattr(one_launch, "bgmv_one_launch_delta_multi", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for groups in ([1, 2, 1], [3, 4, 2]):
-        x, y, a, b, slot_ids, ranks = make_inputs(5, groups, 128, 128, 16, jnp.float32)
-        y2, a2, b2 = _slice_like(6, ranks, x.shape[0], 128, 64, 16, jnp.float32)
-        before = len(calls)
-        fn = functools.partial(lora.lora_shrink_expand_multi, backend="triton", form="auto", interpret=True,
-                               delta=True)
-
-        def loss(f, ys, x_, a_, a2_, b=b, b2=b2, slot_ids=slot_ids, ranks=ranks):
-            return sum(jnp.sum(o * o) for o in f(ys, x_, ((a_, b), (a2_, b2)), slot_ids, ranks))
-
-        def reference(ys, x_, adapters, s_, r_):
-            return tuple(ref_lora_expand(yy, ref_lora_shrink(x_, aa, s_, r_), bb, s_, r_)
-                         for yy, (aa, bb) in zip(ys, adapters))
-
-        args = ((y, y2), x, a, a2)
-        np.testing.assert_allclose(loss(fn, *args), loss(reference, *args), rtol=1e-5)
-        got = jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3))(*args)
-        want = jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2, 3))(*args)
-        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            assert bool(jnp.all(jnp.isfinite(g))) and rel_err(g, r) < 1e-4
-        assert (len(calls) > before) == (x.shape[0] <= lora.ONE_LAUNCH_MAX_TOKENS)
 
 
 @pytest.mark.parametrize("form,delta", [("decode", False), ("decode", True), ("segment", True)])
