@@ -95,6 +95,11 @@ def main():
                              "every variant is also timed compiled under each (empty: the engine's options only, "
                              "model_runner.COMPILER_OPTIONS). benchmarks/schedule_check.py checks that the "
                              "modes compute the same")
+    parser.add_argument("--kv-layouts", default="strided",
+                        help="comma-separated page layouts of the KV cache (the first fills the table): strided = "
+                             "row i owns pages i*P .. i*P+P-1 (P = the table's width, most of them unused); "
+                             "packed = each row's used pages back to back from page 0, as the engine's page "
+                             "manager hands them out to a fresh batch")
     parser.add_argument("--tune-fused", default="",
                         help="comma-separated batches: first time the fused decode-attention kernel's knobs there "
                              "and use the fastest (the table to copy into FUSED_ATTENTION_TABLE is printed)")
@@ -140,9 +145,16 @@ def main():
 
     greedy = SamplingParams(temperature=0.0)
 
-    def inputs(B, ctx, slots):
+    def inputs(B, ctx, slots, layout="strided"):
         st = SamplingTensors.from_params([greedy] * B, [0] * B, B)
-        table = np.arange(B * P, dtype=np.int32).reshape(B, P)
+        if layout == "strided":
+            table = np.arange(B * P, dtype=np.int32).reshape(B, P)
+        elif layout == "packed":  # the pages the K steps touch (positions < ctx + K), rows back to back
+            used = -(-(ctx + K) // 16)
+            table = np.full((B, P), B * used, np.int32)            # never read: past every row's positions
+            table[:, :used] = np.arange(B * used, dtype=np.int32).reshape(B, used)
+        else:
+            raise ValueError(f"unknown KV layout {layout!r}")
         lora = None if slots is None else LoRABatch(runner.bank, jnp.asarray(slots, jnp.int32))
         return (jnp.zeros(B, jnp.int32) + 5, jnp.full(B, ctx, jnp.int32), jnp.ones(B, bool), jnp.asarray(table),
                 jnp.arange(B, dtype=jnp.int32), st, jnp.zeros(B, jnp.int32), lora)
@@ -175,6 +187,8 @@ def main():
             keys)))
     print(f"compiled {len(execs)} decode variants in {time.perf_counter() - t:.0f}s")
 
+    layouts = args.kv_layouts.split(",")
+
     def run(B, ctx, variant, prepared=None, lora_impl=lora_impls[0], mode=None):
         tokens, pos, active, table, rows, st, steps, lora = prepared or inputs(B, ctx, variants[variant](B))
         exe = execs[B, "base" if variant == "base" else "lora", lora_impl, mode]
@@ -190,8 +204,8 @@ def main():
             row = dict(prompt=prompt, new=new, ctx=ctx, batch=B)
             base_bytes = weight_bytes + B * (ctx + 1) * kv_token_bytes
             cases = [("base", lora_impls[0])] + [(v, impl) for impl in lora_impls for v in ("distinct", "shared8")]
-            for (variant, impl), mode in itertools.product(cases, modes):
-                prepared = jax.block_until_ready(inputs(B, ctx, variants[variant](B)))   # device time only
+            for (variant, impl), mode, layout in itertools.product(cases, modes, layouts):
+                prepared = jax.block_until_ready(inputs(B, ctx, variants[variant](B), layout))  # device time only
                 jax.block_until_ready(run(B, ctx, variant, prepared, impl, mode))
                 times = []
                 for _ in range(args.iters):
@@ -203,6 +217,7 @@ def main():
                 nbytes = base_bytes + distinct * slot_bytes
                 key = variant if impl == lora_impls[0] else f"{variant}@{impl}"
                 key = key if mode is None else f"{key}@{mode}"
+                key = key if layout == layouts[0] else f"{key}@{layout}"
                 row[key] = dict(step_ms=step * 1e3, tok_s=B / step, roofline_ms=nbytes / bw * 1e3,
                                 pct_roofline=100 * nbytes / bw / step, adapter_bytes_ratio=distinct * slot_bytes /
                                 base_bytes, lora_impl=impl)
@@ -224,6 +239,11 @@ def main():
                 print(f"    schedule {mode}: base {b['step_ms']:.2f} ms | distinct "
                       f"{d['step_ms']:.2f} ms (+{100 * (d['step_ms'] / b['step_ms'] - 1):.0f}%) | shared8 "
                       f"{s['step_ms']:.2f} ms (+{100 * (s['step_ms'] / b['step_ms'] - 1):.0f}%)", flush=True)
+            for layout in layouts[1:]:
+                b, d, s = (row[f"{v}@{layout}"] for v in ("base", "distinct", "shared8"))
+                print(f"    KV layout {layout}: base {b['step_ms']:.2f} ms ({b['pct_roofline']:.0f}% roof) | "
+                      f"distinct {d['step_ms']:.2f} ms (+{100 * (d['step_ms'] / b['step_ms'] - 1):.0f}%) | "
+                      f"shared8 {s['step_ms']:.2f} ms (+{100 * (s['step_ms'] / b['step_ms'] - 1):.0f}%)", flush=True)
 
     # host time per decode step at the largest batch: the runner's input assembly + dispatch + result copy,
     # against device-only time, and the scheduler's schedule() for the same batch
