@@ -24,6 +24,7 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--variant", default="distinct")
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--lora-impl", default="auto")
     p.add_argument("--out", default="decode.hlo")
     args = p.parse_args()
     cfg = bench_model_config(1280, num_hidden_layers=args.layers)
@@ -41,7 +42,7 @@ def main():
         params, cfg, runner.cache, lora, jnp.full(B, 5, jnp.int32), pos, jnp.ones(B, bool),
         jnp.asarray(np.arange(B * P, dtype=np.int32).reshape(B, P)), jnp.arange(B, dtype=jnp.int32), st,
         jnp.zeros(B, jnp.int32), runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool), pos, num_steps=4,
-        lora_impl="auto", attention_impl="auto", needs_penalties=False, num_logprobs=0)
+        lora_impl=args.lora_impl, attention_impl="auto", needs_penalties=False, num_logprobs=0)
     text = lowered.compile().as_text()
     with open(args.out, "w") as f:
         f.write(text)
