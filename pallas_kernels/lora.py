@@ -472,29 +472,6 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
                        slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), tiles, chosen, form, interpret, delta)
 
 
-def lora_shrink_multi_fused(x, a_slices, slot_ids, ranks, *, backend=None, form="auto", interpret=False,
-                            tiles=None):
-    """Multi-slice shrink in one launch (the Triton decode or segment form, as ``lora_shrink_expand_multi``
-    with ``delta=True`` would run it): one h [T, R] float32 per A in ``a_slices`` (shared x, one ranks vector,
-    one R), zero in columns >= the token's rank. Forward only (no VJP): for inference paths that expand h
-    themselves. Backends other than Triton run ``lora_shrink`` per slice."""
-    for a in a_slices:
-        _common.check_shrink_args(x, a, slot_ids, ranks)
-    slot_ids, ranks = slot_ids.astype(jnp.int32), ranks.astype(jnp.int32)
-    chosen = {_pick(backend, interpret, a.shape[2], (x.shape[1],)) for a in a_slices}
-    same_r = len({a.shape[2] for a in a_slices}) == 1
-    if chosen != {"triton"} or not same_r:
-        return tuple(lora_shrink(x, a, slot_ids, ranks, backend=backend, form=form, interpret=interpret)
-                     for a in a_slices)
-    r_max = a_slices[0].shape[2]
-    if multi_form(form, x.shape[0], r_max, True) == "segment":
-        tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, r_max, interpret)
-        hp = shrink.seg_shrink_partials_multi(x, tuple(a_slices), tiles, interpret=interpret)
-    else:
-        hp = shrink.bgmv_shrink_partials_multi(x, tuple(a_slices), slot_ids, ranks, interpret=interpret)
-    return tuple(jnp.sum(hp[i], axis=0) for i in range(len(a_slices)))
-
-
 def lora_shrink_multi(x, a_slices, slot_ids, ranks, *, backend=None, form="auto", interpret=False):
     """Multi-slice shrink: one h [T, R_i] float32 per A in ``a_slices`` (shared x)."""
     if not isinstance(ranks, (tuple, list)):

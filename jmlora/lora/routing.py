@@ -12,11 +12,6 @@ formulations behind one function (``impl``):
   (BGMV or segment); off GPU/TPU their jnp reference.
 - ``"pallas_decode"``, ``"pallas_segment"``: the same with the GPU form forced (one program per token, or
   tiles of same-adapter tokens); off GPU/TPU the Triton kernels run in the Pallas interpreter (tests).
-- ``"pallas_dense"``: the Pallas shrink (form picked per shape), then the expand as one plain matmul against
-  every slot's B: h is scattered to its slot's R columns of a ``[T, S * R]`` row (zeros elsewhere) and
-  multiplied by the bank's ``b`` viewed as ``[S * R, out]``. Reads every slot's B once whatever the batch
-  holds and spends S times the expand's flops, but needs no gather, no tiles and no custom kernel. Relies on
-  the bank's zero padding (an adapter's rows past its rank, and never a non-finite value: 0 * inf is NaN).
 
 Measured choices are in ``benchmarks/RESULTS.md``; ``default_impl`` holds the winner per shape and platform.
 """
@@ -31,8 +26,8 @@ from jmlora.lora.bank import AdapterBank, TargetBank
 
 Array = jax.Array
 
-LORA_IMPLS = ("gather", "onehot", "ragged", "pallas", "pallas_decode", "pallas_segment", "pallas_dense")
-_PALLAS_FORMS = {"pallas": "auto", "pallas_decode": "decode", "pallas_segment": "segment", "pallas_dense": "auto"}
+LORA_IMPLS = ("gather", "onehot", "ragged", "pallas", "pallas_decode", "pallas_segment")
+_PALLAS_FORMS = {"pallas": "auto", "pallas_decode": "decode", "pallas_segment": "segment"}
 
 
 def _pallas_options(impl: str) -> dict:
@@ -141,31 +136,6 @@ def segment_tiles(lora: LoRABatch, num_new_tokens: int, impl: str):
                              **_pallas_options(impl))
 
 
-def _dense_expand(h: Array, b: Array, token_slots: Array, dtype) -> Array:
-    """``h[t] @ b[token_slots[t]]`` as one matmul over all slots: h ``[T, R]`` goes to its slot's R columns
-    of a ``[T, S, R]`` operand (rounded to b's dtype, as PEFT rounds ``lora_A(x)``), zeros elsewhere."""
-    S, R, O = b.shape
-    b = b[1:]  # slot 0 is the zero adapter: (S - 1) * R is the GEMM-friendly K (64 slots x 16 = 1024)
-    onehot = token_slots[:, None] == jnp.arange(1, S, dtype=token_slots.dtype)[None, :]  # [T, S - 1]
-    hs = jnp.where(onehot[:, :, None], h[:, None, :].astype(b.dtype), jnp.zeros((), b.dtype))
-    # both operands as plain row-major matrices ([T, K] x [K, O], bitcasts), so XLA emits one GEMM; its bf16
-    # output (float32 accumulation inside) needs no conversion kernel after it
-    return jnp.dot(hs.reshape(-1, (S - 1) * R), b.reshape((S - 1) * R, O)).astype(dtype)
-
-
-def _apply_dense(ys: tuple[Array, ...], x: Array, tbs: tuple[TargetBank, ...], slot_ids: Array, ranks: Array,
-                 tiles) -> tuple[Array, ...]:
-    """The "pallas_dense" impl for projections sharing x: one multi-slice shrink, one dense expand each."""
-    from pallas_kernels.lora import lora_shrink_multi_fused
-
-    B, T = x.shape[:2]
-    token_slots = jnp.repeat(slot_ids, T)
-    hs = lora_shrink_multi_fused(x.reshape(B * T, -1), tuple(tb.a for tb in tbs), token_slots, ranks, tiles=tiles,
-                                 **_pallas_options("pallas_dense"))
-    return tuple(y + _dense_expand(h, tb.b, token_slots, y.dtype).reshape(y.shape)
-                 for y, h, tb in zip(ys, hs, tbs))
-
-
 def apply_lora(y: Array, x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: str,
                tiles=None) -> Array:
     """``y`` plus the LoRA term of one projection (``lora_delta``), in y's dtype.
@@ -184,8 +154,6 @@ def apply_lora(y: Array, x: Array, tb: TargetBank, slot_ids: Array, ranks: Array
     ``lora_delta``.
     """
     B, T = x.shape[:2]
-    if impl == "pallas_dense":
-        return _apply_dense((y,), x, (tb,), slot_ids, ranks, tiles)[0]
     if impl in _PALLAS_FORMS:
         from pallas_kernels.lora import lora_shrink_expand_multi
 
@@ -207,8 +175,6 @@ def apply_lora_group(ys: tuple[Array, ...], x: Array, tbs: tuple[TargetBank, ...
     """
     if impl not in _PALLAS_FORMS:
         return tuple(apply_lora(y, x, tb, slot_ids, ranks, impl, tiles) for y, tb in zip(ys, tbs))
-    if impl == "pallas_dense":
-        return _apply_dense(ys, x, tbs, slot_ids, ranks, tiles)
     from pallas_kernels.lora import lora_shrink_expand_multi
 
     B, T = x.shape[:2]
