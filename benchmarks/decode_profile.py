@@ -179,6 +179,12 @@ def fused_grid():
     return [attention.FusedAttentionConfig(bp, w, st) for bp in (2, 4, 8) for w in (2, 4, 8) for st in (1, 2)]
 
 
+def prefetch_grid():
+    """The knobs in use (the default, batch 256's table entry) with and without the hand-pipelined loads."""
+    C = attention.FusedAttentionConfig
+    return [C(4, 4, 1), C(4, 4, 1, True), C(2, 2, 1), C(2, 2, 1, True), C(2, 4, 1, True), C(8, 4, 1, True)]
+
+
 def time_fused(cfg, log, batches, ctxs, bw, grid_for, small=False):
     """The attention part of one decode layer from the fused q/k/v projection output to the attention output,
     unfused (XLA's RoPE and cache scatters, then ``pallas_gpu``'s kernel with its rule, as ``decoder._attention``
@@ -279,7 +285,8 @@ def time_fused(cfg, log, batches, ctxs, bw, grid_for, small=False):
             f"(KV floor {floor:.1f})")
         for c, _ in fused_cases:
             config = c[3]
-            name = f"fused_decode_attention_bp{config.block_pages}w{config.num_warps}s{config.num_stages}"
+            name = (f"fused_decode_attention_bp{config.block_pages}w{config.num_warps}s{config.num_stages}"
+                    f"{'p' if config.prefetch else ''}")
             us = per_launch.get(name, float("nan"))
             err = float(jnp.linalg.norm(outs[config] - ref) / jnp.linalg.norm(ref))
             results.append(dict(batch=B, ctx=ctx, config=config, us=us, err=err, floor_us=floor))
@@ -443,8 +450,9 @@ def main():
     p.add_argument("--batches", default="32,64,256")
     p.add_argument("--attn-batches", default="1,32,64,256")
     p.add_argument("--fused-batches", default="1,8,32,64,128,256")
-    p.add_argument("--fused-grid", default="default", choices=("default", "full"),
-                   help="the fused kernel's knobs to time: the default configuration or fused_grid()")
+    p.add_argument("--fused-grid", default="default", choices=("default", "full", "prefetch"),
+                   help="the fused kernel's knobs to time: the default configuration, fused_grid() or "
+                        "prefetch_grid()")
     p.add_argument("--step-attention", default="auto", help="comma-separated attention impls for the step part")
     p.add_argument("--step-lora", default="auto", help="comma-separated lora impls for the step part")
     p.add_argument("--step-variants", default="base,distinct", help="of base, distinct (64 adapters), shared8")
@@ -465,7 +473,8 @@ def main():
     log(f"device {jax.devices()[0].device_kind}; HBM {bw / 1e12:.2f} TB/s (elementwise)")
     results = {"hbm_tb_s": bw / 1e12}
     if "fused" in parts:       # first: its tuned knobs (FUSED_ATTENTION_TABLE) then serve the step part
-        grid = fused_grid() if args.fused_grid == "full" else [attention.FusedAttentionConfig()]
+        grid = {"full": fused_grid, "prefetch": prefetch_grid}.get(args.fused_grid,
+                                                                   lambda: [attention.FusedAttentionConfig()])()
         results["fused"] = time_fused(cfg, log, [int(b) for b in args.fused_batches.split(",")], (192, 1152), bw,
                                       lambda B: grid, args.small)
     if "step" in parts:

@@ -13,6 +13,7 @@ Host time per step (the runner's input assembly + the scheduler) is measured at 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
@@ -103,6 +104,9 @@ def main():
     parser.add_argument("--tune-fused", default="",
                         help="comma-separated batches: first time the fused decode-attention kernel's knobs there "
                              "and use the fastest (the table to copy into FUSED_ATTENTION_TABLE is printed)")
+    parser.add_argument("--fused-prefetch", action="store_true",
+                        help="run the fused decode-attention kernel with its hand-pipelined loads (prefetch=True) "
+                             "at every batch, on top of its table's knobs")
     parser.add_argument("--tune-attention", action="store_true",
                         help="first time the decode-attention kernels per batch and use the fastest (the table "
                              "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")
@@ -125,6 +129,10 @@ def main():
         time_fused(cfg, print, [int(b) for b in args.tune_fused.split(",")], [p + n // 2 for p, n in WORKLOADS], bw,
                    lambda B: fused_grid())
         print(f"FUSED_ATTENTION_TABLE = {attention.FUSED_ATTENTION_TABLE}")
+    if args.fused_prefetch:
+        for B in batches:
+            chosen = attention.FUSED_ATTENTION_TABLE.get(B, attention.FusedAttentionConfig())
+            attention.FUSED_ATTENTION_TABLE[B] = dataclasses.replace(chosen, prefetch=True)
     mesh = make_mesh()
     params = init_params(cfg, mesh, dtype=jnp.bfloat16)
     print(f"device {jax.devices()[0].device_kind}; HBM {bw / 1e12:.2f} TB/s; "
