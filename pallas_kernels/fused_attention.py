@@ -83,7 +83,7 @@ def ref_fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, wri
 
 
 def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, group, q_rows, block_pages, sm_scale,
-            has_deltas, prefetch):
+            has_deltas):
     # pos_ref, wpage_ref: [1]; table_ref: [P]; cos_ref, sin_ref: [D/2] (this sequence's); qkv_ref: [G + 2, D]
     # (this sequence and KV head); dq_ref: [G, D], dk_ref, dv_ref: [D]; k_ref, v_ref, k_out_ref, v_out_ref:
     # [num_pages, page_size, D] (this KV head; the outputs alias the inputs); o_ref: [G, D]
@@ -134,10 +134,11 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
     denom = jnp.ones((q_rows,), jnp.float32)
     o = jnp.broadcast_to(v_new.astype(jnp.float32)[None, :], (q_rows, head_dim))
 
-    def block_kv(pages):                                                         # pages: [bp] page ids
-        return k_ref[pages].reshape(block_k, head_dim), v_ref[pages].reshape(block_k, head_dim)   # [BK, D] each
-
-    def attend(i, k, v, o, m, denom):
+    def body(i, carry):
+        o, m, denom = carry
+        pages = table_ref[pl.ds(i * block_pages, block_pages)]                   # [bp]
+        k = k_ref[pages].reshape(block_k, head_dim)                               # [BK, D]
+        v = v_ref[pages].reshape(block_k, head_dim)
         s = plgpu.dot(q, k.T) * sm_scale                                          # [QR, BK] float32
         cached = i * block_k + lax.broadcasted_iota(jnp.int32, (q_rows, block_k), 1) < pos
         s = jnp.where(cached, s, _MASK_VALUE)
@@ -150,29 +151,7 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
 
     # a padding row's position may be anything: never walk past its page-table row
     n_blocks = jnp.minimum(pl.cdiv(pos, block_k), table_ref.shape[0] // block_pages)
-    if not prefetch:
-        def body(i, carry):
-            k, v = block_kv(table_ref[pl.ds(i * block_pages, block_pages)])
-            return attend(i, k, v, *carry)
-
-        o, m, denom = lax.fori_loop(0, n_blocks, body, (o, m, denom))
-    else:
-        # software pipelining by hand (Triton's own needs shared memory per stage, which costs occupancy): the
-        # loads of block i + 1's keys and values and of block i + 2's page ids are issued before block i is
-        # computed. Indices past the last block are clamped to it: the extra loads re-read cached lines.
-        last = jnp.maximum(n_blocks - 1, 0)
-
-        def pages_of(i):
-            return table_ref[pl.ds(jnp.minimum(i, last) * block_pages, block_pages)]
-
-        def body(i, carry):
-            o, m, denom, k, v, pages_next = carry
-            k_next, v_next = block_kv(pages_next)
-            pages_after = pages_of(i + 2)
-            return (*attend(i, k, v, o, m, denom), k_next, v_next, pages_after)
-
-        k0, v0 = block_kv(pages_of(0))
-        o, m, denom, *_ = lax.fori_loop(0, n_blocks, body, (o, m, denom, k0, v0, pages_of(1)))
+    o, m, denom = lax.fori_loop(0, n_blocks, body, (o, m, denom))
     o = o / denom[:, None]                                        # denom >= 1: the new token's own term
     # rows past the group computed the last head again, bit for bit (same q row, same keys): their duplicate
     # stores write the same values, so no mask is needed (and the interpreter, which writes masked lanes
@@ -215,11 +194,10 @@ def _check(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, 
                          f"P={page_table.shape[1]}, block_pages={block_pages}")
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_pages", "num_warps", "num_stages", "prefetch",
-                                             "interpret"),
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_pages", "num_warps", "num_stages", "interpret"),
                    donate_argnames=("k_pages", "v_pages"))
 def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, deltas=None, *,
-                           sm_scale=None, block_pages=4, num_warps=4, num_stages=2, prefetch=False, interpret=False):
+                           sm_scale=None, block_pages=4, num_warps=4, num_stages=2, interpret=False):
     """RoPE + cache write + paged decode attention for one new token per sequence.
 
     Args:
@@ -235,7 +213,6 @@ def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_p
       deltas: optional (dq [B, K, G, D], dk [B, K, D], dv [B, K, D]) added to q, k, v before RoPE (LoRA).
       sm_scale: logit scale (default 1 / sqrt(D)).
       block_pages: pages per loop step; num_warps, num_stages: Triton launch knobs.
-      prefetch: load the next block's keys and values (and the page ids after it) before computing a block.
       interpret: run through the Pallas interpreter (CPU tests).
 
     Returns:
@@ -249,7 +226,7 @@ def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_p
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     q_rows = max(16, 1 << (G - 1).bit_length())                     # the tensor-core tile's rows
     kernel = functools.partial(_kernel, group=G, q_rows=q_rows, block_pages=block_pages, sm_scale=scale,
-                               has_deltas=deltas is not None, prefetch=prefetch)
+                               has_deltas=deltas is not None)
     row = lambda n: pl.BlockSpec((None, n), lambda b, h: (b, 0))
     cache_spec = pl.BlockSpec((None, num_pages, page_size, D), lambda b, h: (h, 0, 0, 0))
     inputs = [positions.astype(jnp.int32)[:, None], write_pages.astype(jnp.int32)[:, None],
@@ -276,7 +253,6 @@ def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_p
         input_output_aliases={n_in - 2: 1, n_in - 1: 2},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        # the knobs in the name, for profiles
-        name=f"fused_decode_attention_bp{block_pages}w{num_warps}s{num_stages}{'p' if prefetch else ''}",
+        name=f"fused_decode_attention_bp{block_pages}w{num_warps}s{num_stages}",   # knobs in profiles
     )(*inputs)
     return out.reshape(B, K * G, D), k_pages, v_pages
