@@ -4,8 +4,12 @@ For each (prompt, new tokens) workload and batch size: the device time of one de
 engine's jitted multi-step decode, ``num_lookahead`` steps per call, greedy sampling on the device) for
 (a) base only, (b) a different rank-16 adapter on all 7 projections for every sequence (up to 64 slots),
 (c) 8 adapters shared; beside each, the roofline (bytes one step must move / HBM bandwidth measured in this
-run). The step is timed at the workload's mid-generation context (prompt + new/2 tokens in the cache).
-Host time per step (the runner's input assembly + the scheduler) is measured at the largest batch.
+run). The step is timed at the workload's mid-generation context (prompt + new/2 tokens in the cache), two
+ways: ``step_ms`` waits for each call before dispatching the next, so it also counts the device's idle time
+while the host dispatches a call; ``pipelined_step_ms`` issues the calls back to back with one wait at the
+end, as the engine's async scheduling runs them (they still run one after another: each takes the previous
+one's KV cache). Host time per step (the runner's input assembly + the scheduler) is measured at the largest
+batch.
 
     PYTHONPATH=. python benchmarks/throughput.py --out results.json
 """
@@ -13,7 +17,6 @@ Host time per step (the runner's input assembly + the scheduler) is measured at 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import statistics
@@ -104,9 +107,10 @@ def main():
     parser.add_argument("--tune-fused", default="",
                         help="comma-separated batches: first time the fused decode-attention kernel's knobs there "
                              "and use the fastest (the table to copy into FUSED_ATTENTION_TABLE is printed)")
-    parser.add_argument("--fused-prefetch", action="store_true",
-                        help="run the fused decode-attention kernel with its hand-pipelined loads (prefetch=True) "
-                             "at every batch, on top of its table's knobs")
+    parser.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time each variant with its calls issued back to back and one wait at the end, as "
+                             "the engine's async scheduling runs them (step_ms waits for every call, so each call's "
+                             "host dispatch, ~2 ms on the H200, leaves the device idle and adds to it)")
     parser.add_argument("--tune-attention", action="store_true",
                         help="first time the decode-attention kernels per batch and use the fastest (the table "
                              "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")
@@ -129,10 +133,6 @@ def main():
         time_fused(cfg, print, [int(b) for b in args.tune_fused.split(",")], [p + n // 2 for p, n in WORKLOADS], bw,
                    lambda B: fused_grid())
         print(f"FUSED_ATTENTION_TABLE = {attention.FUSED_ATTENTION_TABLE}")
-    if args.fused_prefetch:
-        for B in batches:
-            chosen = attention.FUSED_ATTENTION_TABLE.get(B, attention.FusedAttentionConfig())
-            attention.FUSED_ATTENTION_TABLE[B] = dataclasses.replace(chosen, prefetch=True)
     mesh = make_mesh()
     params = init_params(cfg, mesh, dtype=jnp.bfloat16)
     print(f"device {jax.devices()[0].device_kind}; HBM {bw / 1e12:.2f} TB/s; "
@@ -221,12 +221,21 @@ def main():
                     jax.block_until_ready(run(B, ctx, variant, prepared, impl, mode))
                     times.append((time.perf_counter() - t) / K)
                 step = statistics.median(times)
+                pipelined = None
+                if args.pipelined:  # the same calls issued back to back, one wait at the end (as the engine's
+                    t = time.perf_counter()  # async loop runs them): the host's dispatch of a call hides
+                    for _ in range(args.iters):  # behind the previous call's device time
+                        out = run(B, ctx, variant, prepared, impl, mode)
+                    jax.block_until_ready(out)
+                    pipelined = (time.perf_counter() - t) / (args.iters * K)
                 distinct = 0 if variant == "base" else min(B, args.max_loras if variant == "distinct" else 8)
                 nbytes = base_bytes + distinct * slot_bytes
                 key = variant if impl == lora_impls[0] else f"{variant}@{impl}"
                 key = key if mode is None else f"{key}@{mode}"
                 key = key if layout == layouts[0] else f"{key}@{layout}"
                 row[key] = dict(step_ms=step * 1e3, tok_s=B / step, roofline_ms=nbytes / bw * 1e3,
+                                pipelined_step_ms=None if pipelined is None else pipelined * 1e3,
+                                pipelined_pct_roofline=None if pipelined is None else 100 * nbytes / bw / pipelined,
                                 pct_roofline=100 * nbytes / bw / step, adapter_bytes_ratio=distinct * slot_bytes /
                                 base_bytes, lora_impl=impl)
             rows_out.append(row)
@@ -237,6 +246,11 @@ def main():
                   f"+{100 * d['adapter_bytes_ratio']:.0f}%) | shared8 {s['step_ms']:.2f} ms "
                   f"(+{100 * (s['step_ms'] / b['step_ms'] - 1):.0f}% vs bytes +{100 * s['adapter_bytes_ratio']:.0f}%)",
                   flush=True)
+            if args.pipelined:
+                pb, pd, ps = (r["pipelined_step_ms"] for r in (b, d, s))
+                print(f"    pipelined: base {pb:.2f} ms ({b['pipelined_pct_roofline']:.0f}% roof) | distinct "
+                      f"{pd:.2f} ms (+{100 * (pd / pb - 1):.0f}%) | shared8 {ps:.2f} ms (+{100 * (ps / pb - 1):.0f}%)",
+                      flush=True)
             for impl in lora_impls[1:]:
                 d, s = row[f"distinct@{impl}"], row[f"shared8@{impl}"]
                 print(f"    lora_impl={impl}: distinct {d['step_ms']:.2f} ms "
