@@ -179,7 +179,6 @@ def fused_grid():
     return [attention.FusedAttentionConfig(bp, w, st) for bp in (2, 4, 8) for w in (2, 4, 8) for st in (1, 2)]
 
 
-
 def time_fused(cfg, log, batches, ctxs, bw, grid_for, small=False, rot_bytes=128e6):
     """The attention part of one decode layer from the fused q/k/v projection output to the attention output,
     unfused (XLA's RoPE and cache scatters, then ``pallas_gpu``'s kernel with its rule, as ``decoder._attention``

@@ -110,7 +110,7 @@ def main():
     parser.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True,
                         help="also time each variant with its calls issued back to back and one wait at the end, as "
                              "the engine's async scheduling runs them (step_ms waits for every call, so each call's "
-                             "host dispatch, ~2 ms on the H200, leaves the device idle and adds to it)")
+                             "host dispatch, 2-4 ms on the H200, leaves the device idle and adds to it)")
     parser.add_argument("--tune-attention", action="store_true",
                         help="first time the decode-attention kernels per batch and use the fastest (the table "
                              "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")
