@@ -60,12 +60,12 @@ def assert_idle(llm: LLM):
 
 @contextlib.contextmanager
 def counting_compiles():
-    """Yields a list that collects one entry per XLA compilation made inside the block."""
+    """Yields a list that collects the name of the function of each XLA compilation made inside the block."""
     compiles = []
 
     def listener(event, duration, **kwargs):
         if event == BACKEND_COMPILE_EVENT:
-            compiles.append(event)
+            compiles.append(kwargs.get("fun_name", event))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
@@ -362,6 +362,24 @@ def test_no_compilation_after_startup(world):
                          use_tqdm=False)
     assert llm.llm_engine.stats["adapter_loads"] >= 4
     assert not compiles, f"{len(compiles)} XLA compilations after start-up"
+    assert_idle(llm)
+
+
+def test_batches_without_adapters_run_the_base_executable(world):
+    """With LoRA enabled, a decode batch in which no row has an adapter runs without the adapter inputs: the
+    executable an engine without LoRA runs (same shapes), so it compiles no decode step of its own. A batch
+    with an adapter still gets its adapter."""
+    model_dir, _, loras, _ = world
+    prompt = [{"prompt_token_ids": PROMPTS[0]}]
+    shapes = dict(num_kv_pages=32, max_num_seqs=2)
+    plain = make_llm(model_dir, enable_lora=False, **shapes).generate(prompt, GREEDY, use_tqdm=False)[0]
+    llm = make_llm(model_dir, **shapes)
+    with counting_compiles() as compiles:
+        out = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == plain.outputs[0].token_ids
+    assert not [name for name in compiles if "decode_steps" in name], compiles
+    with_adapter = llm.generate(prompt, GREEDY, lora_request=loras[1], use_tqdm=False)[0]
+    assert with_adapter.outputs[0].token_ids == reference_greedy(world, PROMPTS[0], loras[1])
     assert_idle(llm)
 
 

@@ -11,7 +11,12 @@ two jitted steps the scheduler plans:
   discarded.
 
 Shapes depend only on buckets (batch sizes and chunk lengths rounded up to powers of two), never on which
-adapters are in the batch, so after ``warmup`` nothing compiles for the default sampling variants.
+adapters are in the batch, so after ``warmup`` nothing compiles for the default sampling variants. One
+exception by design: with LoRA enabled, a decode batch in which no row has an adapter (every row on slot 0)
+runs the base executable, without the LoRA kernels, which on the H200 cost 4-24% of such a step for
+nothing (``benchmarks/RESULTS.md``, "Twelfth session"); warm-up compiles both per decode bucket. Prefill
+always takes the adapter inputs when LoRA is enabled (its LoRA share is the XLA gather path, small next to
+its matmuls), so its buckets compile once.
 Sampling features that change the sampler's static flags (penalties, top-k/top-p, min-p, min_tokens,
 logprobs, prompt_logprobs) compile one more variant per bucket the first time a batch uses them.
 
@@ -395,15 +400,18 @@ class ModelRunner:
         # num_output_tokens + after.num_steps of its sequence (seeded sampling depends on it)
         st, steps, num_logprobs, needs_penalties = self._sampling(
             chunks, B, pending=after.num_steps if after is not None else 0)
+        # a batch with no adapter in it runs the base executable (no LoRA kernels; see the module docstring)
+        slots = self._lora_slots(chunks, B) if self.bank is not None else None
+        use_lora = slots is not None and bool(slots.any())
         # One host-to-device transfer for the small inputs (a jnp.asarray each cost ~0.1-0.2 ms of host time),
         # replicated over the mesh like the call's outputs: the tokens of a chained call (an output of the
         # last call) then have the same sharding as the host's, so both calls share one executable.
         pos, active, table, rows, steps, record_fed, prompt_lens, fed, slots = jax.device_put(
             (pos, active, self._page_table(chunks, B), self._rows_for(chunks, B), steps, record_fed, prompt_lens,
              tokens if after is None else np.zeros(0, np.int32),
-             self._lora_slots(chunks, B) if self.bank is not None else np.zeros(0, np.int32)), self._replicated)
+             slots if use_lora else np.zeros(0, np.int32)), self._replicated)
         result, last_tokens, self.cache, self.prompt_mask, self.output_counts = _decode_steps(
-            self.params, self.cfg, self.cache, None if self.bank is None else LoRABatch(self.bank, slots),
+            self.params, self.cfg, self.cache, LoRABatch(self.bank, slots) if use_lora else None,
             after.last_tokens if after is not None else fed, pos, active, table, rows,
             st, steps, self.prompt_mask, self.output_counts, record_fed, prompt_lens, num_steps=num_steps,
             lora_impl=self.ecfg.lora_impl, attention_impl=self.ecfg.attention_impl,
@@ -427,9 +435,13 @@ class ModelRunner:
             zeros = zero_adapter_arrays(self.cfg, self.bank_spec, self.dtype)
             self.load_adapter(1, None)
             self.load_adapter(1, None, staged=(jax.device_put(zeros), 0))
+        # decode: the LoRA executable (a row on slot 1) and, with LoRA enabled, the base one (every row on slot
+        # 0: ``start_decode`` runs such batches without the adapter inputs)
+        decode_slots = (1, 0) if self.bank is not None else (0,)
         for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
-            for B in self.decode_buckets:
+            for B, slot in itertools.product(self.decode_buckets, decode_slots):
                 seqs = [_dummy_seq(Sequence, params) for _ in range(B)]
+                seqs[0].lora_slot = slot
                 K = self.ecfg.num_lookahead
                 first = self.start_decode([ScheduledChunk(s, 1, 1, True) for s in seqs], K)
                 # a chained call (tokens from the device) must find this executable: run one to be sure
