@@ -20,7 +20,7 @@ from jmlora.config import ModelConfig
 from jmlora.lora import SlotManager, peft_loader
 from jmlora.lora.bank import BankSpec, init_adapter_bank, write_adapter
 from jmlora.lora.routing import LORA_IMPLS, LoRABatch
-from jmlora.model import forward_logits, init_kv_cache, load_params, make_mesh
+from jmlora.model import decoder, forward_logits, init_kv_cache, load_params, make_mesh
 
 MAX_RANK = 16
 # name -> make_peft_adapter keyword arguments
@@ -151,14 +151,23 @@ def test_routing_formulations_agree(setup):
         assert_matches_peft(setup, adapters, PROMPTS, lp), impl
 
 
-# "pallas_gpu_fused" takes the LoRA terms of q/k/v as deltas into its kernel; "pallas_decode" and
-# "pallas_segment" run the GPU LoRA kernels of that form (all three in the Pallas interpreter on CPU)
+# "pallas_gpu_fused" takes the LoRA terms of q/k/v as deltas into its kernel (small batches) or adds them to
+# the projection first ("pallas_gpu_fused_xla_add": the larger batches' path, forced here at batch 3);
+# "pallas_decode" and "pallas_segment" run the GPU LoRA kernels of that form (all in the Pallas interpreter on
+# CPU)
 @pytest.mark.parametrize("decode_attention,lora_impl", [("auto", "auto"), ("pallas_gpu_fused", "auto"),
+                                                        ("pallas_gpu_fused_xla_add", "auto"),
                                                         ("auto", "pallas_decode"),
                                                         ("pallas_gpu_fused", "pallas_segment")])
-def test_decode_with_adapters_equals_full_forward(setup, decode_attention, lora_impl):
+def test_decode_with_adapters_equals_full_forward(setup, decode_attention, lora_impl, monkeypatch, request):
     if setup.family not in ("llama", "gemma"):
         pytest.skip("decode routing is family-independent; two families suffice")
+    if decode_attention == "pallas_gpu_fused_xla_add":
+        monkeypatch.setattr(decoder, "FUSED_DELTAS_MAX_BATCH", 0)
+        # the jitted forward's cache does not key on the constant: no trace of either path may be reused
+        jax.clear_caches()
+        request.addfinalizer(jax.clear_caches)
+        decode_attention = "pallas_gpu_fused"
     server = Server(setup, max_loras=3)
     cfg = setup.cfg
     adapters = ["all_r8_rslora", None, "qv_r4"]

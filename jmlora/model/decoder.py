@@ -170,11 +170,20 @@ def _attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: Array,
     return attn, k_cache, v_cache
 
 
+# Decode batches up to this size add the q/k/v LoRA deltas (and biases) inside the fused attention kernel,
+# larger ones with XLA before it. Measured on the H200 (benchmarks/RESULTS.md, "Twelfth session"): with the
+# delta inputs the kernel took 34 against 26 us per layer at batch 64 / 192 tokens, with nothing else running
+# (the cause is not isolated), and XLA's add cut the LoRA step by up to 10% at batch 64-128 with 1152 tokens;
+# at batch 32 the kernel's add was ~1% faster in all four cells.
+FUSED_DELTAS_MAX_BATCH = 32
+
+
 def _fused_attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: Array, k_cache: Array,
                      v_cache: Array, page_idx: Array, page_table: Array, lora: _LayerLoRA, inv_freq
                      ) -> tuple[Array, Array, Array]:
     """Decode (T == 1) with the fused q/k/v weights: the projection, then one kernel for RoPE, the cache
-    writes and attention (``fused_paged_decode``); LoRA terms and biases go in as deltas.
+    writes and attention (``fused_paged_decode``); LoRA terms and biases go in as deltas, or are added to the
+    projection first from ``FUSED_DELTAS_MAX_BATCH`` rows.
 
     Returns:
       (attn ``[B, 1, H, D]``, k_cache, v_cache).
@@ -189,6 +198,10 @@ def _fused_attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: 
     if deltas is not None:
         dq, dk, dv = (_bias(d, b) for d, b in zip(deltas, biases))
         deltas = (dq.reshape(B, K, G2 - 2, D), dk.reshape(B, K, D), dv.reshape(B, K, D))
+        if B > FUSED_DELTAS_MAX_BATCH:
+            dq, dk, dv = deltas
+            qkv = qkv + jnp.concatenate([dq, dk[:, :, None], dv[:, :, None]], axis=2).astype(qkv.dtype)
+            deltas = None
     return fused_paged_decode(qkv, deltas, k_cache, v_cache, page_table, positions[:, 0], page_idx[:, 0], inv_freq)
 
 
