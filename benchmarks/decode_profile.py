@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from device_profile import kernel_times, print_kernels  # noqa: E402
+from device_profile import kernel_times, print_kernels, print_timeline  # noqa: E402
 from throughput import bench_model_config, measure_bandwidth, random_bank  # noqa: E402
 
 from jmlora.config import EngineConfig  # noqa: E402
@@ -310,7 +310,7 @@ def time_fused(cfg, log, batches, ctxs, bw, grid_for, small=False, rot_bytes=128
 
 
 def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("auto",), lora_impls=("auto",),
-                 variants=("base", "distinct")):
+                 variants=("base", "distinct"), timeline=False):
     ecfg = EngineConfig(max_num_seqs=max(batches), page_size=16, num_lookahead=K, enable_lora=True, max_loras=64,
                         max_lora_rank=16, warmup=False, max_num_batched_tokens=2048, max_prefill_chunk=512,
                         num_kv_pages=max(batches) * P_WIDTH)
@@ -325,8 +325,8 @@ def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("au
                 for impl in lora_impls[:1] if variant == "base" else lora_impls:
                     st = SamplingTensors.from_params([greedy] * B, [0] * B, B)
                     table = jnp.asarray(np.arange(B * P_WIDTH, dtype=np.int32).reshape(B, P_WIDTH))
-                    lora = None if variant == "base" else LoRABatch(
-                        runner.bank, jnp.asarray(1 + np.arange(B) % adapters[variant], jnp.int32))
+                    slots = np.zeros(B) if variant == "slot0" else 1 + np.arange(B) % adapters.get(variant, 1)
+                    lora = None if variant == "base" else LoRABatch(runner.bank, jnp.asarray(slots, jnp.int32))
                     pos = jnp.full(B, ctx, jnp.int32)
                     args = (lora, jnp.full(B, 5, jnp.int32), pos, jnp.ones(B, bool), table,
                             jnp.arange(B, dtype=jnp.int32), st, jnp.zeros(B, jnp.int32))
@@ -350,6 +350,9 @@ def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("au
         wall = median_per_call(call, n_calls=3, trials=5) / K
         prof = kernel_times(call, n_calls=3)
         print_kernels(f"step B={B} {variant} ctx={ctx} (wall {wall * 1e3:.2f} ms/step)", prof, per=K, log=log)
+        if timeline:
+            log(f"  timeline of one layer (between two attention kernels), B={B} {variant}:")
+            print_timeline(prof, "fused_decode_attention", 40, log=log)
         kernels = [(n, us / K, c / K) for n, us, c in prof["kernels"][:60]]
         key = f"B{B}_{variant.replace(' ', '_')}"
         out[key] = dict(wall_ms=wall * 1e3, busy_us=prof["total_us"] / K, kernels=kernels)
@@ -452,7 +455,9 @@ def main():
                    help="the fused kernel's knobs to time: the default configuration or fused_grid()")
     p.add_argument("--step-attention", default="auto", help="comma-separated attention impls for the step part")
     p.add_argument("--step-lora", default="auto", help="comma-separated lora impls for the step part")
-    p.add_argument("--step-variants", default="base,distinct", help="of base, distinct (64 adapters), shared8")
+    p.add_argument("--step-variants", default="base,distinct",
+                   help="of base, distinct (64 adapters), shared8, slot0 (LoRA on, no adapter in the batch)")
+    p.add_argument("--timeline", action="store_true", help="step part: print one layer's kernels in start order")
     p.add_argument("--ctx", type=int, default=192)
     p.add_argument("--out", default=".")
     p.add_argument("--small", action="store_true", help="tiny dims (CPU smoke test of the script)")
@@ -479,7 +484,7 @@ def main():
         results["step"] = step_profile(cfg, params, mesh, log, [int(b) for b in args.batches.split(",")], args.ctx,
                                        attention_impls=tuple(args.step_attention.split(",")),
                                        lora_impls=tuple(args.step_lora.split(",")),
-                                       variants=tuple(args.step_variants.split(",")))
+                                       variants=tuple(args.step_variants.split(",")), timeline=args.timeline)
         del params
     if "lora" in parts:
         results["lora"] = lora_profile(log)

@@ -44,13 +44,14 @@ def kernel_times(fn, n_calls: int = 5) -> dict:
     lines_seen = [line.name for line in lines]
     streams = [line for line in lines if line.name.startswith("Stream")]
     times, counts = collections.Counter(), collections.Counter()
-    intervals = []
+    intervals, events = [], []
     for line in streams or [line for line in lines if line.name == "XLA Ops"]:
         for ev in line.events:
             fam = _family(ev.name)
             times[fam] += ev.duration_ns / 1e3
             counts[fam] += 1
             intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns, is_lora(fam)))
+            events.append((ev.start_ns, ev.duration_ns, ev.name, line.name))
     kernels = [(k, t / n_calls, counts[k] / n_calls) for k, t in times.most_common()]
     # the same time by source location: XLA's op line carries each op's jax name stack (``tf_op``)
     scopes = collections.Counter()
@@ -68,7 +69,24 @@ def kernel_times(fn, n_calls: int = 5) -> dict:
     span = _union_ns([(a, b) for a, b, _ in intervals])
     return {"total_us": sum(times.values()) / n_calls, "kernels": kernels, "lines": sorted(set(lines_seen)),
             "scopes": by_scope, "span_us": span / 1e3 / n_calls,
-            "lora_exposed_us": (span - _union_ns([(a, b) for a, b, lora in intervals if not lora])) / 1e3 / n_calls}
+            "lora_exposed_us": (span - _union_ns([(a, b) for a, b, lora in intervals if not lora])) / 1e3 / n_calls,
+            "events": sorted(events)}
+
+
+def print_timeline(prof: dict, anchor: str, index: int, log=print) -> None:
+    """Prints the kernels that start between the ``index``-th and the next launch of a kernel whose name
+    starts with ``anchor`` (e.g. one decoder layer between two attention kernels), and any still running at
+    the first: start and end in us from the first, duration, stream line and name. Shows which kernels
+    overlap and where the device idles."""
+    starts = [e[0] for e in prof["events"] if e[2].startswith(anchor)]
+    if len(starts) < index + 2:
+        log(f"  timeline: fewer than {index + 2} {anchor!r} kernels")
+        return
+    t0, t1 = starts[index], starts[index + 1]
+    for start, dur, name, line in prof["events"]:
+        if t0 <= start < t1 or (start < t0 < start + dur):  # (a kernel still running when the window opens)
+            log(f"  {(start - t0) / 1e3:8.1f} {(start + dur - t0) / 1e3:8.1f} {dur / 1e3:7.1f}  {line[:12]:12s} "
+                f"{name[:90]}")
 
 
 def is_lora(family: str) -> bool:

@@ -111,11 +111,22 @@ def main():
                         help="also time each variant with its calls issued back to back and one wait at the end, as "
                              "the engine's async scheduling runs them (step_ms waits for every call, so each call's "
                              "host dispatch, 2-4 ms on the H200, leaves the device idle and adds to it)")
+    parser.add_argument("--slot0", action="store_true",
+                        help="also time the LoRA executable on a batch whose rows all have no adapter (slot 0)")
+    parser.add_argument("--host", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the host time per step at the largest batch (compiles one more executable)")
+    parser.add_argument("--bgmv-block-cap", type=int, default=0,
+                        help="experiment: cap on the decode-form expand/delta kernels' O-block (the kernels' "
+                             "default is 512 columns at rank 16); 0 keeps the default")
     parser.add_argument("--tune-attention", action="store_true",
                         help="first time the decode-attention kernels per batch and use the fastest (the table "
                              "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    if args.bgmv_block_cap:
+        from pallas_kernels import _common, expand
+
+        expand.bgmv_expand_block_n = lambda o, r: _common.largest_pow2_divisor(o, args.bgmv_block_cap)
     K = args.lookahead
     t0 = time.perf_counter()
     max_len = max(p + n for p, n in WORKLOADS)
@@ -167,8 +178,10 @@ def main():
         return (jnp.zeros(B, jnp.int32) + 5, jnp.full(B, ctx, jnp.int32), jnp.ones(B, bool), jnp.asarray(table),
                 jnp.arange(B, dtype=jnp.int32), st, jnp.zeros(B, jnp.int32), lora)
 
+    # "slot0": LoRA enabled but no row has an adapter (every row on the zero adapter, slot 0): the LoRA
+    # executable on a base-only batch, which the runner sends to the base executable (``ModelRunner``)
     variants = {"base": lambda B: None, "distinct": lambda B: 1 + np.arange(B) % args.max_loras,
-                "shared8": lambda B: 1 + np.arange(B) % 8}
+                "shared8": lambda B: 1 + np.arange(B) % 8, "slot0": lambda B: np.zeros(B, np.int64)}
 
     lora_impls = args.lora_impls.split(",")
     modes = [None] + [m for m in args.schedule_modes.split(",") if m]     # None: the engine's own options
@@ -212,6 +225,7 @@ def main():
             row = dict(prompt=prompt, new=new, ctx=ctx, batch=B)
             base_bytes = weight_bytes + B * (ctx + 1) * kv_token_bytes
             cases = [("base", lora_impls[0])] + [(v, impl) for impl in lora_impls for v in ("distinct", "shared8")]
+            cases += [("slot0", lora_impls[0])] if args.slot0 else []
             for (variant, impl), mode, layout in itertools.product(cases, modes, layouts):
                 prepared = jax.block_until_ready(inputs(B, ctx, variants[variant](B), layout))  # device time only
                 jax.block_until_ready(run(B, ctx, variant, prepared, impl, mode))
@@ -235,7 +249,7 @@ def main():
                         out = run(B, ctx, variant, prepared, impl, mode)
                     jax.block_until_ready(out)
                     pipelined = (time.perf_counter() - t) / ((args.iters + 1) * K)
-                distinct = 0 if variant == "base" else min(B, args.max_loras if variant == "distinct" else 8)
+                distinct = {"base": 0, "slot0": 0, "distinct": min(B, args.max_loras), "shared8": min(B, 8)}[variant]
                 nbytes = base_bytes + distinct * slot_bytes
                 key = variant if impl == lora_impls[0] else f"{variant}@{impl}"
                 key = key if mode is None else f"{key}@{mode}"
@@ -258,11 +272,21 @@ def main():
                 print(f"    pipelined: base {pb:.2f} ms ({b['pipelined_pct_roofline']:.0f}% roof) | distinct "
                       f"{pd:.2f} ms (+{100 * (pd / pb - 1):.0f}%) | shared8 {ps:.2f} ms (+{100 * (ps / pb - 1):.0f}%)",
                       flush=True)
+            if args.slot0:
+                z = row["slot0"]
+                print(f"    slot0 (LoRA executable, no adapter in the batch): {z['step_ms']:.2f} ms "
+                      f"(+{100 * (z['step_ms'] / b['step_ms'] - 1):.1f}%)" + (
+                          "" if not args.pipelined else f"; back to back {z['pipelined_step_ms']:.2f} ms "
+                          f"(+{100 * (z['pipelined_step_ms'] / b['pipelined_step_ms'] - 1):.1f}%)"), flush=True)
             for impl in lora_impls[1:]:
                 d, s = row[f"distinct@{impl}"], row[f"shared8@{impl}"]
                 print(f"    lora_impl={impl}: distinct {d['step_ms']:.2f} ms "
                       f"(+{100 * (d['step_ms'] / b['step_ms'] - 1):.0f}%) | shared8 {s['step_ms']:.2f} ms "
-                      f"(+{100 * (s['step_ms'] / b['step_ms'] - 1):.0f}%)", flush=True)
+                      f"(+{100 * (s['step_ms'] / b['step_ms'] - 1):.0f}%)" + ("" if not args.pipelined else
+                      f"; back to back distinct {d['pipelined_step_ms']:.2f} ms "
+                      f"(+{100 * (d['pipelined_step_ms'] / b['pipelined_step_ms'] - 1):.1f}%) | shared8 "
+                      f"{s['pipelined_step_ms']:.2f} ms "
+                      f"(+{100 * (s['pipelined_step_ms'] / b['pipelined_step_ms'] - 1):.1f}%)"), flush=True)
             for mode in modes[1:]:
                 b, d, s = (row[f"{v}@{mode}"] for v in ("base", "distinct", "shared8"))
                 print(f"    schedule {mode}: base {b['step_ms']:.2f} ms | distinct "
@@ -274,6 +298,8 @@ def main():
                       f"distinct {d['step_ms']:.2f} ms (+{100 * (d['step_ms'] / b['step_ms'] - 1):.0f}%) | "
                       f"shared8 {s['step_ms']:.2f} ms (+{100 * (s['step_ms'] / b['step_ms'] - 1):.0f}%)", flush=True)
 
+    if not args.host:
+        return write_results(args, tuned, bw, weight_bytes, lora_impls, slot_bytes, K, rows_out, None)
     # host time per decode step at the largest batch: the runner's input assembly + dispatch + result copy,
     # against device-only time, and the scheduler's schedule() for the same batch
     B, ctx = B_max, WORKLOADS[0][0] + WORKLOADS[0][1] // 2
@@ -316,12 +342,17 @@ def main():
                 schedule_ms_per_token_step=sched_step * 1e3, host_fraction=host_step / device_step)
     print(f"host at B={B}: runner.decode wall {wall_step * 1e3:.2f} ms/step vs device {device_step * 1e3:.2f} ms; "
           f"schedule() {sched_step * 1e3:.3f} ms/step; host time = {100 * host_step / device_step:.1f}% of device")
+    write_results(args, tuned, bw, weight_bytes, lora_impls, slot_bytes, K, rows_out, host)
+
+
+def write_results(args, tuned, bw, weight_bytes, lora_impls, slot_bytes, K, rows_out, host):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=jax.devices()[0].device_kind, hbm_tb_s=bw / 1e12, weight_bytes=weight_bytes,
                            attention_table={str(b): str(c) for b, c in tuned.items()},
                            fused_attention_table={str(b): str(c) for b, c in attention.FUSED_ATTENTION_TABLE.items()},
                            attention_impl=args.attention_impl, lora_impls=lora_impls,
+                           bgmv_block_cap=args.bgmv_block_cap or None,
                            slot_bytes=slot_bytes, lookahead=K, rows=rows_out, host=host), f, indent=1)
 
 
