@@ -115,18 +115,11 @@ def main():
                         help="also time the LoRA executable on a batch whose rows all have no adapter (slot 0)")
     parser.add_argument("--host", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the host time per step at the largest batch (compiles one more executable)")
-    parser.add_argument("--bgmv-block-cap", type=int, default=0,
-                        help="experiment: cap on the decode-form expand/delta kernels' O-block (the kernels' "
-                             "default is 512 columns at rank 16); 0 keeps the default")
     parser.add_argument("--tune-attention", action="store_true",
                         help="first time the decode-attention kernels per batch and use the fastest (the table "
                              "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    if args.bgmv_block_cap:
-        from pallas_kernels import _common, expand
-
-        expand.bgmv_expand_block_n = lambda o, r: _common.largest_pow2_divisor(o, args.bgmv_block_cap)
     K = args.lookahead
     t0 = time.perf_counter()
     max_len = max(p + n for p, n in WORKLOADS)
@@ -352,7 +345,6 @@ def write_results(args, tuned, bw, weight_bytes, lora_impls, slot_bytes, K, rows
                            attention_table={str(b): str(c) for b, c in tuned.items()},
                            fused_attention_table={str(b): str(c) for b, c in attention.FUSED_ATTENTION_TABLE.items()},
                            attention_impl=args.attention_impl, lora_impls=lora_impls,
-                           bgmv_block_cap=args.bgmv_block_cap or None,
                            slot_bytes=slot_bytes, lookahead=K, rows=rows_out, host=host), f, indent=1)
 
 
