@@ -35,7 +35,7 @@ from jmlora.engine.sampling_params import SamplingParams
 from jmlora.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from jmlora.engine.sequence import Sequence
 from jmlora.lora.bank import AdapterBank, TargetBank
-from jmlora.lora.routing import LoRABatch
+from jmlora.lora.routing import LoRABatch, decode_impl
 from jmlora.lora.slots import SlotManager
 from jmlora.model import attention, init_params, make_mesh
 
@@ -179,21 +179,28 @@ def main():
     lora_impls = args.lora_impls.split(",")
     modes = [None] + [m for m in args.schedule_modes.split(",") if m]     # None: the engine's own options
 
+    def engine_impl(impl, B, variant):
+        """The formulation the engine's runner picks for this batch (``routing.decode_impl``: "auto" may
+        become the grouped form for a batch with few adapters)."""
+        slots = variants[variant](B)
+        return decode_impl(impl, B, len(np.unique(slots[slots > 0])), jax.default_backend())
+
     # compile every (batch, base|lora, impl, schedule mode) variant in parallel threads (XLA compiles outside
     # the GIL); the timed calls run these executables
     t = time.perf_counter()
     lowered = {}
     for B in batches:
-        for kind, impls in (("base", lora_impls[:1]), ("lora", lora_impls)):
-            for impl in impls:
-                tokens, pos, active, table, rows, st, steps, lora = inputs(B, 100, None if kind == "base" else
-                                                                             variants["distinct"](B))
-                lw = _decode_steps.lower(params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st, steps,
-                                         runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool), pos,
-                                         num_steps=K, lora_impl=impl, attention_impl=ecfg.attention_impl,
-                                         needs_penalties=False, num_logprobs=0)
-                for mode in modes:
-                    lowered[B, kind, impl, mode] = lw
+        needed = [("base", lora_impls[0])] + sorted({("lora", engine_impl(impl, B, v)) for impl in lora_impls
+                                                     for v in ("distinct", "shared8", "slot0")})
+        for kind, impl in needed:
+            tokens, pos, active, table, rows, st, steps, lora = inputs(B, 100, None if kind == "base" else
+                                                                         variants["distinct"](B))
+            lw = _decode_steps.lower(params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st, steps,
+                                     runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool), pos,
+                                     num_steps=K, lora_impl=impl, attention_impl=ecfg.attention_impl,
+                                     needs_penalties=False, num_logprobs=0)
+            for mode in modes:
+                lowered[B, kind, impl, mode] = lw
     with ThreadPoolExecutor(8) as pool:
         keys = list(lowered)
         execs = dict(zip(keys, pool.map(
@@ -205,7 +212,8 @@ def main():
 
     def run(B, ctx, variant, prepared=None, lora_impl=lora_impls[0], mode=None):
         tokens, pos, active, table, rows, st, steps, lora = prepared or inputs(B, ctx, variants[variant](B))
-        exe = execs[B, "base" if variant == "base" else "lora", lora_impl, mode]
+        kind = "base" if variant == "base" else "lora"
+        exe = execs[B, kind, lora_impl if kind == "base" else engine_impl(lora_impl, B, variant), mode]
         res, _, runner.cache, runner.prompt_mask, runner.output_counts = exe(
             params, runner.cache, lora, tokens, pos, active, table, rows, st, steps, runner.prompt_mask,
             runner.output_counts, jnp.zeros(B, bool), pos)
@@ -251,7 +259,7 @@ def main():
                                 pipelined_step_ms=None if pipelined is None else pipelined * 1e3,
                                 pipelined_pct_roofline=None if pipelined is None else 100 * nbytes / bw / pipelined,
                                 pct_roofline=100 * nbytes / bw / step, adapter_bytes_ratio=distinct * slot_bytes /
-                                base_bytes, lora_impl=impl)
+                                base_bytes, lora_impl=impl if variant == "base" else engine_impl(impl, B, variant))
             rows_out.append(row)
             b, d, s = row["base"], row["distinct"], row["shared8"]
             print(f"p{prompt}/n{new} B={B:3d}: base {b['step_ms']:.2f} ms ({b['tok_s']:.0f} tok/s, "

@@ -20,6 +20,7 @@ from jmlora.engine.sampling_params import SamplingParams
 from jmlora.entrypoints.llm import LLM
 from jmlora.lora import AdapterError
 from jmlora.lora.request import LoRARequest
+from jmlora.lora.routing import decode_impl
 from jmlora.tiny import build_tokenizer
 
 PROMPTS = [[1, 5, 9, 33, 100, 7, 250, 3], [1, 4, 3], [1, 400, 300, 200, 100, 50, 25, 12, 6, 3, 2, 1, 77, 9, 13, 17,
@@ -381,6 +382,22 @@ def test_batches_without_adapters_run_the_base_executable(world):
     with_adapter = llm.generate(prompt, GREEDY, lora_request=loras[1], use_tqdm=False)[0]
     assert with_adapter.outputs[0].token_ids == reference_greedy(world, PROMPTS[0], loras[1])
     assert_idle(llm)
+
+
+def test_decode_variants_follow_the_adapter_count(world):
+    """One decode executable per LoRA formulation a batch can need, each warmed up: with LoRA enabled a batch
+    without adapters runs the base executable (0 adapters); on GPU a 64-row batch with at most 8 adapters runs
+    the grouped (segment) form, one with more the per-token form; other buckets and platforms have one."""
+    assert [decode_impl("auto", 64, k, "gpu") for k in (0, 1, 8, 9, 64)] == [
+        "auto", "pallas_segment", "pallas_segment", "auto", "auto"]
+    assert decode_impl("pallas_decode", 64, 1, "gpu") == "pallas_decode"       # a forced formulation stays
+    assert decode_impl("auto", 64, 1, "cpu") == decode_impl("auto", 32, 1, "gpu") == "auto"
+    runner = make_llm(world[0], max_loras=16).llm_engine.runner
+    assert runner.decode_variants(64, "gpu") == [0, 1, 9]
+    assert runner.decode_variants(32, "gpu") == runner.decode_variants(128, "gpu") == [0, 1]
+    assert runner.decode_variants(64, "cpu") == [0, 1]
+    assert make_llm(world[0], max_loras=4).llm_engine.runner.decode_variants(64, "gpu") == [0, 1]  # <= 4 adapters
+    assert make_llm(world[0], enable_lora=False).llm_engine.runner.decode_variants(64, "gpu") == [0]
 
 
 def test_chat_renders_the_template(tmp_path):

@@ -14,7 +14,9 @@ Shapes depend only on buckets (batch sizes and chunk lengths rounded up to power
 adapters are in the batch, so after ``warmup`` nothing compiles for the default sampling variants. One
 exception by design: with LoRA enabled, a decode batch in which no row has an adapter (every row on slot 0)
 runs the base executable, without the LoRA kernels, which on the H200 cost 4-24% of such a step for
-nothing (``benchmarks/RESULTS.md``, "Twelfth session"); warm-up compiles both per decode bucket. Prefill
+nothing (``benchmarks/RESULTS.md``, "Twelfth session"), and on GPU a 64-row batch with at most 8 adapters
+runs the grouped LoRA form (``routing.decode_impl``); warm-up compiles every such variant per decode bucket
+(``decode_variants``). Prefill
 always takes the adapter inputs when LoRA is enabled (its LoRA share is the XLA gather path, small next to
 its matmuls), so its buckets compile once.
 Sampling features that change the sampler's static flags (penalties, top-k/top-p, min-p, min_tokens,
@@ -50,7 +52,7 @@ from jmlora.lora.bank import (
     zero_adapter_arrays,
 )
 from jmlora.lora.peft import LoRAWeights
-from jmlora.lora.routing import LoRABatch
+from jmlora.lora.routing import LoRABatch, decode_impl
 from jmlora.model import KVCache, Params, compute_logits, forward, init_kv_cache
 from jmlora.model.attention import prefill_attention_impl
 from jmlora.sharding import filled, logical_sharding
@@ -400,9 +402,12 @@ class ModelRunner:
         # num_output_tokens + after.num_steps of its sequence (seeded sampling depends on it)
         st, steps, num_logprobs, needs_penalties = self._sampling(
             chunks, B, pending=after.num_steps if after is not None else 0)
-        # a batch with no adapter in it runs the base executable (no LoRA kernels; see the module docstring)
+        # a batch with no adapter in it runs the base executable (no LoRA kernels; see the module docstring),
+        # one with adapters the LoRA formulation for how many it holds (``routing.decode_impl``)
         slots = self._lora_slots(chunks, B) if self.bank is not None else None
         use_lora = slots is not None and bool(slots.any())
+        lora_impl = decode_impl(self.ecfg.lora_impl, B, len(np.unique(slots[slots > 0])) if use_lora else 0,
+                                jax.default_backend())
         # One host-to-device transfer for the small inputs (a jnp.asarray each cost ~0.1-0.2 ms of host time),
         # replicated over the mesh like the call's outputs: the tokens of a chained call (an output of the
         # last call) then have the same sharding as the host's, so both calls share one executable.
@@ -414,7 +419,7 @@ class ModelRunner:
             self.params, self.cfg, self.cache, LoRABatch(self.bank, slots) if use_lora else None,
             after.last_tokens if after is not None else fed, pos, active, table, rows,
             st, steps, self.prompt_mask, self.output_counts, record_fed, prompt_lens, num_steps=num_steps,
-            lora_impl=self.ecfg.lora_impl, attention_impl=self.ecfg.attention_impl,
+            lora_impl=lora_impl, attention_impl=self.ecfg.attention_impl,
             needs_penalties=needs_penalties, num_logprobs=num_logprobs, unroll=self.ecfg.decode_unroll)
         return DecodeCall(list(chunks), num_steps, result, last_tokens)
 
@@ -422,6 +427,21 @@ class ModelRunner:
     def finish_decode(call: DecodeCall) -> StepOutput:
         """Waits for a dispatched decode call and copies its samples to the host."""
         return _to_host(call.result, len(call.chunks), k_axis=True)
+
+    def decode_variants(self, batch: int, platform: str | None = None) -> list[int]:
+        """Numbers of distinct adapters, one per decode executable that a batch of this bucket can run: 0 (with
+        LoRA enabled: the base executable) and, for each LoRA formulation ``routing.decode_impl`` picks in this
+        bucket, the smallest number that picks it. Warm-up runs one batch of each."""
+        if self.bank is None:
+            return [0]
+        platform = platform or jax.default_backend()
+        counts, impls = [0], set()
+        for k in range(1, min(batch, self.ecfg.max_loras) + 1):
+            impl = decode_impl(self.ecfg.lora_impl, batch, k, platform)
+            if impl not in impls:
+                impls.add(impl)
+                counts.append(k)
+        return counts
 
     def warmup(self) -> int:
         """Compiles every bucket (greedy and plain sampling variants); returns how many shapes ran."""
@@ -435,13 +455,11 @@ class ModelRunner:
             zeros = zero_adapter_arrays(self.cfg, self.bank_spec, self.dtype)
             self.load_adapter(1, None)
             self.load_adapter(1, None, staged=(jax.device_put(zeros), 0))
-        # decode: the LoRA executable (a row on slot 1) and, with LoRA enabled, the base one (every row on slot
-        # 0: ``start_decode`` runs such batches without the adapter inputs)
-        decode_slots = (1, 0) if self.bank is not None else (0,)
         for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
-            for B, slot in itertools.product(self.decode_buckets, decode_slots):
+            for B, num_adapters in [(b, k) for b in self.decode_buckets for k in self.decode_variants(b)]:
                 seqs = [_dummy_seq(Sequence, params) for _ in range(B)]
-                seqs[0].lora_slot = slot
+                for i in range(num_adapters):
+                    seqs[i].lora_slot = 1 + i
                 K = self.ecfg.num_lookahead
                 first = self.start_decode([ScheduledChunk(s, 1, 1, True) for s in seqs], K)
                 # a chained call (tokens from the device) must find this executable: run one to be sure

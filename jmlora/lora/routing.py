@@ -53,6 +53,30 @@ def default_impl(num_new_tokens: int, batch: int, platform: str) -> str:
     return "pallas" if platform == "gpu" else "onehot"
 
 
+# The GPU decode step's "auto" LoRA form groups tokens by adapter (the segment form) from 128 rows
+# (``pallas_kernels.lora.SEGMENT_MIN_TOKENS``); in the 64-row bucket it also pays when the batch holds few
+# adapters, which only the host knows. Measured on the H200 at batch 64 (benchmarks/RESULTS.md, "Twelfth
+# session"): 8 shared adapters 6.33 -> 5.94 ms per step (192 tokens) and 8.58 -> 8.20 ms (1152); 64 distinct
+# adapters 7.11 -> 7.26 and 9.37 -> 9.50 ms, so the per-token form stays above 8 adapters.
+FEW_ADAPTERS_SEGMENT_BATCHES = (64, 128)   # [lo, hi) rows
+FEW_ADAPTERS_PER_ROW = 1 / 8               # at most batch / 8 distinct adapters
+
+
+def decode_impl(impl: str, batch: int, num_adapters: int, platform: str) -> str:
+    """The LoRA formulation for a decode step whose rows hold ``num_adapters`` distinct adapters (the host
+    knows them: the runner picks the step's executable with this).
+
+    "auto" becomes "pallas_segment" on GPU in the ``FEW_ADAPTERS_SEGMENT_BATCHES`` bucket when the batch holds
+    at most ``batch * FEW_ADAPTERS_PER_ROW`` adapters; anything else is returned unchanged (resolved later by
+    ``resolve_impl``).
+    """
+    lo, hi = FEW_ADAPTERS_SEGMENT_BATCHES
+    if (impl == "auto" and platform == "gpu" and lo <= batch < hi
+            and 0 < num_adapters <= batch * FEW_ADAPTERS_PER_ROW):
+        return "pallas_segment"
+    return impl
+
+
 @flax.struct.dataclass
 class LoRABatch:
     """The adapter inputs of one forward: the bank and each sequence's slot (0 = no adapter).
