@@ -183,7 +183,7 @@ def main():
         """The formulation the engine's runner picks for this batch (``routing.decode_impl``: "auto" may
         become the grouped form for a batch with few adapters)."""
         slots = variants[variant](B)
-        return decode_impl(impl, B, len(np.unique(slots[slots > 0])), jax.default_backend())
+        return decode_impl(impl, B, len(np.unique(slots[slots > 0])), jax.default_backend(), ecfg.max_lora_rank)
 
     # compile every (batch, base|lora, impl, schedule mode) variant in parallel threads (XLA compiles outside
     # the GIL); the timed calls run these executables

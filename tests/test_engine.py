@@ -388,10 +388,11 @@ def test_decode_variants_follow_the_adapter_count(world):
     """One decode executable per LoRA formulation a batch can need, each warmed up: with LoRA enabled a batch
     without adapters runs the base executable (0 adapters); on GPU a 64-row batch with at most 8 adapters runs
     the grouped (segment) form, one with more the per-token form; other buckets and platforms have one."""
-    assert [decode_impl("auto", 64, k, "gpu") for k in (0, 1, 8, 9, 64)] == [
+    assert [decode_impl("auto", 64, k, "gpu", 16) for k in (0, 1, 8, 9, 64)] == [
         "auto", "pallas_segment", "pallas_segment", "auto", "auto"]
-    assert decode_impl("pallas_decode", 64, 1, "gpu") == "pallas_decode"       # a forced formulation stays
-    assert decode_impl("auto", 64, 1, "cpu") == decode_impl("auto", 32, 1, "gpu") == "auto"
+    assert decode_impl("pallas_decode", 64, 1, "gpu", 16) == "pallas_decode"   # a forced formulation stays
+    assert decode_impl("auto", 64, 1, "cpu", 16) == decode_impl("auto", 32, 1, "gpu", 16) == "auto"
+    assert decode_impl("auto", 64, 1, "gpu", 8) == "auto"          # the segment kernels' dot needs R >= 16
     runner = make_llm(world[0], max_loras=16).llm_engine.runner
     assert runner.decode_variants(64, "gpu") == [0, 1, 9]
     assert runner.decode_variants(32, "gpu") == runner.decode_variants(128, "gpu") == [0, 1]

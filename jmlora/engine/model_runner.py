@@ -16,9 +16,8 @@ exception by design: with LoRA enabled, a decode batch in which no row has an ad
 runs the base executable, without the LoRA kernels, which on the H200 cost 4-24% of such a step for
 nothing (``benchmarks/RESULTS.md``, "Twelfth session"), and on GPU a 64-row batch with at most 8 adapters
 runs the grouped LoRA form (``routing.decode_impl``); warm-up compiles every such variant per decode bucket
-(``decode_variants``). Prefill
-always takes the adapter inputs when LoRA is enabled (its LoRA share is the XLA gather path, small next to
-its matmuls), so its buckets compile once.
+(``decode_variants``). Prefill always takes the adapter inputs when LoRA is enabled (not measured; routing it
+too would double the prefill buckets' compilations), so its buckets compile once.
 Sampling features that change the sampler's static flags (penalties, top-k/top-p, min-p, min_tokens,
 logprobs, prompt_logprobs) compile one more variant per bucket the first time a batch uses them.
 
@@ -407,7 +406,7 @@ class ModelRunner:
         slots = self._lora_slots(chunks, B) if self.bank is not None else None
         use_lora = slots is not None and bool(slots.any())
         lora_impl = decode_impl(self.ecfg.lora_impl, B, len(np.unique(slots[slots > 0])) if use_lora else 0,
-                                jax.default_backend())
+                                jax.default_backend(), self.ecfg.max_lora_rank)
         # One host-to-device transfer for the small inputs (a jnp.asarray each cost ~0.1-0.2 ms of host time),
         # replicated over the mesh like the call's outputs: the tokens of a chained call (an output of the
         # last call) then have the same sharding as the host's, so both calls share one executable.
@@ -437,7 +436,7 @@ class ModelRunner:
         platform = platform or jax.default_backend()
         counts, impls = [0], set()
         for k in range(1, min(batch, self.ecfg.max_loras) + 1):
-            impl = decode_impl(self.ecfg.lora_impl, batch, k, platform)
+            impl = decode_impl(self.ecfg.lora_impl, batch, k, platform, self.ecfg.max_lora_rank)
             if impl not in impls:
                 impls.add(impl)
                 counts.append(k)

@@ -62,16 +62,17 @@ FEW_ADAPTERS_SEGMENT_BATCHES = (64, 128)   # [lo, hi) rows
 FEW_ADAPTERS_PER_ROW = 1 / 8               # at most batch / 8 distinct adapters
 
 
-def decode_impl(impl: str, batch: int, num_adapters: int, platform: str) -> str:
+def decode_impl(impl: str, batch: int, num_adapters: int, platform: str, rank: int) -> str:
     """The LoRA formulation for a decode step whose rows hold ``num_adapters`` distinct adapters (the host
     knows them: the runner picks the step's executable with this).
 
     "auto" becomes "pallas_segment" on GPU in the ``FEW_ADAPTERS_SEGMENT_BATCHES`` bucket when the batch holds
-    at most ``batch * FEW_ADAPTERS_PER_ROW`` adapters; anything else is returned unchanged (resolved later by
+    at most ``batch * FEW_ADAPTERS_PER_ROW`` adapters and the bank's rank ``rank`` suits the segment kernels
+    (a power of two >= 16: one tensor-core dot); anything else is returned unchanged (resolved later by
     ``resolve_impl``).
     """
     lo, hi = FEW_ADAPTERS_SEGMENT_BATCHES
-    if (impl == "auto" and platform == "gpu" and lo <= batch < hi
+    if (impl == "auto" and platform == "gpu" and lo <= batch < hi and rank >= 16 and rank & (rank - 1) == 0
             and 0 < num_adapters <= batch * FEW_ADAPTERS_PER_ROW):
         return "pallas_segment"
     return impl

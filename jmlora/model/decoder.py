@@ -173,7 +173,7 @@ def _attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: Array,
 # Decode batches up to this size add the q/k/v LoRA deltas (and biases) inside the fused attention kernel,
 # larger ones with XLA before it. Measured on the H200 (benchmarks/RESULTS.md, "Twelfth session"): with the
 # delta inputs the kernel took 34 against 26 us per layer at batch 64 / 192 tokens, with nothing else running
-# (the cause is not isolated), and XLA's add cut the LoRA step by up to 10% at batch 64-128 with 1152 tokens;
+# (the cause is not isolated), and XLA's add cut the LoRA step by up to 11% at batch 64-128 with 1152 tokens;
 # at batch 32 the kernel's add was ~1% faster in all four cells.
 FUSED_DELTAS_MAX_BATCH = 32
 
@@ -182,8 +182,8 @@ def _fused_attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: 
                      v_cache: Array, page_idx: Array, page_table: Array, lora: _LayerLoRA, inv_freq
                      ) -> tuple[Array, Array, Array]:
     """Decode (T == 1) with the fused q/k/v weights: the projection, then one kernel for RoPE, the cache
-    writes and attention (``fused_paged_decode``); LoRA terms and biases go in as deltas, or are added to the
-    projection first from ``FUSED_DELTAS_MAX_BATCH`` rows.
+    writes and attention (``fused_paged_decode``); LoRA terms and biases go in as deltas, or, above
+    ``FUSED_DELTAS_MAX_BATCH`` rows, are added to the projection first.
 
     Returns:
       (attn ``[B, 1, H, D]``, k_cache, v_cache).
