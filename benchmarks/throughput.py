@@ -17,6 +17,7 @@ batch.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import statistics
@@ -35,7 +36,7 @@ from jmlora.engine.sampling_params import SamplingParams
 from jmlora.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from jmlora.engine.sequence import Sequence
 from jmlora.lora.bank import AdapterBank, TargetBank
-from jmlora.lora.routing import LoRABatch, decode_impl
+from jmlora.lora.routing import LoRABatch, count_adapters, decode_impl
 from jmlora.lora.slots import SlotManager
 from jmlora.model import attention, init_params, make_mesh
 
@@ -179,11 +180,11 @@ def main():
     lora_impls = args.lora_impls.split(",")
     modes = [None] + [m for m in args.schedule_modes.split(",") if m]     # None: the engine's own options
 
+    @functools.cache
     def engine_impl(impl, B, variant):
         """The formulation the engine's runner picks for this batch (``routing.decode_impl``: "auto" may
         become the grouped form for a batch with few adapters)."""
-        slots = variants[variant](B)
-        return decode_impl(impl, B, len(np.unique(slots[slots > 0])), jax.default_backend(), ecfg.max_lora_rank)
+        return decode_impl(impl, B, count_adapters(variants[variant](B)), jax.default_backend(), ecfg.max_lora_rank)
 
     # compile every (batch, base|lora, impl, schedule mode) variant in parallel threads (XLA compiles outside
     # the GIL); the timed calls run these executables

@@ -51,7 +51,7 @@ from jmlora.lora.bank import (
     zero_adapter_arrays,
 )
 from jmlora.lora.peft import LoRAWeights
-from jmlora.lora.routing import LoRABatch, decode_impl
+from jmlora.lora.routing import LoRABatch, count_adapters, decode_impl
 from jmlora.model import KVCache, Params, compute_logits, forward, init_kv_cache
 from jmlora.model.attention import prefill_attention_impl
 from jmlora.sharding import filled, logical_sharding
@@ -405,7 +405,7 @@ class ModelRunner:
         # one with adapters the LoRA formulation for how many it holds (``routing.decode_impl``)
         slots = self._lora_slots(chunks, B) if self.bank is not None else None
         use_lora = slots is not None and bool(slots.any())
-        lora_impl = decode_impl(self.ecfg.lora_impl, B, len(np.unique(slots[slots > 0])) if use_lora else 0,
+        lora_impl = decode_impl(self.ecfg.lora_impl, B, count_adapters(slots) if use_lora else 0,
                                 jax.default_backend(), self.ecfg.max_lora_rank)
         # One host-to-device transfer for the small inputs (a jnp.asarray each cost ~0.1-0.2 ms of host time),
         # replicated over the mesh like the call's outputs: the tokens of a chained call (an output of the

@@ -21,6 +21,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmlora.lora.bank import AdapterBank, TargetBank
 
@@ -58,22 +59,29 @@ def default_impl(num_new_tokens: int, batch: int, platform: str) -> str:
 # adapters, which only the host knows. Measured on the H200 at batch 64 (benchmarks/RESULTS.md, "Twelfth
 # session"): 8 shared adapters 6.33 -> 5.94 ms per step (192 tokens) and 8.58 -> 8.20 ms (1152); 64 distinct
 # adapters 7.11 -> 7.26 and 9.37 -> 9.50 ms, so the per-token form stays above 8 adapters.
-FEW_ADAPTERS_SEGMENT_BATCHES = (64, 128)   # [lo, hi) rows
-FEW_ADAPTERS_PER_ROW = 1 / 8               # at most batch / 8 distinct adapters
+FEW_ADAPTERS_MIN_BATCH = 64        # rows; "auto" groups every batch from SEGMENT_MIN_TOKENS rows anyway
+FEW_ADAPTERS_PER_ROW = 1 / 8       # at most batch / 8 distinct adapters
+
+
+def count_adapters(slot_ids: np.ndarray) -> int:
+    """Distinct adapters among a batch's host-side slot ids (slot 0, no adapter, not counted)."""
+    return len(np.unique(slot_ids[slot_ids > 0]))
 
 
 def decode_impl(impl: str, batch: int, num_adapters: int, platform: str, rank: int) -> str:
     """The LoRA formulation for a decode step whose rows hold ``num_adapters`` distinct adapters (the host
     knows them: the runner picks the step's executable with this).
 
-    "auto" becomes "pallas_segment" on GPU in the ``FEW_ADAPTERS_SEGMENT_BATCHES`` bucket when the batch holds
-    at most ``batch * FEW_ADAPTERS_PER_ROW`` adapters and the bank's rank ``rank`` suits the segment kernels
-    (a power of two >= 16: one tensor-core dot); anything else is returned unchanged (resolved later by
+    "auto" becomes "pallas_segment" on GPU from ``FEW_ADAPTERS_MIN_BATCH`` rows up to where "auto" groups
+    anyway (``pallas_kernels.lora.SEGMENT_MIN_TOKENS``) when the batch holds at most
+    ``batch * FEW_ADAPTERS_PER_ROW`` adapters and the bank's rank ``rank`` suits the segment kernels (a power
+    of two >= 16: one tensor-core dot); anything else is returned unchanged (resolved later by
     ``resolve_impl``).
     """
-    lo, hi = FEW_ADAPTERS_SEGMENT_BATCHES
-    if (impl == "auto" and platform == "gpu" and lo <= batch < hi and rank >= 16 and rank & (rank - 1) == 0
-            and 0 < num_adapters <= batch * FEW_ADAPTERS_PER_ROW):
+    from pallas_kernels.lora import SEGMENT_MIN_TOKENS
+
+    if (impl == "auto" and platform == "gpu" and FEW_ADAPTERS_MIN_BATCH <= batch < SEGMENT_MIN_TOKENS
+            and rank >= 16 and rank & (rank - 1) == 0 and 0 < num_adapters <= batch * FEW_ADAPTERS_PER_ROW):
         return "pallas_segment"
     return impl
 
