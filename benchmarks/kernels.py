@@ -83,10 +83,15 @@ def measure_ceilings(log):
     return {"bw_elem": bw_elem, "bw_copy": bw_copy, "bw": max(bw_elem, bw_copy), "flops": flops}
 
 
-def make_case(t, h, o, r, nd, k_sets, seed, prefill):
-    """K input sets over one bank of 1 + K*nd slots (slot 0 = zero adapter, rank r elsewhere)."""
+def make_case(t, h, o, r, nd, k_sets, seed, prefill, grouped=False, n_ranges=None):
+    """K input sets over one bank of 1 + n_ranges*nd slots (slot 0 = zero adapter, rank r elsewhere); set i
+    uses the slot range i % n_ranges (default: one range per set).
+
+    ``grouped``: each adapter's tokens contiguous (sorted by slot, as SGMV's callers hand them over and as
+    one sequence's prompt arrives), instead of in random order."""
     rng = np.random.default_rng(seed)
-    s_total = 1 + k_sets * nd
+    n_ranges = n_ranges or k_sets
+    s_total = 1 + n_ranges * nd
     key = jax.random.key(seed)
     ka, kb, kx, ky = jax.random.split(key, 4)
     a = (jax.random.normal(ka, (s_total, h, r), jnp.float32) / math.sqrt(h)).astype(DT)
@@ -100,7 +105,9 @@ def make_case(t, h, o, r, nd, k_sets, seed, prefill):
             local = rng.permutation(t) % nd
         else:
             local = rng.integers(0, nd, t)
-        slots = jnp.asarray(1 + i * nd + local, jnp.int32)
+        if grouped:
+            local = np.sort(local)
+        slots = jnp.asarray(1 + (i % n_ranges) * nd + local, jnp.int32)
         x = jax.random.normal(jax.random.fold_in(kx, i), (t, h), DT)
         y = jax.random.normal(jax.random.fold_in(ky, i), (t, o), DT)
         sets.append((x, y, slots))
@@ -111,9 +118,12 @@ def unique_bytes(t, h, o, r, nd):
     return 2 * (t * h + nd * h * r + nd * r * o + t * o)
 
 
-def check(fn, a, b, ranks, x, y, slots):
-    """Relative error of the LoRA delta vs an f32 reference on the same (bf16) inputs."""
+def check(fn, a, b, ranks, x, y, slots, delta=False):
+    """Relative error of the LoRA delta vs an f32 reference on the same (bf16) inputs (``delta``: fn returns
+    the delta alone, not y plus it)."""
     out = fn(y, x, a, b, slots, ranks).astype(jnp.float32)
+    if delta:
+        out = out + y.astype(jnp.float32)
     f32 = jnp.float32
     hr = shrink.ref_lora_shrink(x.astype(f32), a.astype(f32), slots, ranks)
     ref = expand.ref_lora_expand(y.astype(f32), hr, b.astype(f32), slots, ranks)
@@ -121,6 +131,24 @@ def check(fn, a, b, ranks, x, y, slots):
     err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(delta))
     finite = bool(jnp.all(jnp.isfinite(out)))
     return err, finite
+
+
+def profile_op(fn, a, b, ranks, sets, log, label):
+    """Device time per op from the profiler: every kernel's time, their sum, and the time any ran (the span
+    includes no host time, unlike the wall-clock median)."""
+    from device_profile import kernel_times, print_kernels
+
+    x, _, s = sets[0]
+    step = jax.jit(lambda y_, x_, s_, a_, b_, r_: fn(y_, x_, a_, b_, s_, r_), donate_argnums=0)
+    state = {"y": jnp.copy(sets[0][1])}
+
+    def call():
+        state["y"] = step(state["y"], x, s, a, b, ranks)
+        jax.block_until_ready(state["y"])
+
+    prof = kernel_times(call, n_calls=10)
+    print_kernels(label, prof, top=8, log=log)
+    return {"total_us": prof["total_us"], "span_us": prof["span_us"], "kernels": prof["kernels"][:8]}
 
 
 def bench_fn(fn, a, b, ranks, sets, n_calls, trials):
@@ -143,9 +171,12 @@ def kernel_fn(default_form, **knobs):
     Forms: "decode" (BGMV) and "segment" (the prefill form: the counting-sort grouping kernel, then the
     segment shrink and the in-place segment expand; ``block_m`` = rows per tile). The earlier prefill kernels
     (an XLA sort, then SGMV tiles that could mix slots) lost to it at every prefill shape in the seventh
-    session's A/B (RESULTS.md) and were removed."""
+    session's A/B (RESULTS.md) and were removed. "segment_delta" (the segment shrink, then the segment delta
+    kernel) and "segment_fused" (one kernel: ``expand.seg_fused_delta``) return the delta alone, into a
+    fresh array: the add is left to the consumer, as the decoder does (x + y bytes instead of x + 2y)."""
     form = knobs.pop("form", default_form)
     block_m = knobs.pop("block_m", None)
+    reduce_h = knobs.pop("reduce_h", False)
     sk = {k[3:]: v for k, v in knobs.items() if k.startswith("sh_")}
     ek = {k[3:]: v for k, v in knobs.items() if k.startswith("ex_")}
 
@@ -154,7 +185,13 @@ def kernel_fn(default_form, **knobs):
             hp = shrink.bgmv_shrink_partials(x, a, slots, ranks, **sk)
             return expand.bgmv_expand(y, hp, b, slots, ranks, **ek)
         tiles = grouping.segment_tiles_triton(slots, ranks, block_m or lora.segment_block_m(x.shape[0], a.shape[2]))
+        if form == "segment_fused":
+            return expand.seg_fused_delta(x, a, b, tiles, **ek)
         hp = shrink.seg_shrink_partials_multi(x, (a,), tiles, **sk)
+        if form == "segment_delta":
+            if reduce_h:  # the H-slices' partial sums added once by XLA, not by every O-block's program
+                hp = jnp.sum(hp, axis=1, keepdims=True)
+            return expand.seg_delta_multi(y.dtype, hp, (b,), tiles, **ek)[0]
         return expand.seg_expand_multi((y,), hp, (b,), tiles, **ek)[0]
 
     return fn
@@ -173,6 +210,34 @@ PREFILL_SWEEP = [
     dict(sh_num_warps=8, ex_num_warps=8),
     dict(sh_num_stages=3, ex_num_stages=3),
 ]
+
+
+PREFILL_DELTA_SWEEP = [
+    {},
+    dict(reduce_h=True),
+    dict(reduce_h=True, block_m=16),
+    dict(reduce_h=True, block_m=64),
+    dict(reduce_h=True, ex_num_warps=8),
+    dict(reduce_h=True, sh_n_split=4),
+    dict(reduce_h=True, sh_n_split=8),
+    dict(reduce_h=True, block_m=16, sh_n_split=2),
+]
+
+PREFILL_FUSED_SWEEP = [
+    dict(block_m=16),
+    dict(block_m=32),
+    dict(block_m=64),
+    dict(block_m=16, ex_o_split=2),
+    dict(block_m=32, ex_o_split=2),
+    dict(block_m=16, ex_block_k=512),
+    dict(block_m=16, ex_block_k=128),
+    dict(block_m=16, ex_block_n=512),
+    dict(block_m=16, ex_num_warps=8),
+    dict(block_m=32, ex_num_warps=8),
+    dict(block_m=16, ex_num_stages=3),
+    dict(block_m=32, ex_num_stages=3, ex_num_warps=8),
+]
+PREFILL_MODE_FORMS = {"inplace": "segment", "delta": "segment_delta", "fused": "segment_fused"}
 
 
 def api_fn(backend):
@@ -269,6 +334,13 @@ def main():
     p.add_argument("--probe-mosaic", action="store_true")
     p.add_argument("--only", default="", help="comma list: decode,prefill")
     p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--prefill-modes", default="inplace",
+                   help="comma list: inplace (segment shrink + in-place expand), delta (segment shrink + delta "
+                        "kernel), fused (one kernel); the delta modes return the delta alone")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each prefill mode's best configuration: device time per kernel (JAX profiler)")
+    p.add_argument("--prefill-order", default="random", choices=("random", "grouped"),
+                   help="tokens in random order over the adapters, or each adapter's tokens contiguous")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "kernels_log.txt"), "a")
@@ -318,30 +390,47 @@ def main():
             results["decode"].append(row)
 
     if "prefill" in only:
+        modes = args.prefill_modes.split(",")
         for i, (t, h, o, r, nd) in enumerate(PREFILL_SHAPES):
             ub = unique_bytes(t, h, o, r, nd)
-            k_sets = 2
-            a, b, ranks, sets = make_case(t, h, o, r, nd, k_sets, seed=100 + i, prefill=True)
-            row = {"shape": (t, h, o, r, nd), "bytes": ub, "k_sets": k_sets,
-                   "flops": 2 * t * r * (h + o)}
+            # enough sets that one call holds ~0.4 GB of x and y (>= 4 sets): the host's dispatch of a call
+            # (tens of us) then hides behind its device work even at 2048 tokens
+            k_sets = min(16, max(4, math.ceil(400e6 / ub)))
+            # two slot ranges, as before (a bank of 1 + 2 nd slots): the bank's size sets the tile grid
+            a, b, ranks, sets = make_case(t, h, o, r, nd, k_sets, seed=100 + i, prefill=True,
+                                          grouped=args.prefill_order == "grouped", n_ranges=2)
             x0, y0, s0 = sets[0]
-            row["xla_us"] = bench_fn(api_fn("reference"), a, b, ranks, sets, 5, args.trials) * 1e6
-            configs = PREFILL_SWEEP if args.sweep else [{}]
-            best = None
-            for cfg in configs:
-                fn = kernel_fn("segment", **dict(cfg))
-                try:
-                    err, finite = check(fn, a, b, ranks, x0, y0, s0)
-                    us = bench_fn(fn, a, b, ranks, sets, 5, args.trials) * 1e6
-                except Exception as e:
-                    log(f"prefill {row['shape']} cfg {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
-                    continue
-                log(f"prefill {row['shape']} cfg {cfg}: {us:.1f} us err {err:.1e} finite {finite}")
-                if finite and err < 2e-2 and (best is None or us < best[0]):
-                    best = (us, cfg, err)
-            if best:
-                row.update(kernel_us=best[0], cfg=best[1], err=best[2])
-            results["prefill"].append(row)
+            xla_us = bench_fn(api_fn("reference"), a, b, ranks, sets, 5, args.trials) * 1e6
+            for mode in modes:
+                form = PREFILL_MODE_FORMS[mode]
+                row = {"shape": (t, h, o, r, nd), "bytes": ub, "k_sets": k_sets, "flops": 2 * t * r * (h + o),
+                       "mode": mode, "order": args.prefill_order, "xla_us": xla_us}
+                if mode == "fused":
+                    configs = PREFILL_FUSED_SWEEP if args.sweep else [{}]
+                elif mode == "delta":
+                    configs = PREFILL_DELTA_SWEEP if args.sweep else [{}]
+                else:
+                    configs = PREFILL_SWEEP if args.sweep else [{}]
+                best = None
+                for cfg in configs:
+                    fn = kernel_fn(form, **dict(cfg))
+                    try:
+                        err, finite = check(fn, a, b, ranks, x0, y0, s0, delta=mode != "inplace")
+                        us = bench_fn(fn, a, b, ranks, sets, 20, args.trials) * 1e6
+                    except Exception as e:
+                        log(f"prefill {mode} {row['shape']} cfg {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                        continue
+                    log(f"prefill {mode} {args.prefill_order} {row['shape']} cfg {cfg}: {us:.1f} us err {err:.1e} "
+                        f"finite {finite}")
+                    if args.profile:
+                        prof = profile_op(fn, a, b, ranks, sets, log,
+                                          f"prefill {mode} {args.prefill_order} {row['shape']} {cfg}")
+                        row.setdefault("profiles", []).append((cfg, prof))
+                    if finite and err < 2e-2 and (best is None or us < best[0]):
+                        best = (us, cfg, err)
+                if best:
+                    row.update(kernel_us=best[0], cfg=best[1], err=best[2])
+                results["prefill"].append(row)
 
     with open(os.path.join(args.out, "kernels_results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
@@ -364,7 +453,8 @@ def main():
         roof = max(row["bytes"] / bw, row["flops"] / fl) * 1e6
         frac = roof / ku
         ok = frac >= 0.6 and ku < row["xla_us"]
-        lines.append(f"| prefill | {row['shape']} | {row['bytes'] / 1e6:.1f} | {row['xla_us']:.1f} | {ku:.1f} | "
+        lines.append(f"| prefill {row['mode']} {row['order']} | {row['shape']} | {row['bytes'] / 1e6:.1f} | "
+                     f"{row['xla_us']:.1f} | {ku:.1f} | "
                      f"{row['bytes'] / (ku * 1e-6) / 1e12:.2f} | {100 * frac:.0f}% roof | {roof / 0.6:.1f} | - | "
                      f"{'hit' if ok else 'MISSED'} |")
     log("\n".join(lines))

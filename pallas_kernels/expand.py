@@ -328,3 +328,92 @@ def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, num_warps
         raise ValueError(f"the outputs of one segment expand need one dtype, got {sorted(map(str, dtypes))}")
     return _seg_call(ys[0].dtype, h_partials, b_slices, tuple(ys), tiles, block_n, num_warps, num_stages,
                      interpret)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Segment form, shrink and delta in one program per tile (the prefill op as one launch).
+
+
+def _seg_fused_delta_kernel(tok_ref, len_ref, tslot_ref, trank_ref, x_ref, a_ref, b_ref, o_ref, *, block_m,
+                            block_k, block_n, n_per_split):
+    # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N] (``_common.SegmentTiles``); x_ref [T, H]; a_ref [S, H, R];
+    # b_ref [S, R, O]; o_ref [T, O] fresh. Grid: (tile, O-split); each program computes its tile's h over all
+    # of H, then writes its share of O (an O-split > 1 re-reads the tile's x, from L2 when they run together).
+    i, split = pl.program_id(0), pl.program_id(1)
+    hidden, r_max = a_ref.shape[1], a_ref.shape[2]
+    acols = lax.broadcasted_iota(jnp.int32, (block_k, r_max), 1)
+    hcols = lax.broadcasted_iota(jnp.int32, (block_m, r_max), 1)
+    brows = lax.broadcasted_iota(jnp.int32, (r_max, block_n), 0)
+    n_k, n_n = hidden // block_k, n_per_split // block_n
+
+    @pl.when(len_ref[i] > 0)  # every token is in exactly one non-empty tile: each output row written once
+    def _():
+        toks = tok_ref[i, :]  # [BM]
+        s = tslot_ref[i]
+        rank = trank_ref[i]
+
+        def k_step(step, acc):
+            k0 = pl.multiple_of(step * block_k, block_k)
+            xv = x_ref[toks, pl.ds(k0, block_k)]  # [BM, BK] rows gathered by token index
+            av = plgpu.load(a_ref.at[s, pl.ds(k0, block_k), :], mask=acols < rank, other=0)
+            return acc + jnp.dot(xv, av.astype(xv.dtype), preferred_element_type=jnp.float32)
+
+        def write(hv):
+            def n_step(j, carry):
+                n0 = pl.multiple_of(split * n_per_split + j * block_n, block_n)
+                if hv is None:
+                    d = jnp.zeros((block_m, block_n), jnp.float32)
+                else:
+                    bv = plgpu.load(b_ref.at[s, :, pl.ds(n0, block_n)], mask=brows < rank, other=0)
+                    d = jnp.dot(hv, bv, preferred_element_type=jnp.float32)
+                o_ref[toks, pl.ds(n0, block_n)] = d.astype(o_ref.dtype)
+                return carry
+
+            lax.fori_loop(0, n_n, n_step, 0)
+
+        @pl.when(rank > 0)
+        def _():
+            acc = lax.fori_loop(0, n_k, k_step, jnp.zeros((block_m, r_max), jnp.float32))
+            # h rounded to B's dtype before the tensor-core dot, as PEFT rounds it to the model's dtype
+            write(jnp.where(hcols < rank, acc, 0.0).astype(b_ref.dtype))
+
+        @pl.when(rank == 0)
+        def _():
+            write(None)
+
+
+def seg_fused_delta(x, a, b, tiles, *, block_k=None, block_n=None, o_split=1, num_warps=4, num_stages=2,
+                    interpret=False):
+    """Segment-form LoRA delta in one launch: d[t] = (x[t] @ a[s, :, :rank]) @ b[s, :rank], s = slot of t.
+
+    One program per (tile, share of O): the tile's h over all of H stays in registers, then its rows of d
+    are written block by block. Against ``seg_shrink_partials_multi`` + ``seg_delta_multi`` it saves a launch
+    and the partials' round trip, and has fewer programs (one per tile and O-split).
+
+    Args:
+      x: [T, H]; a: [S, H, R]; b: [S, R, O] (R >= 16); tiles: ``grouping.segment_tiles`` of the slot ids.
+      block_k: H-chunk per loop step (default 256); block_n: O-block per loop step (default 256).
+      o_split: programs per tile, each writing O / o_split columns.
+
+    Returns:
+      d: [T, O] in x's dtype (zero rows for rank-0 tokens).
+    """
+    t, hidden = x.shape
+    out_dim = b.shape[2]
+    block_m = tiles.tokens.shape[1]
+    block_k = block_k or _common.largest_pow2_divisor(hidden, 256)
+    block_n = block_n or _common.largest_pow2_divisor(out_dim, 256)
+    if hidden % block_k or out_dim % (block_n * o_split):
+        raise ValueError(f"H={hidden} must divide by block_k={block_k} and O={out_dim} by "
+                         f"block_n*o_split={block_n * o_split}")
+    kernel = functools.partial(_seg_fused_delta_kernel, block_m=block_m, block_k=block_k, block_n=block_n,
+                               n_per_split=out_dim // o_split)
+    args = _common.match_vma(*tiles, x, a, b)
+    return pl.pallas_call(
+        kernel,
+        out_shape=_common.out_struct((t, out_dim), x.dtype, *args),
+        grid=(tiles.length.shape[0], o_split),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lora_seg_fused_delta",
+    )(*args)
