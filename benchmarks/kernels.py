@@ -172,11 +172,14 @@ def kernel_fn(default_form, **knobs):
     segment shrink and the in-place segment expand; ``block_m`` = rows per tile). The earlier prefill kernels
     (an XLA sort, then SGMV tiles that could mix slots) lost to it at every prefill shape in the seventh
     session's A/B (RESULTS.md) and were removed. "segment_delta" (the segment shrink, then the segment delta
-    kernel) and "segment_fused" (one kernel: ``expand.seg_fused_delta``) return the delta alone, into a
-    fresh array: the add is left to the consumer, as the decoder does (x + y bytes instead of x + 2y)."""
+    kernel, as ``lora_shrink_expand_multi(..., delta=True)`` runs them for the engine) returns the delta
+    alone, into a fresh array: the add is left to the consumer, as the decoder does (x + y bytes instead of
+    x + 2y). ``reduce_h``: the H-slices' partials summed by XLA before the delta kernel (default: as the
+    library does, for R > ``lora.SEGMENT_PARTIALS_MAX_RANK``). A one-kernel form (shrink and delta in one
+    program per tile) was slower at 7 of 8 shapes (thirteenth session; RESULTS.md) and was removed."""
     form = knobs.pop("form", default_form)
     block_m = knobs.pop("block_m", None)
-    reduce_h = knobs.pop("reduce_h", False)
+    reduce_h = knobs.pop("reduce_h", None)
     sk = {k[3:]: v for k, v in knobs.items() if k.startswith("sh_")}
     ek = {k[3:]: v for k, v in knobs.items() if k.startswith("ex_")}
 
@@ -185,11 +188,9 @@ def kernel_fn(default_form, **knobs):
             hp = shrink.bgmv_shrink_partials(x, a, slots, ranks, **sk)
             return expand.bgmv_expand(y, hp, b, slots, ranks, **ek)
         tiles = grouping.segment_tiles_triton(slots, ranks, block_m or lora.segment_block_m(x.shape[0], a.shape[2]))
-        if form == "segment_fused":
-            return expand.seg_fused_delta(x, a, b, tiles, **ek)
         hp = shrink.seg_shrink_partials_multi(x, (a,), tiles, **sk)
         if form == "segment_delta":
-            if reduce_h:  # the H-slices' partial sums added once by XLA, not by every O-block's program
+            if reduce_h or (reduce_h is None and a.shape[2] > lora.SEGMENT_PARTIALS_MAX_RANK):
                 hp = jnp.sum(hp, axis=1, keepdims=True)
             return expand.seg_delta_multi(y.dtype, hp, (b,), tiles, **ek)[0]
         return expand.seg_expand_multi((y,), hp, (b,), tiles, **ek)[0]
@@ -215,29 +216,14 @@ PREFILL_SWEEP = [
 PREFILL_DELTA_SWEEP = [
     {},
     dict(reduce_h=True),
-    dict(reduce_h=True, block_m=16),
-    dict(reduce_h=True, block_m=64),
-    dict(reduce_h=True, ex_num_warps=8),
-    dict(reduce_h=True, sh_n_split=4),
-    dict(reduce_h=True, sh_n_split=8),
-    dict(reduce_h=True, block_m=16, sh_n_split=2),
-]
-
-PREFILL_FUSED_SWEEP = [
+    dict(reduce_h=False),
     dict(block_m=16),
-    dict(block_m=32),
     dict(block_m=64),
-    dict(block_m=16, ex_o_split=2),
-    dict(block_m=32, ex_o_split=2),
-    dict(block_m=16, ex_block_k=512),
-    dict(block_m=16, ex_block_k=128),
-    dict(block_m=16, ex_block_n=512),
-    dict(block_m=16, ex_num_warps=8),
-    dict(block_m=32, ex_num_warps=8),
-    dict(block_m=16, ex_num_stages=3),
-    dict(block_m=32, ex_num_stages=3, ex_num_warps=8),
+    dict(ex_num_warps=8),
+    dict(sh_n_split=4),
+    dict(sh_n_split=8),
 ]
-PREFILL_MODE_FORMS = {"inplace": "segment", "delta": "segment_delta", "fused": "segment_fused"}
+PREFILL_MODE_FORMS = {"inplace": "segment", "delta": "segment_delta"}
 
 
 def api_fn(backend):
@@ -336,7 +322,7 @@ def main():
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--prefill-modes", default="inplace",
                    help="comma list: inplace (segment shrink + in-place expand), delta (segment shrink + delta "
-                        "kernel), fused (one kernel); the delta modes return the delta alone")
+                        "kernel, returning the delta alone, as the engine runs them)")
     p.add_argument("--profile", action="store_true",
                    help="also profile each prefill mode's best configuration: device time per kernel (JAX profiler)")
     p.add_argument("--prefill-order", default="random", choices=("random", "grouped"),
@@ -405,9 +391,7 @@ def main():
                 form = PREFILL_MODE_FORMS[mode]
                 row = {"shape": (t, h, o, r, nd), "bytes": ub, "k_sets": k_sets, "flops": 2 * t * r * (h + o),
                        "mode": mode, "order": args.prefill_order, "xla_us": xla_us}
-                if mode == "fused":
-                    configs = PREFILL_FUSED_SWEEP if args.sweep else [{}]
-                elif mode == "delta":
+                if mode == "delta":
                     configs = PREFILL_DELTA_SWEEP if args.sweep else [{}]
                 else:
                     configs = PREFILL_SWEEP if args.sweep else [{}]

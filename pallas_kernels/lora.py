@@ -51,6 +51,12 @@ SEGMENT_BLOCK_M = 16  # rows per segment tile below PREFILL_MIN_TOKENS: the tens
 # prefill shapes (benchmarks/KERNELS_NOTES.md, seventh session): 32-row tiles 2-16% faster at R = 16, mixed
 # at R = 64; 128-row tiles 1.6-2.2x slower.
 PREFILL_BLOCK_M = (64, 32)
+# Up to this bank rank the segment delta's programs sum the shrink's float32 H-slice partials themselves;
+# above it XLA sums them once (one small fusion) and the delta reads h: at R = 64 every (tile, O-block)
+# program re-reading the partials cost more than the delta's own writes (H200, prefill shapes: the delta
+# kernel 18.7 -> 12.9 us at 2048 tokens, 43.6 -> 37.7 us at 8192); at R = 16 both measured the same
+# (benchmarks/RESULTS.md, "Kernels").
+SEGMENT_PARTIALS_MAX_RANK = 16
 
 
 def segment_block_m(num_tokens: int, r_max: int) -> int:
@@ -320,6 +326,8 @@ def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, f
             hp = shrink.seg_shrink_partials_multi(x, a_slices, tiles, interpret=interpret)
             hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
             if delta:
+                if a_slices[0].shape[2] > SEGMENT_PARTIALS_MAX_RANK:  # H-slices summed once, not per O-block
+                    hp = jnp.stack(hs)[:, None]
                 deltas = expand.seg_delta_multi(ys[0].dtype, hp, b_slices, tiles, interpret=interpret)
                 return tuple(y + d for y, d in zip(ys, deltas)), hs
             if len({y.dtype for y in ys}) == 1:
