@@ -3,12 +3,15 @@
 Run on the GPU machine (bf16):
 
     PYTHONPATH=. python3 benchmarks/kernels.py --out $OUT [--sweep] [--probe-mosaic]
+        [--prefill-modes inplace,delta] [--prefill-order random|grouped] [--profile]
 
 For every shape it checks the kernel against the reference (relative error of the LoRA delta, computed in
-float32 from the same bf16 inputs), then times shrink+expand together: ``K`` independent input sets (one
-adapter bank with K disjoint slot ranges, K x's and y's) are applied back to back inside one jitted function,
-with the y's donated and fed back, so the device stays busy, nothing is copied, and the K sets together are
-several times the 60 MB L2. Per-op time = wall time / (calls * K); the median of several trials is reported.
+float32 from the same bf16 inputs), then times shrink+expand together: ``K`` independent input sets (K x's and
+y's; at decode one adapter bank with K disjoint slot ranges, at prefill two ranges taken in turn) are applied
+back to back inside one jitted function, with the y's donated and fed back, so the device stays busy, nothing
+is copied, the K sets together are several times the 60 MB L2, and each call holds enough device work that
+the host's dispatch of the next one hides behind it. Per-op time = wall time / (calls * K); the median of
+several trials is reported. ``--profile`` adds each prefill configuration's device time per kernel.
 
 Unique bytes follow the issue's convention: x + A and B of the distinct adapters + y once (bf16). The HBM
 ceiling (a large elementwise read+write and a large copy) and the bf16 matmul rate are measured in the same run.
