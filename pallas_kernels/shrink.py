@@ -218,7 +218,15 @@ def seg_block_sizes(num_tokens: int, hidden: int, n_slices: int, block_m: int) -
     return block_k, n_split
 
 
-def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None, num_warps=4, num_stages=2,
+def seg_shrink_stages(block_m: int) -> int:
+    """Default software-pipeline depth of the segment shrink: 3 for 32-row tiles (the prefill tiles at R <= 16;
+    ncu on the H200: at 8192 tokens x streams at 67-68% of DRAM peak instead of 59-60%; 24.5 -> 21.5 us at 8192 / 4
+    adapters, 27.1 -> 24.1 us at 8192 / 64, 11.1 -> 10.0 us at 2048 / 4; benchmarks/KERNELS_NOTES.md, thirteenth
+    session), else 2 (16-row decode tiles and 64-row tiles: not measured)."""
+    return 3 if block_m == 32 else 2
+
+
+def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None, num_warps=4, num_stages=None,
                               interpret=False):
     """Segment-form shrink of several A's that share x, in one launch (Pallas Triton lowering; R >= 16).
 
@@ -226,6 +234,7 @@ def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None,
       x: [T, H]; a_slices: tuple of n [S, H, R] banks (same H and R).
       tiles: ``grouping.segment_tiles(slot_ids, ranks, block_m)`` (block_m >= 16: a tensor-core dot).
       block_k, n_split: H-chunk per loop step and number of H-slices (defaults from ``seg_block_sizes``).
+      num_warps, num_stages: Triton launch knobs (default stages: ``seg_shrink_stages``).
 
     Returns:
       h_partials: [n, n_split, T, R] float32 in token order; ``h_partials[i]`` sum over axis 0 to slice i's h.
@@ -235,6 +244,7 @@ def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None,
     block_m = tiles.tokens.shape[1]
     dk, dn = seg_block_sizes(t, hidden, len(a_slices), block_m)
     block_k, n_split = block_k or dk, n_split or dn
+    num_stages = num_stages or seg_shrink_stages(block_m)
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
     kernel = functools.partial(_seg_shrink_multi_kernel, block_m=block_m, block_k=block_k,
