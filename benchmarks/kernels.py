@@ -193,7 +193,8 @@ def kernel_fn(default_form, **knobs):
         tiles = grouping.segment_tiles_triton(slots, ranks, block_m or lora.segment_block_m(x.shape[0], a.shape[2]))
         hp = shrink.seg_shrink_partials_multi(x, (a,), tiles, **sk)
         if form == "segment_delta":
-            if reduce_h or (reduce_h is None and a.shape[2] > lora.SEGMENT_PARTIALS_MAX_RANK):
+            if reduce_h or (reduce_h is None and a.shape[2] > lora.SEGMENT_PARTIALS_MAX_RANK
+                            and x.shape[0] >= lora.PREFILL_MIN_TOKENS):
                 hp = jnp.sum(hp, axis=1, keepdims=True)
             return expand.seg_delta_multi(y.dtype, hp, (b,), tiles, **ek)[0]
         return expand.seg_expand_multi((y,), hp, (b,), tiles, **ek)[0]
@@ -327,7 +328,7 @@ def main():
                    help="comma list: inplace (segment shrink + in-place expand), delta (segment shrink + delta "
                         "kernel, returning the delta alone, as the engine runs them)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile each prefill mode's best configuration: device time per kernel (JAX profiler)")
+                   help="also profile every prefill configuration timed: device time per kernel (JAX profiler)")
     p.add_argument("--prefill-order", default="random", choices=("random", "grouped"),
                    help="tokens in random order over the adapters, or each adapter's tokens contiguous")
     args = p.parse_args()

@@ -328,4 +328,3 @@ def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, num_warps
         raise ValueError(f"the outputs of one segment expand need one dtype, got {sorted(map(str, dtypes))}")
     return _seg_call(ys[0].dtype, h_partials, b_slices, tuple(ys), tiles, block_n, num_warps, num_stages,
                      interpret)
-

@@ -55,7 +55,7 @@ PREFILL_BLOCK_M = (64, 32)
 # above it XLA sums them once (one small fusion) and the delta reads h: at R = 64 every (tile, O-block)
 # program re-reading the partials cost more than the delta's own writes (H200, prefill shapes: the delta
 # kernel 18.7 -> 12.9 us at 2048 tokens, 43.6 -> 37.7 us at 8192); at R = 16 both measured the same
-# (benchmarks/RESULTS.md, "Kernels").
+# (benchmarks/RESULTS.md, "Kernels"). Applied from PREFILL_MIN_TOKENS: decode-sized calls were not measured.
 SEGMENT_PARTIALS_MAX_RANK = 16
 
 
@@ -326,7 +326,8 @@ def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, f
             hp = shrink.seg_shrink_partials_multi(x, a_slices, tiles, interpret=interpret)
             hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
             if delta:
-                if a_slices[0].shape[2] > SEGMENT_PARTIALS_MAX_RANK:  # H-slices summed once, not per O-block
+                # H-slices summed once, not per O-block (measured at prefill sizes only)
+                if a_slices[0].shape[2] > SEGMENT_PARTIALS_MAX_RANK and x.shape[0] >= PREFILL_MIN_TOKENS:
                     hp = jnp.stack(hs)[:, None]
                 deltas = expand.seg_delta_multi(ys[0].dtype, hp, b_slices, tiles, interpret=interpret)
                 return tuple(y + d for y, d in zip(ys, deltas)), hs
