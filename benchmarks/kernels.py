@@ -178,7 +178,7 @@ def kernel_fn(default_form, **knobs):
     kernel, as ``lora_shrink_expand_multi(..., delta=True)`` runs them for the engine) returns the delta
     alone, into a fresh array: the add is left to the consumer, as the decoder does (x + y bytes instead of
     x + 2y). ``reduce_h``: the H-slices' partials summed by XLA before the delta kernel (default: as the
-    library does, for R > ``lora.SEGMENT_PARTIALS_MAX_RANK``). A one-kernel form (shrink and delta in one
+    library does: ``lora.segment_sums_partials``). A one-kernel form (shrink and delta in one
     program per tile) was slower at 7 of 8 shapes (thirteenth session; RESULTS.md) and was removed."""
     form = knobs.pop("form", default_form)
     block_m = knobs.pop("block_m", None)
@@ -193,8 +193,7 @@ def kernel_fn(default_form, **knobs):
         tiles = grouping.segment_tiles_triton(slots, ranks, block_m or lora.segment_block_m(x.shape[0], a.shape[2]))
         hp = shrink.seg_shrink_partials_multi(x, (a,), tiles, **sk)
         if form == "segment_delta":
-            if reduce_h or (reduce_h is None and a.shape[2] > lora.SEGMENT_PARTIALS_MAX_RANK
-                            and x.shape[0] >= lora.PREFILL_MIN_TOKENS):
+            if reduce_h or (reduce_h is None and lora.segment_sums_partials(x.shape[0], a.shape[2])):
                 hp = jnp.sum(hp, axis=1, keepdims=True)
             return expand.seg_delta_multi(y.dtype, hp, (b,), tiles, **ek)[0]
         return expand.seg_expand_multi((y,), hp, (b,), tiles, **ek)[0]

@@ -59,6 +59,11 @@ PREFILL_BLOCK_M = (64, 32)
 SEGMENT_PARTIALS_MAX_RANK = 16
 
 
+def segment_sums_partials(num_tokens: int, r_max: int) -> bool:
+    """Whether the segment delta takes h summed over the H-slices by XLA (``SEGMENT_PARTIALS_MAX_RANK``)."""
+    return r_max > SEGMENT_PARTIALS_MAX_RANK and num_tokens >= PREFILL_MIN_TOKENS
+
+
 def segment_block_m(num_tokens: int, r_max: int) -> int:
     """Rows per segment tile for T tokens at rank R."""
     return SEGMENT_BLOCK_M if num_tokens < PREFILL_MIN_TOKENS else PREFILL_BLOCK_M[r_max <= 16]
@@ -326,8 +331,7 @@ def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, f
             hp = shrink.seg_shrink_partials_multi(x, a_slices, tiles, interpret=interpret)
             hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
             if delta:
-                # H-slices summed once, not per O-block (measured at prefill sizes only)
-                if a_slices[0].shape[2] > SEGMENT_PARTIALS_MAX_RANK and x.shape[0] >= PREFILL_MIN_TOKENS:
+                if segment_sums_partials(x.shape[0], a_slices[0].shape[2]):  # once, not per O-block
                     hp = jnp.stack(hs)[:, None]
                 deltas = expand.seg_delta_multi(ys[0].dtype, hp, b_slices, tiles, interpret=interpret)
                 return tuple(y + d for y, d in zip(ys, deltas)), hs
