@@ -195,7 +195,9 @@ def kernel_fn(default_form, **knobs):
         if form == "segment_delta":
             if reduce_h or (reduce_h is None and lora.segment_sums_partials(x.shape[0], a.shape[2])):
                 hp = jnp.sum(hp, axis=1, keepdims=True)
-            return expand.seg_delta_multi(y.dtype, hp, (b,), tiles, **ek)[0]
+            block_n, o_blocks = lora.segment_delta_blocks(x.shape[0], a.shape[2], [b.shape[2]])
+            dk = {"block_n": block_n, "o_blocks": o_blocks, **ek}
+            return expand.seg_delta_multi(y.dtype, hp, (b,), tiles, **dk)[0]
         return expand.seg_expand_multi((y,), hp, (b,), tiles, **ek)[0]
 
     return fn
@@ -216,15 +218,16 @@ PREFILL_SWEEP = [
 ]
 
 
-PREFILL_DELTA_SWEEP = [
+PREFILL_DELTA_SWEEP = [  # {}: the library's defaults (lora.segment_delta_blocks, shrink.seg_shrink_stages)
     {},
-    dict(reduce_h=True),
-    dict(reduce_h=False),
-    dict(block_m=16),
-    dict(block_m=64),
+    dict(ex_block_n=256, ex_o_blocks=1),
+    dict(ex_block_n=256, ex_o_blocks=2),
+    dict(ex_block_n=256, ex_o_blocks=4),
+    dict(ex_block_n=128, ex_o_blocks=4),
     dict(ex_num_warps=8),
-    dict(sh_n_split=4),
-    dict(sh_n_split=8),
+    dict(block_m=32),
+    dict(sh_num_stages=2),
+    dict(sh_n_split=2),
 ]
 PREFILL_MODE_FORMS = {"inplace": "segment", "delta": "segment_delta"}
 
@@ -328,6 +331,7 @@ def main():
                         "kernel, returning the delta alone, as the engine runs them)")
     p.add_argument("--profile", action="store_true",
                    help="also profile every prefill configuration timed: device time per kernel (JAX profiler)")
+    p.add_argument("--prefill-ranks", default="", help="comma list: only the prefill shapes of these ranks")
     p.add_argument("--prefill-order", default="random", choices=("random", "grouped"),
                    help="tokens in random order over the adapters, or each adapter's tokens contiguous")
     args = p.parse_args()
@@ -381,6 +385,8 @@ def main():
     if "prefill" in only:
         modes = args.prefill_modes.split(",")
         for i, (t, h, o, r, nd) in enumerate(PREFILL_SHAPES):
+            if args.prefill_ranks and str(r) not in args.prefill_ranks.split(","):
+                continue
             ub = unique_bytes(t, h, o, r, nd)
             # enough sets that one call holds ~0.4 GB of x and y (>= 4 sets): the host's dispatch of a call
             # (tens of us) then hides behind its device work even at 2048 tokens

@@ -12,7 +12,8 @@ Triton lowering:
   copying each slice out for the kernel to update.
 * ``seg_expand_multi`` / ``seg_delta_multi`` (segment form, also the prefill form): tiles of up to
   ``block_m`` tokens of one slot (``grouping``), rows of y gathered/scattered by token index, one
-  tensor-core dot per (tile, block of O); in place or as deltas.
+  tensor-core dot per (tile, block of O); in place or as deltas. A program may take ``o_blocks`` blocks of O
+  in a row, loading the tile's h once for all of them (the prefill default: ``lora.segment_delta_blocks``).
 
 Both take h as partial sums ``[n_split, T, R]`` (what the shrink kernels produce), so the fused
 shrink+expand never materialises the reduced h. The public entry point is ``pallas_kernels.lora.lora_expand``.
@@ -228,14 +229,15 @@ def bgmv_delta_multi(out_dtype, h_partials, b_slices, slot_ids, ranks, *, block_
 # Segment form (grouped decode): tiles of up to block_m tokens of one slot, deltas of several B's.
 
 
-def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, block_m, block_n, starts, in_place):
+def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, block_m, block_n, o_blocks, starts,
+                      in_place):
     # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N] (``_common.SegmentTiles``); h_ref [n, n_split, T, R] f32
     # partials; refs: n b_refs [S, R, O_i], then (in place) n y_refs and n aliased o_refs [T, O_i], or (delta)
-    # n fresh outputs d_i [T, O_i]. Grid: (tile, O-block over all slices); slice i owns O-blocks
-    # starts[i] .. starts[i + 1] - 1.
+    # n fresh outputs d_i [T, O_i]. Grid: (tile, group of o_blocks O-blocks over all slices); slice i owns the
+    # groups starts[i] .. starts[i + 1] - 1 (in units of groups).
     n_slices = len(starts) - 1
     b_refs, o_refs = refs[:n_slices], refs[(2 if in_place else 1) * n_slices:]
-    i, nb = pl.program_id(0), pl.program_id(1)
+    i, ng = pl.program_id(0), pl.program_id(1)
     r_max = b_refs[0].shape[1]
     hcols = lax.broadcasted_iota(jnp.int32, (block_m, r_max), 1)
     brows = lax.broadcasted_iota(jnp.int32, (r_max, block_n), 0)
@@ -246,27 +248,30 @@ def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, bloc
         s = tslot_ref[i]
         rank = trank_ref[i]
         for ii in range(n_slices):
-            @pl.when((nb >= starts[ii]) & (nb < starts[ii + 1]))
-            def _(ii=ii):
-                n0 = pl.multiple_of((nb - starts[ii]) * block_n, block_n)
+            o_ref = o_refs[ii]
 
-                def delta():
-                    hv = h_ref[ii, 0, toks, :]  # [BM, R]: the shrink's H-slices summed here (tiny, from L2)
-                    for sp in range(1, h_ref.shape[1]):
-                        hv = hv + h_ref[ii, sp, toks, :]
-                    hv = jnp.where(hcols < rank, hv, 0.0)
+            def n0_of(k, ii=ii):
+                return pl.multiple_of(((ng - starts[ii]) * o_blocks + k) * block_n, block_n)
+
+            @pl.when((ng >= starts[ii]) & (ng < starts[ii + 1]) & (rank > 0))
+            def _(ii=ii, o_ref=o_ref, n0_of=n0_of):
+                hv = h_ref[ii, 0, toks, :]  # [BM, R]: the shrink's H-slices summed here (tiny, from L2), once
+                for sp in range(1, h_ref.shape[1]):  # for the program's o_blocks O-blocks
+                    hv = hv + h_ref[ii, sp, toks, :]
+                hv = jnp.where(hcols < rank, hv, 0.0)
+                for k in range(o_blocks):
+                    n0 = n0_of(k)
                     bv = plgpu.load(b_refs[ii].at[s, :, pl.ds(n0, block_n)], mask=brows < rank, other=0)
-                    return jnp.dot(hv.astype(bv.dtype), bv, preferred_element_type=jnp.float32)
-
-                o_ref = o_refs[ii]
-                if in_place:  # rank-0 tiles leave their rows untouched (neither read nor written)
-                    @pl.when(rank > 0)
-                    def _():
-                        yv = o_ref[toks, pl.ds(n0, block_n)].astype(jnp.float32)  # [BM, BN] rows by token
-                        o_ref[toks, pl.ds(n0, block_n)] = (yv + delta()).astype(o_ref.dtype)
-                else:
-                    d = lax.cond(rank > 0, delta, lambda: jnp.zeros((block_m, block_n), jnp.float32))
+                    d = jnp.dot(hv.astype(bv.dtype), bv, preferred_element_type=jnp.float32)
+                    if in_place:
+                        d = d + o_ref[toks, pl.ds(n0, block_n)].astype(jnp.float32)  # [BM, BN] rows by token
                     o_ref[toks, pl.ds(n0, block_n)] = d.astype(o_ref.dtype)
+
+            if not in_place:  # rank-0 tiles: zero rows (in place, their rows are neither read nor written)
+                @pl.when((ng >= starts[ii]) & (ng < starts[ii + 1]) & (rank == 0))
+                def _(o_ref=o_ref, n0_of=n0_of):
+                    for k in range(o_blocks):
+                        o_ref[toks, pl.ds(n0_of(k), block_n)] = jnp.zeros((block_m, block_n), o_ref.dtype)
 
 
 def seg_delta_block_n(out_dims: list[int]) -> int:
@@ -274,20 +279,23 @@ def seg_delta_block_n(out_dims: list[int]) -> int:
     return min(_common.largest_pow2_divisor(o, 256) for o in out_dims)
 
 
-def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, num_warps, num_stages, interpret):
+def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num_warps, num_stages, interpret):
     t = h_partials.shape[2]
     block_m = tiles.tokens.shape[1]
     out_dims = [b.shape[2] for b in b_slices]
     block_n, starts = _multi_blocks(out_dims, b_slices[0].shape[1], block_n or seg_delta_block_n(out_dims))
+    if any(s % o_blocks for s in starts):
+        raise ValueError(f"o_blocks={o_blocks} must divide every slice's O-blocks of {block_n} columns "
+                         f"(O = {out_dims})")
     in_place = ys is not None
-    kernel = functools.partial(_seg_multi_kernel, block_m=block_m, block_n=block_n, starts=starts,
-                               in_place=in_place)
+    kernel = functools.partial(_seg_multi_kernel, block_m=block_m, block_n=block_n, o_blocks=o_blocks,
+                               starts=tuple(s // o_blocks for s in starts), in_place=in_place)
     args = _common.match_vma(*tiles, h_partials, *b_slices, *(ys or ()))
     n = len(b_slices)
     return tuple(pl.pallas_call(
         kernel,
         out_shape=tuple(_common.out_struct((t, o), out_dtype, *args) for o in out_dims),
-        grid=(tiles.length.shape[0], starts[-1]),
+        grid=(tiles.length.shape[0], starts[-1] // o_blocks),
         input_output_aliases={5 + n + i: i for i in range(n)} if in_place else {},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
@@ -295,24 +303,26 @@ def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, num_warps, nu
     )(*args))
 
 
-def seg_delta_multi(out_dtype, h_partials, b_slices, tiles, *, block_n=None, num_warps=4, num_stages=2,
-                    interpret=False):
+def seg_delta_multi(out_dtype, h_partials, b_slices, tiles, *, block_n=None, o_blocks=1, num_warps=4,
+                    num_stages=2, interpret=False):
     """Segment-form LoRA deltas of several slices in one launch: d_i[t] = h_i[t, :rank] @ b_i[slot[t], :rank].
 
     Args:
       out_dtype: the deltas' dtype (the base outputs').
       h_partials: [n, n_split, T, R] f32 (``seg_shrink_partials_multi``); b_slices: tuple of n [S, R, O_i]
         banks (same R >= 16); tiles: the shrink's ``_common.SegmentTiles``.
-      block_n: columns of O per program (default ``seg_delta_block_n``).
+      block_n: columns of O per dot (default ``seg_delta_block_n``).
+      o_blocks: O-blocks per program (it loads h once for all of them); must divide every slice's count.
 
     Returns:
       tuple of d_i: [T, O_i] in out_dtype (zero rows for rank-0 tokens). h is rounded to B's dtype before the
       tensor-core dot, as PEFT rounds it to the model's dtype.
     """
-    return _seg_call(out_dtype, h_partials, b_slices, None, tiles, block_n, num_warps, num_stages, interpret)
+    return _seg_call(out_dtype, h_partials, b_slices, None, tiles, block_n, o_blocks, num_warps, num_stages,
+                     interpret)
 
 
-def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, num_warps=4, num_stages=2,
+def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, o_blocks=1, num_warps=4, num_stages=2,
                      interpret=False):
     """Segment-form expand of several slices in one launch, in place: y_i[t] += h_i[t, :rank] @ b_i[slot, :rank].
 
@@ -326,5 +336,5 @@ def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, num_warps
     dtypes = {y.dtype for y in ys}
     if len(dtypes) != 1:
         raise ValueError(f"the outputs of one segment expand need one dtype, got {sorted(map(str, dtypes))}")
-    return _seg_call(ys[0].dtype, h_partials, b_slices, tuple(ys), tiles, block_n, num_warps, num_stages,
-                     interpret)
+    return _seg_call(ys[0].dtype, h_partials, b_slices, tuple(ys), tiles, block_n, o_blocks, num_warps,
+                     num_stages, interpret)

@@ -57,11 +57,28 @@ PREFILL_BLOCK_M = (64, 32)
 # kernel 18.7 -> 12.9 us at 2048 tokens, 43.6 -> 37.7 us at 8192); at R = 16 both measured the same
 # (benchmarks/RESULTS.md, "Kernels"). Applied from PREFILL_MIN_TOKENS: decode-sized calls were not measured.
 SEGMENT_PARTIALS_MAX_RANK = 16
+# The segment delta from PREFILL_MIN_TOKENS, for R <= 16 and R > 16: (columns per dot, O-blocks per program,
+# which loads h once for all of them). H200 sweeps over the issue's prefill shapes (benchmarks/KERNELS_NOTES.md,
+# fourteenth session): R = 16, 2 blocks of 256 against 1, 4, 8 and 16: fastest or within 1 us at three of the
+# four shapes (8 blocks: 3.2 us faster at 8192 tokens / 4 adapters, 6.6 us slower at 8192 / 64); R = 64, 4
+# blocks of 128 against 1-8 blocks of 256: 2.7-5.3 us faster at three shapes, 0.7 us slower at the fourth. 16
+# blocks leave too few programs at 2048 tokens. Decode-sized calls keep one block of up to 256 (unmeasured).
+PREFILL_DELTA_BLOCKS = ((256, 2), (128, 4))
 
 
 def segment_sums_partials(num_tokens: int, r_max: int) -> bool:
     """Whether the segment delta takes h summed over the H-slices by XLA (``SEGMENT_PARTIALS_MAX_RANK``)."""
     return r_max > SEGMENT_PARTIALS_MAX_RANK and num_tokens >= PREFILL_MIN_TOKENS
+
+
+def segment_delta_blocks(num_tokens: int, r_max: int, out_dims) -> tuple[int | None, int]:
+    """(block_n, o_blocks) of the segment delta for T tokens at rank R (``PREFILL_DELTA_BLOCKS``; o_blocks 1
+    where it does not divide every slice's count; (None, 1), the kernel's defaults, below PREFILL_MIN_TOKENS)."""
+    if num_tokens < PREFILL_MIN_TOKENS:
+        return None, 1
+    cap, o_blocks = PREFILL_DELTA_BLOCKS[r_max > 16]
+    block_n = min(_common.largest_pow2_divisor(o, cap) for o in out_dims)
+    return block_n, (o_blocks if all((o // block_n) % o_blocks == 0 for o in out_dims) else 1)
 
 
 def segment_block_m(num_tokens: int, r_max: int) -> int:
@@ -333,7 +350,10 @@ def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, f
             if delta:
                 if segment_sums_partials(x.shape[0], a_slices[0].shape[2]):  # once, not per O-block
                     hp = jnp.stack(hs)[:, None]
-                deltas = expand.seg_delta_multi(ys[0].dtype, hp, b_slices, tiles, interpret=interpret)
+                block_n, o_blocks = segment_delta_blocks(x.shape[0], a_slices[0].shape[2],
+                                                         [b.shape[2] for b in b_slices])
+                deltas = expand.seg_delta_multi(ys[0].dtype, hp, b_slices, tiles, block_n=block_n,
+                                                o_blocks=o_blocks, interpret=interpret)
                 return tuple(y + d for y, d in zip(ys, deltas)), hs
             if len({y.dtype for y in ys}) == 1:
                 return expand.seg_expand_multi(ys, hp, b_slices, tiles, interpret=interpret), hs

@@ -219,11 +219,12 @@ def seg_block_sizes(num_tokens: int, hidden: int, n_slices: int, block_m: int) -
 
 
 def seg_shrink_stages(block_m: int) -> int:
-    """Default software-pipeline depth of the segment shrink: 3 for 32-row tiles (the prefill tiles at R <= 16;
-    ncu on the H200: at 8192 tokens x streams at 67-68% of DRAM peak instead of 59-60%; 24.5 -> 21.5 us at 8192 / 4
-    adapters, 27.1 -> 24.1 us at 8192 / 64, 11.1 -> 10.0 us at 2048 / 4; benchmarks/KERNELS_NOTES.md, thirteenth
-    session), else 2 (16-row decode tiles and 64-row tiles: not measured)."""
-    return 3 if block_m == 32 else 2
+    """Default software-pipeline depth of the segment shrink: 3 for the prefill tiles (32 rows at R <= 16, 64 at
+    R > 16), else 2 (16-row decode tiles: not measured). H200 (benchmarks/KERNELS_NOTES.md): 32-row tiles under
+    ncu, thirteenth session, x at 67-68% of DRAM peak instead of 59-60% (24.5 -> 21.5 us at 8192 tokens / 4
+    adapters, 27.1 -> 24.1 at 8192 / 64, 11.1 -> 10.0 at 2048 / 4); 64-row tiles, fourteenth session, the op
+    0.8-3.1 us faster at all four r = 64 shapes."""
+    return 3 if block_m >= 32 else 2
 
 
 def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None, num_warps=4, num_stages=None,

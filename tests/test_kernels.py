@@ -299,10 +299,15 @@ def test_backend_resolution_and_validation():
 
 def test_prefill_sized_calls_use_wide_tiles():
     """From PREFILL_MIN_TOKENS the segment form runs with PREFILL_BLOCK_M-row tiles (the prefill path of the
-    engine and of ``lora_shrink_expand``): in place and as deltas, against the reference; R = 16 and 32."""
+    engine and of ``lora_shrink_expand``): in place and as deltas, against the reference; R = 16 and 32. The
+    delta runs several O-blocks per program (512 columns: two blocks of 256 at R = 16, four of 128 at R = 32)."""
     t = lora.PREFILL_MIN_TOKENS + 40
+    assert lora.segment_delta_blocks(t, 16, [512]) == (256, 2)
+    assert lora.segment_delta_blocks(t, 32, [512]) == (128, 4)
+    assert lora.segment_delta_blocks(t, 16, [256, 512]) == (256, 1)     # 2 must divide every slice's blocks
+    assert lora.segment_delta_blocks(t - 41, 16, [512]) == (None, 1)   # decode-sized: the kernel's defaults
     for r_max in (16, 32):
-        x, y, a, b, slot_ids, ranks = make_inputs(5, [t // 4, t // 2, t - 3 * (t // 4)], 128, 256, r_max,
+        x, y, a, b, slot_ids, ranks = make_inputs(5, [t // 4, t // 2, t - 3 * (t // 4)], 128, 512, r_max,
                                                   jnp.float32)
         tiles = lora.segment_tiles_for(slot_ids, ranks, r_max, delta=False, backend="triton", interpret=True)
         assert tiles.tokens.shape[1] == lora.PREFILL_BLOCK_M[r_max <= 16]
@@ -312,3 +317,29 @@ def test_prefill_sized_calls_use_wide_tiles():
         (out,) = lora.lora_shrink_expand_multi((y,), x, ((a, b),), slot_ids, ranks, backend="triton",
                                                interpret=True, delta=True, tiles=tiles)
         assert rel_err(out - y, want - y) < 1e-5
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_segment_delta_several_o_blocks_per_program(in_place):
+    """``o_blocks`` (O-blocks per program of the segment delta/expand, h loaded once for all of them) gives the
+    single-block result for two slices (8 and 4 blocks of 32 columns: groups of 2 and 4), NaN padding and rank-0
+    tokens included; a count that does not divide a slice's blocks is refused."""
+    from pallas_kernels import expand, shrink
+
+    x, y, a, b, slot_ids, ranks = make_inputs(7, [9, 30, 0, 17, 5], 128, 256, 16, jnp.float32)
+    y2, a2, b2 = _slice_like(8, ranks, x.shape[0], 128, 128, 16, jnp.float32)
+    tiles = grouping.segment_tiles_triton(slot_ids, ranks, 16, interpret=True)
+    hp = shrink.seg_shrink_partials_multi(x, (a, a2), tiles, interpret=True)
+    want = [ref_lora_expand(yy, ref_lora_shrink(x, aa, slot_ids, ranks), bb, slot_ids, ranks) - yy
+            for yy, aa, bb in ((y, a, b), (y2, a2, b2))]
+    for o_blocks in (1, 2, 4):
+        kw = dict(block_n=32, o_blocks=o_blocks, interpret=True)
+        if in_place:
+            outs = expand.seg_expand_multi((y, y2), hp, (b, b2), tiles, **kw)
+            outs = [o - yy for o, yy in zip(outs, (y, y2))]
+        else:
+            outs = expand.seg_delta_multi(y.dtype, hp, (b, b2), tiles, **kw)
+        for got, w in zip(outs, want):
+            assert bool(jnp.all(jnp.isfinite(got))) and rel_err(got, w) < 1e-5, o_blocks
+    with pytest.raises(ValueError, match="o_blocks=8 must divide"):
+        expand.seg_delta_multi(y.dtype, hp, (b, b2), tiles, block_n=32, o_blocks=8, interpret=True)
