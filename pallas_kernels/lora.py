@@ -72,13 +72,15 @@ def segment_sums_partials(num_tokens: int, r_max: int) -> bool:
 
 
 def segment_delta_blocks(num_tokens: int, r_max: int, out_dims) -> tuple[int | None, int]:
-    """(block_n, o_blocks) of the segment delta for T tokens at rank R (``PREFILL_DELTA_BLOCKS``; o_blocks 1
-    where it does not divide every slice's count; (None, 1), the kernel's defaults, below PREFILL_MIN_TOKENS)."""
+    """(block_n, o_blocks) of the segment delta for T tokens at rank R (``PREFILL_DELTA_BLOCKS``, o_blocks halved
+    until it divides every slice's count of blocks; (None, 1), the kernel's defaults, below PREFILL_MIN_TOKENS)."""
     if num_tokens < PREFILL_MIN_TOKENS:
         return None, 1
     cap, o_blocks = PREFILL_DELTA_BLOCKS[r_max > 16]
     block_n = min(_common.largest_pow2_divisor(o, cap) for o in out_dims)
-    return block_n, (o_blocks if all((o // block_n) % o_blocks == 0 for o in out_dims) else 1)
+    while any((o // block_n) % o_blocks for o in out_dims):
+        o_blocks //= 2
+    return block_n, o_blocks
 
 
 def segment_block_m(num_tokens: int, r_max: int) -> int:

@@ -304,7 +304,8 @@ def test_prefill_sized_calls_use_wide_tiles():
     t = lora.PREFILL_MIN_TOKENS + 40
     assert lora.segment_delta_blocks(t, 16, [512]) == (256, 2)
     assert lora.segment_delta_blocks(t, 32, [512]) == (128, 4)
-    assert lora.segment_delta_blocks(t, 16, [256, 512]) == (256, 1)     # 2 must divide every slice's blocks
+    assert lora.segment_delta_blocks(t, 16, [256, 512]) == (256, 1)     # o_blocks divides every slice's blocks
+    assert lora.segment_delta_blocks(t, 32, [256, 512]) == (128, 2)
     assert lora.segment_delta_blocks(t - 41, 16, [512]) == (None, 1)   # decode-sized: the kernel's defaults
     for r_max in (16, 32):
         x, y, a, b, slot_ids, ranks = make_inputs(5, [t // 4, t // 2, t - 3 * (t // 4)], 128, 512, r_max,
