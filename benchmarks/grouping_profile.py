@@ -33,7 +33,7 @@ def main():
         want = jax.jit(grouping.ref_segment_tiles, static_argnums=2)(slots, ranks, bm)
         impls = [("xla", functools.partial(grouping.ref_segment_tiles, block_m=bm))]
         for chunk in (256, 1024, 4096, 8192):
-            for warps in (4, 8):
+            for warps in (4, 8, 16):
                 if chunk <= max(256, 2 * t) and (chunk >= 1024 or t <= 256):
                     impls.append((f"kernel chunk={chunk} warps={warps}", functools.partial(
                         grouping.segment_tiles_triton, block_m=bm, chunk=chunk, num_warps=warps)))
