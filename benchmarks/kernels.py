@@ -20,6 +20,7 @@ ceiling (a large elementwise read+write and a large copy) and the bf16 matmul ra
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import math
@@ -331,6 +332,8 @@ def main():
                         "kernel, returning the delta alone, as the engine runs them)")
     p.add_argument("--profile", action="store_true",
                    help="also profile every prefill configuration timed: device time per kernel (JAX profiler)")
+    p.add_argument("--configs", default="",
+                   help="a Python list of knob dicts to time instead of the default or --sweep list (prefill)")
     p.add_argument("--prefill-ranks", default="", help="comma list: only the prefill shapes of these ranks")
     p.add_argument("--prefill-order", default="random", choices=("random", "grouped"),
                    help="tokens in random order over the adapters, or each adapter's tokens contiguous")
@@ -400,7 +403,9 @@ def main():
                 form = PREFILL_MODE_FORMS[mode]
                 row = {"shape": (t, h, o, r, nd), "bytes": ub, "k_sets": k_sets, "flops": 2 * t * r * (h + o),
                        "mode": mode, "order": args.prefill_order, "xla_us": xla_us}
-                if mode == "delta":
+                if args.configs:
+                    configs = ast.literal_eval(args.configs)
+                elif mode == "delta":
                     configs = PREFILL_DELTA_SWEEP if args.sweep else [{}]
                 else:
                     configs = PREFILL_SWEEP if args.sweep else [{}]
