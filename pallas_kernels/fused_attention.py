@@ -83,7 +83,7 @@ def ref_fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, wri
 
 
 def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, group, q_rows, block_pages, sm_scale,
-            has_deltas, prefetch):
+            has_deltas):
     # pos_ref, wpage_ref: [1]; table_ref: [P]; cos_ref, sin_ref: [D/2] (this sequence's); qkv_ref: [G + 2, D]
     # (this sequence and KV head); dq_ref: [G, D], dk_ref, dv_ref: [D]; k_ref, v_ref, k_out_ref, v_out_ref:
     # [num_pages, page_size, D] (this KV head; the outputs alias the inputs); o_ref: [G, D]
@@ -96,21 +96,6 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
     block_k = block_pages * page_size
     dtype = qkv_ref.dtype
     pos = pos_ref[0]                                                  # tokens already cached = the new position
-    # a padding row's position may be anything: never walk past its page-table row
-    n_blocks = jnp.minimum(pl.cdiv(pos, block_k), table_ref.shape[0] // block_pages)
-    last = jnp.maximum(n_blocks - 1, 0)
-
-    def block_table(i):
-        return table_ref[pl.ds(i * block_pages, block_pages)]                    # [bp] page ids of block i
-
-    def block_kv(pages):
-        return k_ref[pages].reshape(block_k, head_dim), v_ref[pages].reshape(block_k, head_dim)   # [BK, D] x 2
-
-    # Prefetch (see fused_decode_attention): issue the first block's loads before the prologue's arithmetic,
-    # so that its page ids (and keys and values) are in flight while RoPE runs. Block 0's page ids are valid
-    # even with nothing cached (the page table's contract), so these loads never go out of bounds.
-    if prefetch >= 1:
-        pages0 = block_table(0)
 
     cols = lax.broadcasted_iota(jnp.int32, (head_dim,), 0)
     partner = jnp.where(cols < half, cols + half, cols - half)        # rotate-half's source column
@@ -130,14 +115,13 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
 
     q_x = with_delta(qkv_ref[head_rows, cols2], dq_ref, head_rows, cols2)
     q_p = with_delta(qkv_ref[head_rows, partner2], dq_ref, head_rows, partner2)
+    q = _rope(q_x, q_p, cos, sin).astype(dtype)                                   # [QR, D]
     k_x = with_delta(qkv_ref[group, cols], dk_ref, cols)
     k_p = with_delta(qkv_ref[group, partner], dk_ref, partner)
-    v_new = with_delta(qkv_ref[group + 1, cols], dv_ref, cols)                   # [D]
-    page = wpage_ref[0]
-    if prefetch >= 2:
-        kv0 = block_kv(pages0)
-    q = _rope(q_x, q_p, cos, sin).astype(dtype)                                   # [QR, D]
     k_new = _rope(k_x, k_p, cos, sin).astype(dtype)                              # [D]
+    v_new = with_delta(qkv_ref[group + 1, cols], dv_ref, cols)                   # [D]
+
+    page = wpage_ref[0]
 
     @pl.when(page < num_pages)
     def _write():
@@ -150,8 +134,11 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
     denom = jnp.ones((q_rows,), jnp.float32)
     o = jnp.broadcast_to(v_new.astype(jnp.float32)[None, :], (q_rows, head_dim))
 
-    def attend(i, k, v, o, m, denom):
-        """One block of cached keys and values into the online softmax."""
+    def body(i, carry):
+        o, m, denom = carry
+        pages = table_ref[pl.ds(i * block_pages, block_pages)]                   # [bp]
+        k = k_ref[pages].reshape(block_k, head_dim)                               # [BK, D]
+        v = v_ref[pages].reshape(block_k, head_dim)
         s = plgpu.dot(q, k.T) * sm_scale                                          # [QR, BK] float32
         cached = i * block_k + lax.broadcasted_iota(jnp.int32, (q_rows, block_k), 1) < pos
         s = jnp.where(cached, s, _MASK_VALUE)
@@ -162,28 +149,9 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
         o = alpha[:, None] * o + plgpu.dot(p.astype(v.dtype), v)
         return o, m_next, denom
 
-    # The next block's loads are issued before this block's arithmetic. On the last block the "next" block
-    # is the last one again (clamped): a re-read that the L2 serves, instead of a branch around the loads.
-    if prefetch == 0:
-        def body(i, carry):
-            return attend(i, *block_kv(block_table(i)), *carry)
-        carry = (o, m, denom)
-    elif prefetch == 1:                                   # carries the page ids of block i
-        def body(i, carry):
-            pages, state = carry[0], carry[1:]
-            k, v = block_kv(pages)
-            pages_next = block_table(jnp.minimum(i + 1, last))
-            return (pages_next, *attend(i, k, v, *state))
-        carry = (pages0, o, m, denom)
-    else:                                                 # carries the keys and values of block i, the ids of i + 1
-        def body(i, carry):
-            (k, v), pages_next, state = carry[:2], carry[2], carry[3:]
-            kv_next = block_kv(pages_next)
-            pages_after = block_table(jnp.minimum(i + 2, last))
-            return (*kv_next, pages_after, *attend(i, k, v, *state))
-        carry = (*kv0, block_table(jnp.minimum(1, last)), o, m, denom)
-    carry = lax.fori_loop(0, n_blocks, body, carry)
-    o, m, denom = carry[-3:]
+    # a padding row's position may be anything: never walk past its page-table row
+    n_blocks = jnp.minimum(pl.cdiv(pos, block_k), table_ref.shape[0] // block_pages)
+    o, m, denom = lax.fori_loop(0, n_blocks, body, (o, m, denom))
     o = o / denom[:, None]                                        # denom >= 1: the new token's own term
     # rows past the group computed the last head again, bit for bit (same q row, same keys): their duplicate
     # stores write the same values, so no mask is needed (and the interpreter, which writes masked lanes
@@ -226,12 +194,10 @@ def _check(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, 
                          f"P={page_table.shape[1]}, block_pages={block_pages}")
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_pages", "num_warps", "num_stages", "prefetch",
-                                             "interpret"),
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_pages", "num_warps", "num_stages", "interpret"),
                    donate_argnames=("k_pages", "v_pages"))
 def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, deltas=None, *,
-                           sm_scale=None, block_pages=4, num_warps=4, num_stages=2, prefetch=0,
-                           interpret=False):
+                           sm_scale=None, block_pages=4, num_warps=4, num_stages=2, interpret=False):
     """RoPE + cache write + paged decode attention for one new token per sequence.
 
     Args:
@@ -247,19 +213,12 @@ def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_p
       deltas: optional (dq [B, K, G, D], dk [B, K, D], dv [B, K, D]) added to q, k, v before RoPE (LoRA).
       sm_scale: logit scale (default 1 / sqrt(D)).
       block_pages: pages per loop step; num_warps, num_stages: Triton launch knobs.
-      prefetch: how far each program's loads run ahead of its arithmetic. 0: a block's page ids, then its
-        keys and values, are loaded when the block is reached (two dependent memory round trips per block);
-        1: the next block's page ids are loaded while this block is attended; 2: the next block's keys and
-        values too (held in registers across the loop step), and the first block's loads are issued before
-        the RoPE prologue. With one pipeline stage Triton does neither by itself.
       interpret: run through the Pallas interpreter (CPU tests).
 
     Returns:
       (out [B, K * G, D] in qkv's dtype, k_pages, v_pages).
     """
     _check(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, deltas, block_pages)
-    if prefetch not in (0, 1, 2):
-        raise ValueError(f"prefetch must be 0, 1 or 2, got {prefetch!r}")
     B, K, G2, D = qkv.shape
     G = G2 - 2
     _, num_pages, page_size, _ = k_pages.shape
@@ -267,7 +226,7 @@ def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_p
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     q_rows = max(16, 1 << (G - 1).bit_length())                     # the tensor-core tile's rows
     kernel = functools.partial(_kernel, group=G, q_rows=q_rows, block_pages=block_pages, sm_scale=scale,
-                               has_deltas=deltas is not None, prefetch=prefetch)
+                               has_deltas=deltas is not None)
     row = lambda n: pl.BlockSpec((None, n), lambda b, h: (b, 0))
     cache_spec = pl.BlockSpec((None, num_pages, page_size, D), lambda b, h: (h, 0, 0, 0))
     inputs = [positions.astype(jnp.int32)[:, None], write_pages.astype(jnp.int32)[:, None],
@@ -294,6 +253,6 @@ def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_p
         input_output_aliases={n_in - 2: 1, n_in - 1: 2},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"fused_decode_attention_bp{block_pages}w{num_warps}s{num_stages}p{prefetch}",   # knobs in profiles
+        name=f"fused_decode_attention_bp{block_pages}w{num_warps}s{num_stages}",   # knobs in profiles
     )(*inputs)
     return out.reshape(B, K * G, D), k_pages, v_pages

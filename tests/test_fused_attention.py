@@ -54,15 +54,13 @@ def _unfused(qkv, k_pages, v_pages, table, pos, write, deltas):
 
 
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
-@pytest.mark.parametrize("group,block_pages,deltas,prefetch", [(4, 2, False, 0), (4, 1, True, 0), (1, 4, True, 0),
-                                                                (8, 8, False, 0), (4, 2, False, 1), (4, 1, True, 2),
-                                                                (1, 4, True, 2), (4, 2, False, 2)])
-def test_kernel_matches_references(dtype, atol, group, block_pages, deltas, prefetch):
+@pytest.mark.parametrize("group,block_pages,deltas", [(4, 2, False), (4, 1, True), (1, 4, True), (8, 8, False)])
+def test_kernel_matches_references(dtype, atol, group, block_pages, deltas):
     args = _case(group * 10 + block_pages, 5, 2, group, 4, 8, 48, dtype, deltas)
     qkv, k, v, table, pos, write, cos, sin, d = args
     ref_out, ref_k, ref_v = ref_fused_decode_attention(*args)
     out, new_k, new_v = fused_decode_attention(qkv, jnp.array(k), jnp.array(v), table, pos, write, cos, sin, d,
-                                               block_pages=block_pages, prefetch=prefetch, interpret=True)
+                                               block_pages=block_pages, interpret=True)
     assert out.shape == (5, 2 * group, 32) and out.dtype == dtype
     live = np.array([b != 3 for b in range(5)])                # row 3 is padding: finite garbage
     out = np.asarray(out, np.float32)
@@ -92,5 +90,3 @@ def test_shapes_it_refuses():
         fused_decode_attention(qkv, k, v, table, pos[:1], write, cos, sin, interpret=True)
     with pytest.raises(ValueError, match="deltas must be"):
         fused_decode_attention(qkv, k, v, table, pos, write, cos, sin, (qkv, qkv, qkv), interpret=True)
-    with pytest.raises(ValueError, match="prefetch must be"):
-        fused_decode_attention(qkv, k, v, table, pos, write, cos, sin, prefetch=3, interpret=True)

@@ -258,7 +258,6 @@ class FusedAttentionConfig:
     block_pages: int = 4
     num_warps: int = 4
     num_stages: int = 1
-    prefetch: int = 0
 
 
 # Measured choices per batch size (benchmarks/RESULTS.md, "Fused decode attention"), from
@@ -310,6 +309,5 @@ def fused_paged_decode(qkv: Array, deltas: tuple[Array, Array, Array] | None, k_
     cos, sin = rope_tables(positions, inv_freq)
     out, k_cache, v_cache = fused_decode_attention(
         qkv, k_cache, v_cache, page_table, positions, write_pages, cos, sin, deltas, block_pages=config.block_pages,
-        num_warps=config.num_warps, num_stages=config.num_stages, prefetch=config.prefetch,
-        interpret=jax.default_backend() != "gpu")
+        num_warps=config.num_warps, num_stages=config.num_stages, interpret=jax.default_backend() != "gpu")
     return out[:, None], k_cache, v_cache
