@@ -1,4 +1,4 @@
-"""One LoRA prefill op, run a few times, for a hardware-counter profiler to read its kernels.
+"""One LoRA prefill (or, with ``--mode decode``, decode-form) op, run a few times, for a hardware-counter profiler to read its kernels.
 
     ncu --clock-control none --kernel-name regex:lora_ --section SpeedOfLight --section Occupancy \\
         --section MemoryWorkloadAnalysis --section WarpStateStats \\
@@ -26,14 +26,15 @@ from kernels import PREFILL_MODE_FORMS, kernel_fn, make_case  # noqa: E402
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="8192,4096,4096,16,4", help="T,H,O,r,adapters")
-    p.add_argument("--mode", default="delta", choices=sorted(PREFILL_MODE_FORMS))
+    p.add_argument("--mode", default="delta", choices=sorted(PREFILL_MODE_FORMS) + ["decode"])
     p.add_argument("--knobs", default="{}")
     p.add_argument("--calls", type=int, default=3)
     args = p.parse_args()
     t, h, o, r, nd = (int(v) for v in args.shape.split(","))
-    a, b, ranks, sets = make_case(t, h, o, r, nd, 1, seed=5, prefill=True)
+    decode = args.mode == "decode"
+    a, b, ranks, sets = make_case(t, h, o, r, nd, 1, seed=5, prefill=not decode)
     x, y, slots = sets[0]
-    fn = kernel_fn(PREFILL_MODE_FORMS[args.mode], **ast.literal_eval(args.knobs))
+    fn = kernel_fn("decode" if decode else PREFILL_MODE_FORMS[args.mode], **ast.literal_eval(args.knobs))
     step = jax.jit(lambda y_, x_, s_, a_, b_, r_: fn(y_, x_, a_, b_, s_, r_))
     for _ in range(args.calls):
         out = step(y, x, slots, a, b, ranks)

@@ -5,6 +5,7 @@ Run on the GPU machine (bf16):
     PYTHONPATH=. python3 benchmarks/kernels.py --out $OUT [--sweep] [--probe-mosaic]
         [--prefill-modes inplace,delta] [--prefill-order random|grouped] [--profile]
         [--prefill-ranks 16,64] [--configs "[{}, {'ex_o_blocks': 4}]"]
+        [--decode-configs "[{}, {'sh_token_ranks': True, 'ex_token_ranks': True}]"]
 
 For every shape it checks the kernel against the reference (relative error of the LoRA delta, computed in
 float32 from the same bf16 inputs), then times shrink+expand together: ``K`` independent input sets (K x's and
@@ -12,7 +13,7 @@ y's; at decode one adapter bank with K disjoint slot ranges, at prefill two rang
 back to back inside one jitted function, with the y's donated and fed back, so the device stays busy, nothing
 is copied, the K sets together are several times the 60 MB L2, and each call holds enough device work that
 the host's dispatch of the next one hides behind it. Per-op time = wall time / (calls * K); the median of
-several trials is reported. ``--profile`` adds each prefill configuration's device time per kernel.
+several trials is reported. ``--profile`` adds each configuration's device time per kernel.
 
 Unique bytes follow the issue's convention: x + A and B of the distinct adapters + y once (bf16). The HBM
 ceiling (a large elementwise read+write and a large copy) and the bf16 matmul rate are measured in the same run.
@@ -332,9 +333,11 @@ def main():
                    help="comma list: inplace (segment shrink + in-place expand), delta (segment shrink + delta "
                         "kernel, returning the delta alone, as the engine runs them)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile every prefill configuration timed: device time per kernel (JAX profiler)")
+                   help="also profile every configuration timed: device time per kernel (JAX profiler)")
     p.add_argument("--configs", default="",
                    help="a Python list of knob dicts to time instead of the default or --sweep list (prefill)")
+    p.add_argument("--decode-configs", default="",
+                   help="a Python list of knob dicts to time at every decode shape instead of the default / sweep")
     p.add_argument("--prefill-ranks", default="", help="comma list: only the prefill shapes of these ranks")
     p.add_argument("--prefill-order", default="random", choices=("random", "grouped"),
                    help="tokens in random order over the adapters, or each adapter's tokens contiguous")
@@ -363,7 +366,10 @@ def main():
             row = {"shape": (t, h, o, r, nd), "bytes": ub, "k_sets": k_sets}
             x0, y0, s0 = sets[0]
             row["xla_us"] = bench_fn(api_fn("reference"), a, b, ranks, sets, 20, args.trials) * 1e6
-            configs = DECODE_SWEEP if args.sweep else [{}]
+            if args.decode_configs:
+                configs = ast.literal_eval(args.decode_configs)
+            else:
+                configs = DECODE_SWEEP if args.sweep else [{}]
             best = None
             for cfg in configs:
                 if _too_big(cfg, r):
@@ -376,6 +382,9 @@ def main():
                     log(f"decode {row['shape']} cfg {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
                     continue
                 log(f"decode {row['shape']} cfg {cfg}: {us:.1f} us err {err:.1e} finite {finite}")
+                if args.profile:
+                    prof = profile_op(fn, a, b, ranks, sets, log, f"decode {row['shape']} {cfg}")
+                    row.setdefault("profiles", []).append((cfg, prof))
                 if finite and err < 2e-2 and (best is None or us < best[0]):
                     best = (us, cfg, err)
             if best:
