@@ -69,12 +69,6 @@ def token_ranks(slot_ids, ranks):
     return jnp.where(ok, ranks[jnp.clip(slot_ids, 0, s - 1)], 0).astype(jnp.int32)
 
 
-def rank_input(slot_ids, ranks, per_token: bool):
-    """The decode kernels' rank input: ``ranks [S]`` (a program reads its slot, then its slot's rank), or with
-    ``per_token`` each token's rank ``[T]`` gathered here (a program reads both at once)."""
-    return token_ranks(slot_ids, ranks) if per_token else ranks.astype(jnp.int32)
-
-
 def masked_bank_a(a, ranks):
     """a [S, H, R] with columns >= rank zeroed (NaN padding removed)."""
     keep = jnp.arange(a.shape[2])[None, None, :] < ranks[:, None, None]

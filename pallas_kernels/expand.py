@@ -78,14 +78,14 @@ def _expand_token(s, rank, hv, b_ref, o_ref, t, n0, block_n):
     o_ref[t, pl.ds(n0, block_n)] = out.astype(o_ref.dtype)
 
 
-def _bgmv_expand_kernel(slot_ref, rank_ref, h_ref, b_ref, y_ref, o_ref, *, block_n, per_token):
+def _bgmv_expand_kernel(slot_ref, rank_ref, h_ref, b_ref, y_ref, o_ref, *, block_n):
     # slot_ref: [T]; rank_ref: [S]; h_ref: [n_split, T, R] f32 partials; b_ref: [S, R, O];
     # y_ref, o_ref: [T, O] (aliased)
     del y_ref  # o_ref aliases it
     t = pl.program_id(0)
     n = pl.program_id(1)
     s = slot_ref[t]
-    rank = rank_ref[t] if per_token else rank_ref[s]          # per_token: rank_ref is [T]
+    rank = rank_ref[s]
 
     @pl.when(rank > 0)
     def _():
@@ -93,7 +93,7 @@ def _bgmv_expand_kernel(slot_ref, rank_ref, h_ref, b_ref, y_ref, o_ref, *, block
         _expand_token(s, rank, hv, b_ref, o_ref, t, pl.multiple_of(n * block_n, block_n), block_n)
 
 
-def _bgmv_expand_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts, per_token):
+def _bgmv_expand_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts):
     # h_ref: [n, n_split, T, R] f32 partials; refs: n b_refs [S, R, O_i], n y_refs, n o_refs (aliased).
     # Grid axis 1 runs over the O-blocks of all slices: slice i owns blocks starts[i] .. starts[i + 1] - 1.
     n_slices = len(starts) - 1
@@ -101,7 +101,7 @@ def _bgmv_expand_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts,
     t = pl.program_id(0)
     n = pl.program_id(1)
     s = slot_ref[t]
-    rank = rank_ref[t] if per_token else rank_ref[s]          # per_token: rank_ref is [T]
+    rank = rank_ref[s]
     for i in range(n_slices):
         @pl.when((rank > 0) & (n >= starts[i]) & (n < starts[i + 1]))
         def _(i=i):
@@ -110,14 +110,14 @@ def _bgmv_expand_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts,
             _expand_token(s, rank, hv, b_refs[i], o_refs[i], t, n0, block_n)
 
 
-def _bgmv_delta_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts, per_token):
+def _bgmv_delta_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts):
     # As _bgmv_expand_multi_kernel, but refs are n b_refs then n fresh outputs d [T, O_i]: d = h @ B.
     n_slices = len(starts) - 1
     b_refs, o_refs = refs[:n_slices], refs[n_slices:]
     t = pl.program_id(0)
     n = pl.program_id(1)
     s = slot_ref[t]
-    rank = rank_ref[t] if per_token else rank_ref[s]          # per_token: rank_ref is [T]
+    rank = rank_ref[s]
     for i in range(n_slices):
         @pl.when((n >= starts[i]) & (n < starts[i + 1]))
         def _(i=i):
@@ -132,14 +132,12 @@ def bgmv_expand_block_n(out_dim: int, r_max: int) -> int:
     return _common.largest_pow2_divisor(out_dim, max(16, min(1024, 8192 // max(r_max, 1))))
 
 
-def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4, num_stages=2, token_ranks=False,
-                interpret=False):
+def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4, num_stages=2, interpret=False):
     """Decode-form expand on GPU (Pallas Triton lowering).
 
     Args:
       y: [T, O]; h_partials: [n_split, T, R] (n_split a power of two; sum over axis 0 is h);
       b: [S, R, O] with R a power of two; slot_ids: [T] int32; ranks: [S] int32.
-      token_ranks: as in ``shrink.bgmv_shrink_partials`` (each token's rank gathered first).
 
     Returns:
       y_out: [T, O] in y.dtype (aliases y: donate it to update in place).
@@ -149,9 +147,8 @@ def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4,
     block_n = block_n or bgmv_expand_block_n(o, r_max)
     if o % block_n:
         raise ValueError(f"O={o} must be divisible by block_n={block_n}")
-    kernel = functools.partial(_bgmv_expand_kernel, block_n=block_n, per_token=token_ranks)
-    args = _common.match_vma(slot_ids.astype(jnp.int32), _common.rank_input(slot_ids, ranks, token_ranks),
-                             h_partials, b, y)
+    kernel = functools.partial(_bgmv_expand_kernel, block_n=block_n)
+    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), h_partials, b, y)
     return pl.pallas_call(
         kernel,
         out_shape=_common.out_struct(y.shape, y.dtype, *args),
@@ -176,7 +173,7 @@ def _multi_blocks(out_dims: list[int], r_max: int, block_n: int | None) -> tuple
 
 
 def bgmv_expand_multi(ys, h_partials, b_slices, slot_ids, ranks, *, block_n=None, num_warps=4, num_stages=2,
-                      token_ranks=False, interpret=False):
+                      interpret=False):
     """Decode-form expand of several slices (q/k/v, gate/up) in one launch.
 
     Args:
@@ -189,9 +186,8 @@ def bgmv_expand_multi(ys, h_partials, b_slices, slot_ids, ranks, *, block_n=None
     t = ys[0].shape[0]
     n = len(ys)
     block_n, starts = _multi_blocks([y.shape[1] for y in ys], b_slices[0].shape[1], block_n)
-    kernel = functools.partial(_bgmv_expand_multi_kernel, block_n=block_n, starts=starts, per_token=token_ranks)
-    args = _common.match_vma(slot_ids.astype(jnp.int32), _common.rank_input(slot_ids, ranks, token_ranks), h_partials,
-                             *b_slices, *ys)
+    kernel = functools.partial(_bgmv_expand_multi_kernel, block_n=block_n, starts=starts)
+    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), h_partials, *b_slices, *ys)
     return tuple(pl.pallas_call(
         kernel,
         out_shape=tuple(_common.out_struct(y.shape, y.dtype, *args) for y in ys),
@@ -204,7 +200,7 @@ def bgmv_expand_multi(ys, h_partials, b_slices, slot_ids, ranks, *, block_n=None
 
 
 def bgmv_delta_multi(out_dtype, h_partials, b_slices, slot_ids, ranks, *, block_n=None, num_warps=4,
-                     num_stages=2, token_ranks=False, interpret=False):
+                     num_stages=2, interpret=False):
     """Decode-form LoRA deltas of several slices in one launch: d_i[t] = h_i[t, :rank] @ b_i[slot[t], :rank].
 
     Args:
@@ -217,9 +213,8 @@ def bgmv_delta_multi(out_dtype, h_partials, b_slices, slot_ids, ranks, *, block_
     """
     t = h_partials.shape[2]
     block_n, starts = _multi_blocks([b.shape[2] for b in b_slices], b_slices[0].shape[1], block_n)
-    kernel = functools.partial(_bgmv_delta_multi_kernel, block_n=block_n, starts=starts, per_token=token_ranks)
-    args = _common.match_vma(slot_ids.astype(jnp.int32), _common.rank_input(slot_ids, ranks, token_ranks), h_partials,
-                             *b_slices)
+    kernel = functools.partial(_bgmv_delta_multi_kernel, block_n=block_n, starts=starts)
+    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), h_partials, *b_slices)
     return tuple(pl.pallas_call(
         kernel,
         out_shape=tuple(_common.out_struct((t, b.shape[2]), out_dtype, *args) for b in b_slices),

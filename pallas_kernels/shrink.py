@@ -52,13 +52,12 @@ def ref_lora_shrink(x, a, slot_ids, ranks):
 # Decode form (BGMV): one program per (token, H-slice).
 
 
-def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_split, per_token):
+def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_split):
     """Token t's partial of x[t] @ a[slot[t]] over H-slice sp: [R] float32. (Program ids are read by the
-    caller, at the kernel's top level: the interpreter cannot evaluate them inside a ``pl.when``.) With
-    ``per_token`` rank_ref holds each token's rank ([T]), read beside the slot instead of after it."""
+    caller, at the kernel's top level: the interpreter cannot evaluate them inside a ``pl.when``.)"""
     r_max = a_ref.shape[2]
     s = slot_ref[t]
-    rank = rank_ref[t] if per_token else rank_ref[s]
+    rank = rank_ref[s]
     cols = lax.broadcasted_iota(jnp.int32, (block_k, r_max), 1)
     n_k = k_per_split // block_k
 
@@ -79,15 +78,14 @@ def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_spl
     return jnp.sum(acc, axis=0)
 
 
-def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *, block_k, k_per_split, per_token):
-    # slot_ref: [T] int32, rank_ref: [S] (or [T] per token) int32, x_ref: [T, H], a_ref: [S, H, R],
-    # h_ref: [n_split, T, R] f32
+def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *, block_k, k_per_split):
+    # slot_ref: [T] int32, rank_ref: [S] int32, x_ref: [T, H], a_ref: [S, H, R], h_ref: [n_split, T, R] f32
     t, sp = pl.program_id(0), pl.program_id(1)
     h_ref[sp, t, :] = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
-                                    k_per_split=k_per_split, per_token=per_token)
+                                    k_per_split=k_per_split)
 
 
-def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_split, per_token):
+def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_split):
     # refs: n a_refs [S, H, R], then h_ref [n, n_split, T, R] f32; grid axis 2 picks the slice
     *a_refs, h_ref = refs
     t, sp, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -95,7 +93,7 @@ def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_s
         @pl.when(j == i)
         def _(i=i, a_ref=a_ref):
             h_ref[i, sp, t, :] = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
-                                               k_per_split=k_per_split, per_token=per_token)
+                                               k_per_split=k_per_split)
 
 
 def bgmv_block_sizes(num_tokens: int, hidden: int, r_max: int) -> tuple[int, int]:
@@ -109,8 +107,7 @@ def bgmv_block_sizes(num_tokens: int, hidden: int, r_max: int) -> tuple[int, int
 
 
 def bgmv_shrink_partials(
-    x, a, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, token_ranks=False,
-    interpret=False
+    x, a, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, interpret=False
 ):
     """Decode-form shrink on GPU (Pallas Triton lowering).
 
@@ -118,8 +115,6 @@ def bgmv_shrink_partials(
       x: [T, H]; a: [S, H, R] with R a power of two; slot_ids: [T] int32; ranks: [S] int32.
       block_k, n_split: H-chunk per loop step and number of H-slices (powers of two; defaults from
         ``bgmv_block_sizes``).
-      token_ranks: gather each token's rank first (XLA) and hand the kernel ``[T]`` ranks, so that a program
-        reads its slot and its rank at once instead of one after the other.
 
     Returns:
       h_partials: [n_split, T, R] float32 whose sum over axis 0 is the shrink.
@@ -131,9 +126,8 @@ def bgmv_shrink_partials(
     n_split = n_split or dn
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
-    kernel = functools.partial(_bgmv_shrink_kernel, block_k=block_k, k_per_split=hidden // n_split,
-                               per_token=token_ranks)
-    args = _common.match_vma(slot_ids.astype(jnp.int32), _common.rank_input(slot_ids, ranks, token_ranks), x, a)
+    kernel = functools.partial(_bgmv_shrink_kernel, block_k=block_k, k_per_split=hidden // n_split)
+    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), x, a)
     return pl.pallas_call(
         kernel,
         out_shape=_common.out_struct((n_split, t, r_max), jnp.float32, *args),
@@ -145,14 +139,13 @@ def bgmv_shrink_partials(
 
 
 def bgmv_shrink_partials_multi(
-    x, a_slices, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, token_ranks=False,
-    interpret=False
+    x, a_slices, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, interpret=False
 ):
     """Decode-form shrink of several A's that share x (q/k/v, gate/up) in one launch.
 
     Args:
       x: [T, H]; a_slices: tuple of n [S, H, R] banks (same H and R); slot_ids: [T]; ranks: [S].
-      block_k, n_split, token_ranks: as in ``bgmv_shrink_partials``.
+      block_k, n_split: as in ``bgmv_shrink_partials``.
 
     Returns:
       h_partials: [n, n_split, T, R] float32; ``h_partials[i]`` are slice i's partials.
@@ -164,9 +157,8 @@ def bgmv_shrink_partials_multi(
     n_split = n_split or dn
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
-    kernel = functools.partial(_bgmv_shrink_multi_kernel, block_k=block_k, k_per_split=hidden // n_split,
-                               per_token=token_ranks)
-    args = _common.match_vma(slot_ids.astype(jnp.int32), _common.rank_input(slot_ids, ranks, token_ranks), x, *a_slices)
+    kernel = functools.partial(_bgmv_shrink_multi_kernel, block_k=block_k, k_per_split=hidden // n_split)
+    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), x, *a_slices)
     return pl.pallas_call(
         kernel,
         out_shape=_common.out_struct((len(a_slices), n_split, t, r_max), jnp.float32, *args),

@@ -344,26 +344,3 @@ def test_segment_delta_several_o_blocks_per_program(in_place):
             assert bool(jnp.all(jnp.isfinite(got))) and rel_err(got, w) < 1e-5, o_blocks
     with pytest.raises(ValueError, match="o_blocks=8 must divide"):
         expand.seg_delta_multi(y.dtype, hp, (b, b2), tiles, block_n=32, o_blocks=8, interpret=True)
-
-
-def test_decode_kernels_with_token_ranks():
-    """``token_ranks`` (each token's rank gathered first, read beside its slot) computes exactly what the
-    slot -> rank chain does: single and multi-slice shrink, in-place expand and delta, mixed ranks with NaN
-    padding, rank-0 tokens and an out-of-range slot id (rank 0, nothing added)."""
-    from pallas_kernels import expand, shrink
-
-    x, y, a, b, slot_ids, ranks = make_inputs(11, [6, 13, 0, 9, 4], 128, 256, 16, jnp.float32)
-    slot_ids = slot_ids.at[3].set(99)                            # out of range: counts as rank 0
-    want = ref_lora_expand(y, ref_lora_shrink(x, a, slot_ids, ranks), b, slot_ids, ranks)
-    for per_token in (False, True):
-        kw = dict(token_ranks=per_token, interpret=True)
-        hp = shrink.bgmv_shrink_partials(x, a, slot_ids, ranks, **kw)
-        out = expand.bgmv_expand(y, hp, b, slot_ids, ranks, **kw)
-        assert bool(jnp.all(jnp.isfinite(out))) and rel_err(out - y, want - y) < 1e-5, per_token
-        np.testing.assert_array_equal(np.asarray(out)[3], np.asarray(y)[3])
-        hpm = shrink.bgmv_shrink_partials_multi(x, (a, a), slot_ids, ranks, **kw)
-        np.testing.assert_array_equal(np.asarray(hpm[1]), np.asarray(hp))
-        (d,) = expand.bgmv_delta_multi(y.dtype, hpm[:1], (b,), slot_ids, ranks, **kw)
-        assert rel_err(d, want - y) < 1e-5, per_token
-        (o,) = expand.bgmv_expand_multi((y,), hpm[:1], (b,), slot_ids, ranks, **kw)
-        np.testing.assert_array_equal(np.asarray(o), np.asarray(out))
