@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from device_profile import kernel_times, print_kernels, print_timeline  # noqa: E402
-from throughput import bench_model_config, measure_bandwidth, random_bank  # noqa: E402
+from throughput import bench_model_config, measure_bandwidth, random_bank, set_fused_table  # noqa: E402
 
 from jmlora.config import EngineConfig  # noqa: E402
 from jmlora.engine import model_runner  # noqa: E402
@@ -179,6 +179,13 @@ def fused_grid():
     return [attention.FusedAttentionConfig(bp, w, st) for bp in (2, 4, 8) for w in (2, 4, 8) for st in (1, 2)]
 
 
+def fused_prefetch_grid():
+    """The fused kernel with and without page-id prefetch at the knobs the table uses (4 pages / 4 warps,
+    2 pages / 2 warps) and their neighbours."""
+    knobs = ((4, 4), (2, 2), (2, 4), (4, 8), (8, 4))
+    return [attention.FusedAttentionConfig(bp, w, 1, p) for bp, w in knobs for p in (False, True)]
+
+
 def time_fused(cfg, log, batches, ctxs, bw, grid_for, small=False, rot_bytes=128e6):
     """The attention part of one decode layer from the fused q/k/v projection output to the attention output,
     unfused (XLA's RoPE and cache scatters, then ``pallas_gpu``'s kernel with its rule, as ``decoder._attention``
@@ -281,7 +288,8 @@ def time_fused(cfg, log, batches, ctxs, bw, grid_for, small=False, rot_bytes=128
             f"(KV floor {floor:.1f})")
         for c, _ in fused_cases:
             config = c[3]
-            name = f"fused_decode_attention_bp{config.block_pages}w{config.num_warps}s{config.num_stages}"
+            name = (f"fused_decode_attention_bp{config.block_pages}w{config.num_warps}s{config.num_stages}"
+                    f"p{int(config.prefetch)}")
             us = per_launch.get(name, float("nan"))
             err = float(jnp.linalg.norm(outs[config] - ref) / jnp.linalg.norm(ref))
             results.append(dict(batch=B, ctx=ctx, config=config, us=us, err=err, floor_us=floor))
@@ -451,8 +459,11 @@ def main():
     p.add_argument("--fused-rot-mb", type=float, default=128,
                    help="the fused part's timed call walks layers' caches of at least this many MB in turn, so that "
                         "the L2 (60 MB) holds little of a cache when it is read again")
-    p.add_argument("--fused-grid", default="default", choices=("default", "full"),
-                   help="the fused kernel's knobs to time: the default configuration or fused_grid()")
+    p.add_argument("--fused-grid", default="default", choices=("default", "full", "prefetch"),
+                   help="the fused kernel's knobs to time: the default configuration, fused_grid() or "
+                        "fused_prefetch_grid()")
+    p.add_argument("--fused-table", default="",
+                   help="FUSED_ATTENTION_TABLE entries for the step part (as throughput.py --fused-table)")
     p.add_argument("--step-attention", default="auto", help="comma-separated attention impls for the step part")
     p.add_argument("--step-lora", default="auto", help="comma-separated lora impls for the step part")
     p.add_argument("--step-variants", default="base,distinct",
@@ -475,10 +486,12 @@ def main():
     log(f"device {jax.devices()[0].device_kind}; HBM {bw / 1e12:.2f} TB/s (elementwise)")
     results = {"hbm_tb_s": bw / 1e12}
     if "fused" in parts:       # first: its tuned knobs (FUSED_ATTENTION_TABLE) then serve the step part
-        grid = fused_grid() if args.fused_grid == "full" else [attention.FusedAttentionConfig()]
+        grid = {"full": fused_grid, "prefetch": fused_prefetch_grid}.get(
+            args.fused_grid, lambda: [attention.FusedAttentionConfig()])()
         results["fused"] = time_fused(cfg, log, [int(b) for b in args.fused_batches.split(",")], (192, 1152), bw,
                                       lambda B: grid, args.small, rot_bytes=args.fused_rot_mb * 1e6)
     if "step" in parts:
+        set_fused_table(args.fused_table)
         mesh = make_mesh()
         params = init_params(cfg, mesh, dtype=jnp.bfloat16)
         results["step"] = step_profile(cfg, params, mesh, log, [int(b) for b in args.batches.split(",")], args.ctx,

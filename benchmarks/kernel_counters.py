@@ -1,4 +1,5 @@
-"""One LoRA prefill (or, with ``--mode decode``, decode-form) op, run a few times, for a hardware-counter profiler to read its kernels.
+"""One LoRA prefill (or, with ``--mode decode``, decode-form) op, run a few times, for a hardware-counter
+profiler to read its kernels.
 
     ncu --clock-control none --kernel-name regex:lora_ --section SpeedOfLight --section Occupancy \\
         --section MemoryWorkloadAnalysis --section WarpStateStats \\

@@ -67,6 +67,14 @@ def measure_bandwidth() -> float:
     return 2 * x.nbytes / statistics.median(times)
 
 
+def set_fused_table(spec: str):
+    """Entries ``BATCH:block_pages,num_warps,num_stages,prefetch`` (space-separated) into FUSED_ATTENTION_TABLE."""
+    for entry in spec.split():
+        b, knobs = entry.split(":")
+        bp, w, st, pf = (int(v) for v in knobs.split(","))
+        attention.FUSED_ATTENTION_TABLE[int(b)] = attention.FusedAttentionConfig(bp, w, st, bool(pf))
+
+
 def random_bank(bank: AdapterBank, rank: int) -> AdapterBank:
     """Every slot but 0 holds a random rank-``rank`` adapter (slot 0 stays the zero adapter)."""
     key = jax.random.key(7)
@@ -108,6 +116,9 @@ def main():
     parser.add_argument("--tune-fused", default="",
                         help="comma-separated batches: first time the fused decode-attention kernel's knobs there "
                              "and use the fastest (the table to copy into FUSED_ATTENTION_TABLE is printed)")
+    parser.add_argument("--fused-table", default="",
+                        help="space-separated BATCH:block_pages,num_warps,num_stages,prefetch entries that replace "
+                             "FUSED_ATTENTION_TABLE's for those batches (A/B of the fused attention kernel's knobs)")
     parser.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True,
                         help="also time each variant with its calls issued back to back and one wait at the end, as "
                              "the engine's async scheduling runs them (step_ms waits for every call, so each call's "
@@ -137,6 +148,9 @@ def main():
 
         time_fused(cfg, print, [int(b) for b in args.tune_fused.split(",")], [p + n // 2 for p, n in WORKLOADS], bw,
                    lambda B: fused_grid())
+        print(f"FUSED_ATTENTION_TABLE = {attention.FUSED_ATTENTION_TABLE}")
+    if args.fused_table:
+        set_fused_table(args.fused_table)
         print(f"FUSED_ATTENTION_TABLE = {attention.FUSED_ATTENTION_TABLE}")
     mesh = make_mesh()
     params = init_params(cfg, mesh, dtype=jnp.bfloat16)

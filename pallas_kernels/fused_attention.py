@@ -83,7 +83,7 @@ def ref_fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, wri
 
 
 def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, group, q_rows, block_pages, sm_scale,
-            has_deltas):
+            has_deltas, prefetch):
     # pos_ref, wpage_ref: [1]; table_ref: [P]; cos_ref, sin_ref: [D/2] (this sequence's); qkv_ref: [G + 2, D]
     # (this sequence and KV head); dq_ref: [G, D], dk_ref, dv_ref: [D]; k_ref, v_ref, k_out_ref, v_out_ref:
     # [num_pages, page_size, D] (this KV head; the outputs alias the inputs); o_ref: [G, D]
@@ -96,6 +96,20 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
     block_k = block_pages * page_size
     dtype = qkv_ref.dtype
     pos = pos_ref[0]                                                  # tokens already cached = the new position
+    # a padding row's position may be anything: never walk past its page-table row
+    n_blocks = jnp.minimum(pl.cdiv(pos, block_k), table_ref.shape[0] // block_pages)
+    last = jnp.maximum(n_blocks - 1, 0)
+
+    def block_table(i):
+        return table_ref[pl.ds(i * block_pages, block_pages)]                    # [bp] page ids of block i
+
+    def block_kv(pages):
+        return k_ref[pages].reshape(block_k, head_dim), v_ref[pages].reshape(block_k, head_dim)   # [BK, D] x 2
+
+    # With prefetch, the first block's page ids are loaded before the prologue's arithmetic (block 0's ids are
+    # valid even with nothing cached: the page table's contract).
+    if prefetch:
+        pages0 = block_table(0)
 
     cols = lax.broadcasted_iota(jnp.int32, (head_dim,), 0)
     partner = jnp.where(cols < half, cols + half, cols - half)        # rotate-half's source column
@@ -115,13 +129,12 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
 
     q_x = with_delta(qkv_ref[head_rows, cols2], dq_ref, head_rows, cols2)
     q_p = with_delta(qkv_ref[head_rows, partner2], dq_ref, head_rows, partner2)
-    q = _rope(q_x, q_p, cos, sin).astype(dtype)                                   # [QR, D]
     k_x = with_delta(qkv_ref[group, cols], dk_ref, cols)
     k_p = with_delta(qkv_ref[group, partner], dk_ref, partner)
-    k_new = _rope(k_x, k_p, cos, sin).astype(dtype)                              # [D]
     v_new = with_delta(qkv_ref[group + 1, cols], dv_ref, cols)                   # [D]
-
     page = wpage_ref[0]
+    q = _rope(q_x, q_p, cos, sin).astype(dtype)                                   # [QR, D]
+    k_new = _rope(k_x, k_p, cos, sin).astype(dtype)                              # [D]
 
     @pl.when(page < num_pages)
     def _write():
@@ -134,11 +147,8 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
     denom = jnp.ones((q_rows,), jnp.float32)
     o = jnp.broadcast_to(v_new.astype(jnp.float32)[None, :], (q_rows, head_dim))
 
-    def body(i, carry):
-        o, m, denom = carry
-        pages = table_ref[pl.ds(i * block_pages, block_pages)]                   # [bp]
-        k = k_ref[pages].reshape(block_k, head_dim)                               # [BK, D]
-        v = v_ref[pages].reshape(block_k, head_dim)
+    def attend(i, k, v, o, m, denom):
+        """One block of cached keys and values into the online softmax."""
         s = plgpu.dot(q, k.T) * sm_scale                                          # [QR, BK] float32
         cached = i * block_k + lax.broadcasted_iota(jnp.int32, (q_rows, block_k), 1) < pos
         s = jnp.where(cached, s, _MASK_VALUE)
@@ -149,9 +159,22 @@ def _kernel(pos_ref, wpage_ref, table_ref, cos_ref, sin_ref, qkv_ref, *refs, gro
         o = alpha[:, None] * o + plgpu.dot(p.astype(v.dtype), v)
         return o, m_next, denom
 
-    # a padding row's position may be anything: never walk past its page-table row
-    n_blocks = jnp.minimum(pl.cdiv(pos, block_k), table_ref.shape[0] // block_pages)
-    o, m, denom = lax.fori_loop(0, n_blocks, body, (o, m, denom))
+    if prefetch:
+        # the loop carries block i's page ids and loads block i + 1's beside block i's keys and values, so a
+        # block costs one memory round trip instead of two (ids, then the pages they name). On the last
+        # block the "next" ids are the last block's again (clamped): a re-read the cache serves.
+        def body(i, carry):
+            pages, state = carry[0], carry[1:]
+            k, v = block_kv(pages)
+            pages_next = block_table(jnp.minimum(i + 1, last))
+            return (pages_next, *attend(i, k, v, *state))
+        carry = (pages0, o, m, denom)
+    else:
+        def body(i, carry):
+            return attend(i, *block_kv(block_table(i)), *carry)
+        carry = (o, m, denom)
+    carry = lax.fori_loop(0, n_blocks, body, carry)
+    o, m, denom = carry[-3:]
     o = o / denom[:, None]                                        # denom >= 1: the new token's own term
     # rows past the group computed the last head again, bit for bit (same q row, same keys): their duplicate
     # stores write the same values, so no mask is needed (and the interpreter, which writes masked lanes
@@ -194,10 +217,12 @@ def _check(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, 
                          f"P={page_table.shape[1]}, block_pages={block_pages}")
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_pages", "num_warps", "num_stages", "interpret"),
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_pages", "num_warps", "num_stages", "prefetch",
+                                             "interpret"),
                    donate_argnames=("k_pages", "v_pages"))
 def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_pages, cos, sin, deltas=None, *,
-                           sm_scale=None, block_pages=4, num_warps=4, num_stages=2, interpret=False):
+                           sm_scale=None, block_pages=4, num_warps=4, num_stages=2, prefetch=False,
+                           interpret=False):
     """RoPE + cache write + paged decode attention for one new token per sequence.
 
     Args:
@@ -213,6 +238,9 @@ def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_p
       deltas: optional (dq [B, K, G, D], dk [B, K, D], dv [B, K, D]) added to q, k, v before RoPE (LoRA).
       sm_scale: logit scale (default 1 / sqrt(D)).
       block_pages: pages per loop step; num_warps, num_stages: Triton launch knobs.
+      prefetch: load the next block's page ids while this block is attended (without it a block's ids, then
+        the keys and values they name, are two dependent memory round trips). Prefetching the keys and values
+        too, in registers, was slower from batch 64 (benchmarks/KERNELS_NOTES.md).
       interpret: run through the Pallas interpreter (CPU tests).
 
     Returns:
@@ -226,7 +254,7 @@ def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_p
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     q_rows = max(16, 1 << (G - 1).bit_length())                     # the tensor-core tile's rows
     kernel = functools.partial(_kernel, group=G, q_rows=q_rows, block_pages=block_pages, sm_scale=scale,
-                               has_deltas=deltas is not None)
+                               has_deltas=deltas is not None, prefetch=prefetch)
     row = lambda n: pl.BlockSpec((None, n), lambda b, h: (b, 0))
     cache_spec = pl.BlockSpec((None, num_pages, page_size, D), lambda b, h: (h, 0, 0, 0))
     inputs = [positions.astype(jnp.int32)[:, None], write_pages.astype(jnp.int32)[:, None],
@@ -253,6 +281,6 @@ def fused_decode_attention(qkv, k_pages, v_pages, page_table, positions, write_p
         input_output_aliases={n_in - 2: 1, n_in - 1: 2},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"fused_decode_attention_bp{block_pages}w{num_warps}s{num_stages}",   # knobs in profiles
+        name=f"fused_decode_attention_bp{block_pages}w{num_warps}s{num_stages}p{int(prefetch)}",   # knobs in profiles
     )(*inputs)
     return out.reshape(B, K * G, D), k_pages, v_pages

@@ -83,3 +83,18 @@ def test_attention_table_entries_apply_only_where_they_fit(monkeypatch):
     assert pallas_gpu_tuning(64, 32, 8, 128, 128) == split16
     fallback = pallas_gpu_tuning(64, 32, 8, 128, 8)                         # 16 splits of 8 pages: no
     assert fallback != split16 and 8 % fallback.k_splits == 0
+
+
+@pytest.mark.parametrize("batch", [32, 64, 128, 256])
+@pytest.mark.parametrize("pages_per_seq", [1, 6, 80, 128])
+def test_fused_tuning_fits_the_kernel(batch, pages_per_seq):
+    """The fused kernel's knobs per batch: the table's entry (page-id prefetch included) or the default, with a
+    block of pages that divides the page-table width."""
+    from jmlora.model.attention import FUSED_ATTENTION_TABLE, FusedAttentionConfig, fused_tuning
+
+    cfg = fused_tuning(batch, pages_per_seq)
+    want = FUSED_ATTENTION_TABLE.get(batch, FusedAttentionConfig())
+    assert (cfg.num_warps, cfg.num_stages, cfg.prefetch) == (want.num_warps, want.num_stages, want.prefetch)
+    assert cfg.block_pages <= want.block_pages and pages_per_seq % cfg.block_pages == 0
+    assert cfg.block_pages & (cfg.block_pages - 1) == 0
+

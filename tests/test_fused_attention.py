@@ -54,13 +54,15 @@ def _unfused(qkv, k_pages, v_pages, table, pos, write, deltas):
 
 
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
-@pytest.mark.parametrize("group,block_pages,deltas", [(4, 2, False), (4, 1, True), (1, 4, True), (8, 8, False)])
-def test_kernel_matches_references(dtype, atol, group, block_pages, deltas):
+@pytest.mark.parametrize("group,block_pages,deltas,prefetch", [(4, 2, False, False), (4, 1, True, False),
+                                                                (1, 4, True, False), (8, 8, False, False),
+                                                                (4, 2, False, True), (4, 1, True, True)])
+def test_kernel_matches_references(dtype, atol, group, block_pages, deltas, prefetch):
     args = _case(group * 10 + block_pages, 5, 2, group, 4, 8, 48, dtype, deltas)
     qkv, k, v, table, pos, write, cos, sin, d = args
     ref_out, ref_k, ref_v = ref_fused_decode_attention(*args)
     out, new_k, new_v = fused_decode_attention(qkv, jnp.array(k), jnp.array(v), table, pos, write, cos, sin, d,
-                                               block_pages=block_pages, interpret=True)
+                                               block_pages=block_pages, prefetch=prefetch, interpret=True)
     assert out.shape == (5, 2 * group, 32) and out.dtype == dtype
     live = np.array([b != 3 for b in range(5)])                # row 3 is padding: finite garbage
     out = np.asarray(out, np.float32)

@@ -250,21 +250,25 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, page_table: Array,
 
 @dataclasses.dataclass(frozen=True)
 class FusedAttentionConfig:
-    """Knobs of ``pallas_kernels.fused_attention.fused_decode_attention``: pages per loop step and Triton's
-    warps and pipeline stages. Summed over 192 and 1152 tokens, the defaults were within 3% of the best knobs
-    of the H200 sweeps at batch 32, 64 and 128 (batch 256: ``FUSED_ATTENTION_TABLE``); more pipeline stages
-    cost up to 35% from batch 64 up (benchmarks/RESULTS.md, "Fused decode attention")."""
+    """Knobs of ``pallas_kernels.fused_attention.fused_decode_attention``: pages per loop step, Triton's warps
+    and pipeline stages, and whether each program loads its next block's page ids ahead. Summed over 192 and
+    1152 tokens, the defaults were within 3% of the best knobs of the H200 sweeps at batch 32 and 64 (batch 128
+    and 256: ``FUSED_ATTENTION_TABLE``); more pipeline stages cost up to 35% from batch 64 up
+    (benchmarks/RESULTS.md, "Fused decode attention")."""
 
     block_pages: int = 4
     num_warps: int = 4
     num_stages: int = 1
+    prefetch: bool = False
 
 
-# Measured choices per batch size (benchmarks/RESULTS.md, "Fused decode attention"), from
-# ``benchmarks/throughput.py --tune-fused 32,256`` (device time summed over 192 and 1152 tokens; an entry
-# only where it beat the default by 5%); batches not listed use ``FusedAttentionConfig()``.
+# Measured choices per batch size, an entry only where it beat the default by 5% in the kernel's
+# micro-benchmark (device time summed over 192 and 1152 tokens: ``benchmarks/decode_profile.py --parts fused
+# --fused-grid prefetch``) and the engine's step confirmed it (benchmarks/RESULTS.md, "Fifteenth session");
+# batches not listed use ``FusedAttentionConfig()``.
 FUSED_ATTENTION_TABLE: dict[int, FusedAttentionConfig] = {
-    256: FusedAttentionConfig(block_pages=2, num_warps=2, num_stages=1),     # 388 vs 409 us
+    128: FusedAttentionConfig(block_pages=2, num_warps=2, num_stages=1, prefetch=True),   # 196 vs 211 us
+    256: FusedAttentionConfig(block_pages=2, num_warps=2, num_stages=1, prefetch=True),   # 379 vs 411 us
 }
 
 
@@ -309,5 +313,6 @@ def fused_paged_decode(qkv: Array, deltas: tuple[Array, Array, Array] | None, k_
     cos, sin = rope_tables(positions, inv_freq)
     out, k_cache, v_cache = fused_decode_attention(
         qkv, k_cache, v_cache, page_table, positions, write_pages, cos, sin, deltas, block_pages=config.block_pages,
-        num_warps=config.num_warps, num_stages=config.num_stages, interpret=jax.default_backend() != "gpu")
+        num_warps=config.num_warps, num_stages=config.num_stages, prefetch=config.prefetch,
+        interpret=jax.default_backend() != "gpu")
     return out[:, None], k_cache, v_cache
