@@ -97,4 +97,3 @@ def test_fused_tuning_fits_the_kernel(batch, pages_per_seq):
     assert (cfg.num_warps, cfg.num_stages, cfg.prefetch) == (want.num_warps, want.num_stages, want.prefetch)
     assert cfg.block_pages <= want.block_pages and pages_per_seq % cfg.block_pages == 0
     assert cfg.block_pages & (cfg.block_pages - 1) == 0
-
