@@ -78,14 +78,14 @@ def _expand_token(s, rank, hv, b_ref, o_ref, t, n0, block_n):
     o_ref[t, pl.ds(n0, block_n)] = out.astype(o_ref.dtype)
 
 
-def _bgmv_expand_kernel(slot_ref, rank_ref, h_ref, b_ref, y_ref, o_ref, *, block_n):
-    # slot_ref: [T]; rank_ref: [S]; h_ref: [n_split, T, R] f32 partials; b_ref: [S, R, O];
-    # y_ref, o_ref: [T, O] (aliased)
+def _bgmv_expand_kernel(slot_ref, rank_ref, h_ref, b_ref, y_ref, o_ref, *, block_n, per_token):
+    # slot_ref: [T]; rank_ref: [S], or [T] (``per_token``: each token's rank, loaded beside its slot instead
+    # of after it); h_ref: [n_split, T, R] f32 partials; b_ref: [S, R, O]; y_ref, o_ref: [T, O] (aliased)
     del y_ref  # o_ref aliases it
     t = pl.program_id(0)
     n = pl.program_id(1)
     s = slot_ref[t]
-    rank = rank_ref[s]
+    rank = rank_ref[t] if per_token else rank_ref[s]
 
     @pl.when(rank > 0)
     def _():
@@ -132,12 +132,15 @@ def bgmv_expand_block_n(out_dim: int, r_max: int) -> int:
     return _common.largest_pow2_divisor(out_dim, max(16, min(1024, 8192 // max(r_max, 1))))
 
 
-def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4, num_stages=2, interpret=False):
+def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4, num_stages=2, token_ranks=None,
+                interpret=False):
     """Decode-form expand on GPU (Pallas Triton lowering).
 
     Args:
       y: [T, O]; h_partials: [n_split, T, R] (n_split a power of two; sum over axis 0 is h);
       b: [S, R, O] with R a power of two; slot_ids: [T] int32; ranks: [S] int32.
+      token_ranks: optional [T] int32, ``ranks[slot_ids]`` (``bgmv_shrink_partials(..., token_ranks=True)``
+        returns it): then a program's B load waits on one dependent load instead of two.
 
     Returns:
       y_out: [T, O] in y.dtype (aliases y: donate it to update in place).
@@ -147,8 +150,9 @@ def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4,
     block_n = block_n or bgmv_expand_block_n(o, r_max)
     if o % block_n:
         raise ValueError(f"O={o} must be divisible by block_n={block_n}")
-    kernel = functools.partial(_bgmv_expand_kernel, block_n=block_n)
-    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), h_partials, b, y)
+    kernel = functools.partial(_bgmv_expand_kernel, block_n=block_n, per_token=token_ranks is not None)
+    rank_arg = ranks if token_ranks is None else token_ranks
+    args = _common.match_vma(slot_ids.astype(jnp.int32), rank_arg.astype(jnp.int32), h_partials, b, y)
     return pl.pallas_call(
         kernel,
         out_shape=_common.out_struct(y.shape, y.dtype, *args),

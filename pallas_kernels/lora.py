@@ -293,6 +293,10 @@ _expand_core.defvjp(_expand_core_fwd, _expand_core_bwd)
 
 
 def _fused_forward(y, x, a, b, slot_ids, ranks, backend, form, interpret):
+    if backend == "triton" and _pick_form(form, x.shape[0], a.shape[2]) == "decode":
+        # the shrink hands each token's rank to the expand (one dependent load fewer per expand program)
+        hp, token_ranks = shrink.bgmv_shrink_partials(x, a, slot_ids, ranks, token_ranks=True, interpret=interpret)
+        return expand.bgmv_expand(y, hp, b, slot_ids, ranks, token_ranks=token_ranks, interpret=interpret), hp
     tiles = _shared_tiles(backend, form, slot_ids, ranks, a.shape[2], interpret)
     hp = _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, tiles)
     return _expand_from_partials(y, hp, b, slot_ids, ranks, backend, form, interpret, tiles), hp

@@ -52,9 +52,15 @@ def ref_lora_shrink(x, a, slot_ids, ranks):
 # Decode form (BGMV): one program per (token, H-slice).
 
 
-def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_split):
-    """Token t's partial of x[t] @ a[slot[t]] over H-slice sp: [R] float32. (Program ids are read by the
-    caller, at the kernel's top level: the interpreter cannot evaluate them inside a ``pl.when``.)"""
+def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_split, spec_load=False):
+    """Token t's partial of x[t] @ a[slot[t]] over H-slice sp: [R] float32, and the token's rank. (Program
+    ids are read by the caller, at the kernel's top level: the interpreter cannot evaluate them inside a
+    ``pl.when``.)
+
+    ``spec_load``: for a slot other than 0, load whole rows of A as soon as the slot is known and zero the
+    columns >= rank afterwards, so the loads wait on one dependent load (the slot) instead of two (slot, then
+    its rank). Only worth it where a row is one 32-byte sector (R * itemsize <= 32): a masked load moves the
+    same sectors then, so a rank below R costs nothing more. Slot 0 keeps the rank test (no load at rank 0)."""
     r_max = a_ref.shape[2]
     s = slot_ref[t]
     rank = rank_ref[s]
@@ -74,15 +80,25 @@ def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_spl
     full = lambda: lax.fori_loop(0, n_k, functools.partial(body, masked=False), zero)
     part = lambda: lax.fori_loop(0, n_k, functools.partial(body, masked=True), zero)
     # rank 0 (slot 0, empty slots): no load at all.
-    acc = lax.cond(rank >= r_max, full, lambda: lax.cond(rank > 0, part, lambda: zero))
-    return jnp.sum(acc, axis=0)
+    by_rank = lambda: lax.cond(rank >= r_max, full, lambda: lax.cond(rank > 0, part, lambda: zero))
+    if spec_load:
+        # dead columns (NaN padding included) are dropped by the select, after the load
+        acc = lax.cond(s != 0, lambda: jnp.where(cols < rank, full(), 0.0), by_rank)
+    else:
+        acc = by_rank()
+    return jnp.sum(acc, axis=0), rank
 
 
-def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *, block_k, k_per_split):
-    # slot_ref: [T] int32, rank_ref: [S] int32, x_ref: [T, H], a_ref: [S, H, R], h_ref: [n_split, T, R] f32
+def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *tr_refs, block_k, k_per_split, spec_load):
+    # slot_ref: [T] int32, rank_ref: [S] int32, x_ref: [T, H], a_ref: [S, H, R], h_ref: [n_split, T, R] f32;
+    # tr_refs: () or (token ranks [T] int32,) written by the H-slice-0 programs
     t, sp = pl.program_id(0), pl.program_id(1)
-    h_ref[sp, t, :] = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
-                                    k_per_split=k_per_split)
+    h_ref[sp, t, :], rank = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
+                                          k_per_split=k_per_split, spec_load=spec_load)
+    for tr_ref in tr_refs:
+        @pl.when(sp == 0)
+        def _(tr_ref=tr_ref):
+            tr_ref[t] = rank
 
 
 def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_split):
@@ -93,21 +109,35 @@ def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_s
         @pl.when(j == i)
         def _(i=i, a_ref=a_ref):
             h_ref[i, sp, t, :] = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
-                                               k_per_split=k_per_split)
+                                               k_per_split=k_per_split)[0]
 
 
-def bgmv_block_sizes(num_tokens: int, hidden: int, r_max: int) -> tuple[int, int]:
-    """Default (block_k, n_split) of the decode shrink: ~2048 programs, <= 8192 live accumulator elements."""
+# Programs the decode shrink aims at. One op (``bgmv_shrink_partials``): ~256, two per SM of the H200, each
+# streaming its token's A over several loop steps. Sixteenth session, this change alone, same process:
+# shrink+expand 0.1-1.6 us less device time at the issue's four decode shapes than with ~2048 one-step
+# programs (256 tokens, O = 14336: 51.6 -> 50.0 us), mostly in the expand, which then sums fewer partials.
+# The multi-slice kernels of the decode step keep ~2048: they run beside the base matmuls there, where the
+# change was not measured.
+BGMV_PROGRAMS = 256
+BGMV_MULTI_PROGRAMS = 2048
+
+
+def bgmv_block_sizes(num_tokens: int, hidden: int, r_max: int, programs: int = BGMV_MULTI_PROGRAMS
+                     ) -> tuple[int, int]:
+    """Default (block_k, n_split) of the decode shrink: ~``programs`` programs, <= 8192 live accumulator
+    elements."""
     block_k = _common.largest_pow2_divisor(hidden, max(16, 8192 // max(r_max, 1)))
     max_split = max(1, min(hidden // block_k, hidden // 256))  # keep >= 256 of H per program
     n_split = 1
-    while n_split * 2 <= max_split and num_tokens * n_split < 2048 and (hidden // block_k) % (n_split * 2) == 0:
+    while (n_split * 2 <= max_split and num_tokens * n_split < programs
+           and (hidden // block_k) % (n_split * 2) == 0):
         n_split *= 2
     return block_k, n_split
 
 
 def bgmv_shrink_partials(
-    x, a, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, interpret=False
+    x, a, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, spec_load=None,
+    token_ranks=False, programs=BGMV_PROGRAMS, interpret=False
 ):
     """Decode-form shrink on GPU (Pallas Triton lowering).
 
@@ -115,22 +145,34 @@ def bgmv_shrink_partials(
       x: [T, H]; a: [S, H, R] with R a power of two; slot_ids: [T] int32; ranks: [S] int32.
       block_k, n_split: H-chunk per loop step and number of H-slices (powers of two; defaults from
         ``bgmv_block_sizes``).
+      spec_load: A's rows loaded on the slot alone, the rank applied after the load (``_shrink_token``);
+        default: where a row of A is one 32-byte sector, so that a rank below R costs no more bytes.
+      token_ranks: also return each token's rank (``ranks[slot_ids]``, as the expand can take it: one
+        dependent load fewer there), written by the programs that have the rank at hand anyway.
+      programs: the number of programs the default (block_k, n_split) aims at.
 
     Returns:
-      h_partials: [n_split, T, R] float32 whose sum over axis 0 is the shrink.
+      h_partials: [n_split, T, R] float32 whose sum over axis 0 is the shrink; with ``token_ranks``, the
+      pair (h_partials, [T] int32 token ranks).
     """
     t, hidden = x.shape
     r_max = a.shape[2]
-    dk, dn = bgmv_block_sizes(t, hidden, r_max)
+    dk, dn = bgmv_block_sizes(t, hidden, r_max, programs)
     block_k = block_k or dk
     n_split = n_split or dn
+    if spec_load is None:
+        spec_load = r_max * jnp.dtype(a.dtype).itemsize <= 32
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
-    kernel = functools.partial(_bgmv_shrink_kernel, block_k=block_k, k_per_split=hidden // n_split)
+    kernel = functools.partial(_bgmv_shrink_kernel, block_k=block_k, k_per_split=hidden // n_split,
+                               spec_load=spec_load)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), x, a)
+    out_shape = _common.out_struct((n_split, t, r_max), jnp.float32, *args)
+    if token_ranks:
+        out_shape = (out_shape, _common.out_struct((t,), jnp.int32, *args))
     return pl.pallas_call(
         kernel,
-        out_shape=_common.out_struct((n_split, t, r_max), jnp.float32, *args),
+        out_shape=out_shape,
         grid=(t, n_split),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,

@@ -344,3 +344,26 @@ def test_segment_delta_several_o_blocks_per_program(in_place):
             assert bool(jnp.all(jnp.isfinite(got))) and rel_err(got, w) < 1e-5, o_blocks
     with pytest.raises(ValueError, match="o_blocks=8 must divide"):
         expand.seg_delta_multi(y.dtype, hp, (b, b2), tiles, block_n=32, o_blocks=8, interpret=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_shrink_spec_load_and_token_ranks(dtype):
+    """The decode shrink with A's rows loaded before the rank is known (``spec_load``) or after it, over
+    several H-slices: the reference's h, NaN padding (columns >= rank, all of an empty slot's columns) dropped.
+    The token ranks it hands out equal ranks[slot_ids], and the expand given them (one load fewer per
+    program) equals the expand that looks each rank up; rank-0 rows of y untouched."""
+    from pallas_kernels import expand, shrink
+
+    x, y, a, b, slot_ids, ranks = make_inputs(11, [6, 9, 0, 12, 5, 7], 256, 384, 16, dtype)
+    want_h = ref_lora_shrink(x, a, slot_ids, ranks)
+    want = ref_lora_expand(y, want_h, b, slot_ids, ranks)
+    for spec_load in (False, True):
+        hp, token_ranks = shrink.bgmv_shrink_partials(x, a, slot_ids, ranks, block_k=32, n_split=4,
+                                                      spec_load=spec_load, token_ranks=True, interpret=True)
+        assert hp.shape == (4, x.shape[0], 16) and bool(jnp.all(jnp.isfinite(hp)))
+        assert rel_err(jnp.sum(hp, axis=0), want_h) < tol(dtype), spec_load
+        np.testing.assert_array_equal(np.asarray(token_ranks), np.asarray(ranks)[np.asarray(slot_ids)])
+        out = expand.bgmv_expand(y, hp, b, slot_ids, ranks, block_n=128, token_ranks=token_ranks, interpret=True)
+        assert bool(jnp.all(jnp.isfinite(out))) and rel_err(out - y, want - y) < tol(dtype), spec_load
+        base = np.asarray(token_ranks) == 0
+        np.testing.assert_array_equal(np.asarray(out)[base], np.asarray(y)[base])
