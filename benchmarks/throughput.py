@@ -39,8 +39,6 @@ from jmlora.lora.bank import AdapterBank, TargetBank
 from jmlora.lora.routing import LoRABatch, count_adapters, decode_impl
 from jmlora.lora.slots import SlotManager
 from jmlora.model import attention, init_params, make_mesh
-from pallas_kernels import lora as lora_kernels
-from pallas_kernels import shrink as shrink_kernels
 
 WORKLOADS = [(128, 128), (1024, 256)]
 
@@ -121,12 +119,6 @@ def main():
     parser.add_argument("--fused-table", default="",
                         help="space-separated BATCH:block_pages,num_warps,num_stages,prefetch entries that replace "
                              "FUSED_ATTENTION_TABLE's for those batches (A/B of the fused attention kernel's knobs)")
-    parser.add_argument("--bgmv-legacy", action="store_true",
-                        help="the decode-form LoRA kernels as before the sixteenth session (A/B): no token ranks from "
-                             "the shrink to the delta, A's rows loaded only once the rank is known")
-    parser.add_argument("--bgmv-multi-programs", type=int, default=0,
-                        help="programs the decode step's multi-slice LoRA shrink aims at (A/B; default: the "
-                             "library's shrink.BGMV_MULTI_PROGRAMS)")
     parser.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True,
                         help="also time each variant with its calls issued back to back and one wait at the end, as "
                              "the engine's async scheduling runs them (step_ms waits for every call, so each call's "
@@ -160,13 +152,6 @@ def main():
     if args.fused_table:
         set_fused_table(args.fused_table)
         print(f"FUSED_ATTENTION_TABLE = {attention.FUSED_ATTENTION_TABLE}")
-    if args.bgmv_legacy:
-        lora_kernels.BGMV_TOKEN_RANKS = False
-        shrink_kernels.SPEC_LOAD_MAX_ROW_BYTES = 0
-    if args.bgmv_multi_programs:
-        shrink_kernels.BGMV_MULTI_PROGRAMS = args.bgmv_multi_programs
-    print(f"BGMV: token ranks {lora_kernels.BGMV_TOKEN_RANKS}, spec_load up to "
-          f"{shrink_kernels.SPEC_LOAD_MAX_ROW_BYTES} B rows, multi programs {shrink_kernels.BGMV_MULTI_PROGRAMS}")
     mesh = make_mesh()
     params = init_params(cfg, mesh, dtype=jnp.bfloat16)
     print(f"device {jax.devices()[0].device_kind}; HBM {bw / 1e12:.2f} TB/s; "

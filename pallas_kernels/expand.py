@@ -110,15 +110,14 @@ def _bgmv_expand_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts)
             _expand_token(s, rank, hv, b_refs[i], o_refs[i], t, n0, block_n)
 
 
-def _bgmv_delta_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts, per_token):
+def _bgmv_delta_multi_kernel(slot_ref, rank_ref, h_ref, *refs, block_n, starts):
     # As _bgmv_expand_multi_kernel, but refs are n b_refs then n fresh outputs d [T, O_i]: d = h @ B.
-    # rank_ref: [S], or [T] (``per_token``: each token's rank, loaded beside its slot)
     n_slices = len(starts) - 1
     b_refs, o_refs = refs[:n_slices], refs[n_slices:]
     t = pl.program_id(0)
     n = pl.program_id(1)
     s = slot_ref[t]
-    rank = rank_ref[t] if per_token else rank_ref[s]
+    rank = rank_ref[s]
     for i in range(n_slices):
         @pl.when((n >= starts[i]) & (n < starts[i + 1]))
         def _(i=i):
@@ -205,24 +204,21 @@ def bgmv_expand_multi(ys, h_partials, b_slices, slot_ids, ranks, *, block_n=None
 
 
 def bgmv_delta_multi(out_dtype, h_partials, b_slices, slot_ids, ranks, *, block_n=None, num_warps=4,
-                     num_stages=2, token_ranks=None, interpret=False):
+                     num_stages=2, interpret=False):
     """Decode-form LoRA deltas of several slices in one launch: d_i[t] = h_i[t, :rank] @ b_i[slot[t], :rank].
 
     Args:
       out_dtype: the deltas' dtype (the base outputs').
       h_partials: [n, n_split, T, R] (``bgmv_shrink_partials_multi``); b_slices: tuple of n [S, R, O_i]
         banks (same R); slot_ids: [T] int32; ranks: [S] int32.
-      token_ranks: optional [T] int32, ``ranks[slot_ids]``, as in ``bgmv_expand``.
 
     Returns:
       tuple of d_i: [T, O_i] in out_dtype (zero rows for rank-0 tokens).
     """
     t = h_partials.shape[2]
     block_n, starts = _multi_blocks([b.shape[2] for b in b_slices], b_slices[0].shape[1], block_n)
-    kernel = functools.partial(_bgmv_delta_multi_kernel, block_n=block_n, starts=starts,
-                               per_token=token_ranks is not None)
-    rank_arg = ranks if token_ranks is None else token_ranks
-    args = _common.match_vma(slot_ids.astype(jnp.int32), rank_arg.astype(jnp.int32), h_partials, *b_slices)
+    kernel = functools.partial(_bgmv_delta_multi_kernel, block_n=block_n, starts=starts)
+    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), h_partials, *b_slices)
     return tuple(pl.pallas_call(
         kernel,
         out_shape=tuple(_common.out_struct((t, b.shape[2]), out_dtype, *args) for b in b_slices),

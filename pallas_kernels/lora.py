@@ -46,9 +46,6 @@ BACKENDS = ("reference", "triton", "tpu")
 FORMS = ("auto", "decode", "prefill", "segment")  # "prefill" and "segment" are one form
 PREFILL_MIN_TOKENS = 512  # measured on the H200: see benchmarks/KERNELS_NOTES.md
 SEGMENT_MIN_TOKENS = 128  # measured in the decode step on the H200: benchmarks/RESULTS.md, "Segment LoRA"
-# The decode step's multi-slice shrink hands each token's rank to the delta kernel (one dependent load fewer
-# per delta program); ``benchmarks/throughput.py --bgmv-legacy`` turns it off for an A/B.
-BGMV_TOKEN_RANKS = True
 SEGMENT_BLOCK_M = 16  # rows per segment tile below PREFILL_MIN_TOKENS: the tensor-core dot's minimum
 # Rows per segment tile from PREFILL_MIN_TOKENS, for R > 16 and R <= 16: two H200 sweeps over the issue's
 # prefill shapes (benchmarks/KERNELS_NOTES.md, seventh session): 32-row tiles 2-16% faster at R = 16, mixed
@@ -367,13 +364,10 @@ def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, f
             if len({y.dtype for y in ys}) == 1:
                 return expand.seg_expand_multi(ys, hp, b_slices, tiles, interpret=interpret), hs
         else:
-            hp = shrink.bgmv_shrink_partials_multi(x, a_slices, slot_ids, ranks, token_ranks=BGMV_TOKEN_RANKS,
-                                                   interpret=interpret)
-            hp, token_ranks = hp if BGMV_TOKEN_RANKS else (hp, None)
+            hp = shrink.bgmv_shrink_partials_multi(x, a_slices, slot_ids, ranks, interpret=interpret)
             hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
             if delta:
-                deltas = expand.bgmv_delta_multi(ys[0].dtype, hp, b_slices, slot_ids, ranks, token_ranks=token_ranks,
-                                                 interpret=interpret)
+                deltas = expand.bgmv_delta_multi(ys[0].dtype, hp, b_slices, slot_ids, ranks, interpret=interpret)
                 return tuple(y + d for y, d in zip(ys, deltas)), hs
             return expand.bgmv_expand_multi(ys, hp, b_slices, slot_ids, ranks, interpret=interpret), hs
     res = [_fused_forward(y, x, a, b, slot_ids, ranks, backend, form, interpret)

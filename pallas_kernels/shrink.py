@@ -101,32 +101,26 @@ def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *tr_refs, block
             tr_ref[t] = rank
 
 
-def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, n_slices, block_k, k_per_split, spec_load):
-    # refs: n a_refs [S, H, R], then h_ref [n, n_split, T, R] f32, then () or (token ranks [T] int32,) written
-    # by the (H-slice 0, slice 0) programs; grid axis 2 picks the slice
-    a_refs, h_ref, tr_refs = refs[:n_slices], refs[n_slices], refs[n_slices + 1:]
+def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_split):
+    # refs: n a_refs [S, H, R], then h_ref [n, n_split, T, R] f32; grid axis 2 picks the slice
+    *a_refs, h_ref = refs
     t, sp, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     for i, a_ref in enumerate(a_refs):
         @pl.when(j == i)
         def _(i=i, a_ref=a_ref):
-            h_ref[i, sp, t, :], rank = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
-                                                     k_per_split=k_per_split, spec_load=spec_load)
-            for tr_ref in tr_refs if i == 0 else ():
-                @pl.when(sp == 0)
-                def _(tr_ref=tr_ref):
-                    tr_ref[t] = rank
+            h_ref[i, sp, t, :] = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
+                                               k_per_split=k_per_split)[0]
 
 
 # Programs the decode shrink aims at. One op (``bgmv_shrink_partials``): ~256, two per SM of the H200, each
 # streaming its token's A over several loop steps. Sixteenth session, this change alone, same process:
 # shrink+expand 0.1-1.6 us less device time at the issue's four decode shapes than with ~2048 one-step
 # programs (256 tokens, O = 14336: 51.6 -> 50.0 us), mostly in the expand, which then sums fewer partials.
-# The multi-slice kernels of the decode step keep ~2048: they run beside the base matmuls there, where the
-# change was not measured.
+# The multi-slice kernels of the decode step keep ~2048 programs, the rank lookup before A's load and no token
+# ranks for the delta: run beside the base matmuls there, ~256 programs, spec loads and token ranks made the
+# step 0.05-0.1 ms slower at batch 32 and no faster at 64 (sixteenth session, experiment 40a96e4).
 BGMV_PROGRAMS = 256
 BGMV_MULTI_PROGRAMS = 2048
-# ``spec_load``'s default: rows of A of at most this many bytes (one sector: a masked load moves no fewer).
-SPEC_LOAD_MAX_ROW_BYTES = 32
 
 
 def bgmv_block_sizes(num_tokens: int, hidden: int, r_max: int, programs: int = BGMV_MULTI_PROGRAMS
@@ -168,7 +162,7 @@ def bgmv_shrink_partials(
     block_k = block_k or dk
     n_split = n_split or dn
     if spec_load is None:
-        spec_load = r_max * jnp.dtype(a.dtype).itemsize <= SPEC_LOAD_MAX_ROW_BYTES
+        spec_load = r_max * jnp.dtype(a.dtype).itemsize <= 32
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
     kernel = functools.partial(_bgmv_shrink_kernel, block_k=block_k, k_per_split=hidden // n_split,
@@ -188,37 +182,29 @@ def bgmv_shrink_partials(
 
 
 def bgmv_shrink_partials_multi(
-    x, a_slices, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, spec_load=None,
-    token_ranks=False, programs=BGMV_MULTI_PROGRAMS, interpret=False
+    x, a_slices, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, interpret=False
 ):
     """Decode-form shrink of several A's that share x (q/k/v, gate/up) in one launch.
 
     Args:
       x: [T, H]; a_slices: tuple of n [S, H, R] banks (same H and R); slot_ids: [T]; ranks: [S].
-      block_k, n_split, spec_load, token_ranks, programs: as in ``bgmv_shrink_partials``.
+      block_k, n_split: as in ``bgmv_shrink_partials``.
 
     Returns:
-      h_partials: [n, n_split, T, R] float32; ``h_partials[i]`` are slice i's partials; with
-      ``token_ranks``, the pair (h_partials, [T] int32 token ranks).
+      h_partials: [n, n_split, T, R] float32; ``h_partials[i]`` are slice i's partials.
     """
     t, hidden = x.shape
     r_max = a_slices[0].shape[2]
-    dk, dn = bgmv_block_sizes(t * len(a_slices), hidden, r_max, programs)
+    dk, dn = bgmv_block_sizes(t * len(a_slices), hidden, r_max)
     block_k = block_k or dk
     n_split = n_split or dn
-    if spec_load is None:
-        spec_load = r_max * jnp.dtype(a_slices[0].dtype).itemsize <= SPEC_LOAD_MAX_ROW_BYTES
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
-    kernel = functools.partial(_bgmv_shrink_multi_kernel, n_slices=len(a_slices), block_k=block_k,
-                               k_per_split=hidden // n_split, spec_load=spec_load)
+    kernel = functools.partial(_bgmv_shrink_multi_kernel, block_k=block_k, k_per_split=hidden // n_split)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), x, *a_slices)
-    out_shape = _common.out_struct((len(a_slices), n_split, t, r_max), jnp.float32, *args)
-    if token_ranks:
-        out_shape = (out_shape, _common.out_struct((t,), jnp.int32, *args))
     return pl.pallas_call(
         kernel,
-        out_shape=out_shape,
+        out_shape=_common.out_struct((len(a_slices), n_split, t, r_max), jnp.float32, *args),
         grid=(t, n_split, len(a_slices)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,

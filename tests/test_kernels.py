@@ -367,24 +367,3 @@ def test_decode_shrink_spec_load_and_token_ranks(dtype):
         assert bool(jnp.all(jnp.isfinite(out))) and rel_err(out - y, want - y) < tol(dtype), spec_load
         base = np.asarray(token_ranks) == 0
         np.testing.assert_array_equal(np.asarray(out)[base], np.asarray(y)[base])
-
-
-def test_decode_multi_shrink_token_ranks_feed_the_delta():
-    """The multi-slice decode shrink (as the decode step runs it) with ``spec_load`` on and off: its token
-    ranks equal ranks[slot_ids], and the delta kernel given them writes each slice's reference delta, zero rows
-    for rank-0 tokens, no NaN from the padding."""
-    from pallas_kernels import expand, shrink
-
-    x, y, a, b, slot_ids, ranks = make_inputs(13, [5, 8, 0, 11, 6], 256, 256, 16, jnp.float32)
-    y2, a2, b2 = _slice_like(14, ranks, x.shape[0], 256, 128, 16, jnp.float32)
-    want = [ref_lora_expand(jnp.zeros_like(yy), ref_lora_shrink(x, aa, slot_ids, ranks), bb, slot_ids, ranks)
-            for yy, aa, bb in ((y, a, b), (y2, a2, b2))]
-    for spec_load in (False, True):
-        hp, token_ranks = shrink.bgmv_shrink_partials_multi(x, (a, a2), slot_ids, ranks, block_k=64, n_split=2,
-                                                            spec_load=spec_load, token_ranks=True, interpret=True)
-        np.testing.assert_array_equal(np.asarray(token_ranks), np.asarray(ranks)[np.asarray(slot_ids)])
-        deltas = expand.bgmv_delta_multi(y.dtype, hp, (b, b2), slot_ids, ranks, block_n=64,
-                                         token_ranks=token_ranks, interpret=True)
-        for got, w in zip(deltas, want):
-            assert bool(jnp.all(jnp.isfinite(got))) and rel_err(got, w) < 1e-5, spec_load
-            np.testing.assert_array_equal(np.asarray(got)[np.asarray(token_ranks) == 0], 0)
