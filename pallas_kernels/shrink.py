@@ -52,8 +52,7 @@ def ref_lora_shrink(x, a, slot_ids, ranks):
 # Decode form (BGMV): one program per (token, H-slice).
 
 
-def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_split, spec_load=False,
-                  prefetch=False):
+def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_split, spec_load=False):
     """Token t's partial of x[t] @ a[slot[t]] over H-slice sp: [R] float32, and the token's rank. (Program
     ids are read by the caller, at the kernel's top level: the interpreter cannot evaluate them inside a
     ``pl.when``.)
@@ -61,10 +60,7 @@ def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_spl
     ``spec_load``: for a slot other than 0, load whole rows of A as soon as the slot is known and zero the
     columns >= rank afterwards, so the loads wait on one dependent load (the slot) instead of two (slot, then
     its rank). Only worth it where a row is one 32-byte sector (R * itemsize <= 32): a masked load moves the
-    same sectors then, so a rank below R costs nothing more. Slot 0 keeps the rank test (no load at rank 0).
-
-    ``prefetch``: the unmasked loop loads the next step's block of A before it uses the current one (carried
-    in registers), so two blocks are in flight per program."""
+    same sectors then, so a rank below R costs nothing more. Slot 0 keeps the rank test (no load at rank 0)."""
     r_max = a_ref.shape[2]
     s = slot_ref[t]
     rank = rank_ref[s]
@@ -82,21 +78,6 @@ def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_spl
 
     zero = jnp.zeros((block_k, r_max), jnp.float32)
     full = lambda: lax.fori_loop(0, n_k, functools.partial(body, masked=False), zero)
-    if prefetch and n_k > 1:
-        k_first = sp * k_per_split
-
-        def step(i, carry):
-            acc, av = carry
-            k0 = pl.multiple_of(k_first + i * block_k, block_k)
-            # the last step re-loads its own block (a cache hit) instead of branching
-            k1 = pl.multiple_of(k_first + jnp.minimum(i + 1, n_k - 1) * block_k, block_k)
-            av_next = a_ref[s, pl.ds(k1, block_k), :]
-            xv = x_ref[t, pl.ds(k0, block_k)].astype(jnp.float32)
-            return acc + xv[:, None] * av.astype(jnp.float32), av_next
-
-        def full():
-            av0 = a_ref[s, pl.ds(pl.multiple_of(k_first, block_k), block_k), :]
-            return lax.fori_loop(0, n_k, step, (zero, av0))[0]
     part = lambda: lax.fori_loop(0, n_k, functools.partial(body, masked=True), zero)
     # rank 0 (slot 0, empty slots): no load at all.
     by_rank = lambda: lax.cond(rank >= r_max, full, lambda: lax.cond(rank > 0, part, lambda: zero))
@@ -108,13 +89,12 @@ def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_spl
     return jnp.sum(acc, axis=0), rank
 
 
-def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *tr_refs, block_k, k_per_split, spec_load,
-                        prefetch):
+def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *tr_refs, block_k, k_per_split, spec_load):
     # slot_ref: [T] int32, rank_ref: [S] int32, x_ref: [T, H], a_ref: [S, H, R], h_ref: [n_split, T, R] f32;
     # tr_refs: () or (token ranks [T] int32,) written by the H-slice-0 programs
     t, sp = pl.program_id(0), pl.program_id(1)
     h_ref[sp, t, :], rank = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
-                                          k_per_split=k_per_split, spec_load=spec_load, prefetch=prefetch)
+                                          k_per_split=k_per_split, spec_load=spec_load)
     for tr_ref in tr_refs:
         @pl.when(sp == 0)
         def _(tr_ref=tr_ref):
@@ -157,8 +137,8 @@ def bgmv_block_sizes(num_tokens: int, hidden: int, r_max: int, programs: int = B
 
 
 def bgmv_shrink_partials(
-    x, a, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, spec_load=None,
-    token_ranks=False, programs=BGMV_PROGRAMS, prefetch=False, interpret=False
+    x, a, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=None, num_stages=2, spec_load=None,
+    token_ranks=False, programs=BGMV_PROGRAMS, interpret=False
 ):
     """Decode-form shrink on GPU (Pallas Triton lowering).
 
@@ -171,7 +151,9 @@ def bgmv_shrink_partials(
       token_ranks: also return each token's rank (``ranks[slot_ids]``, as the expand can take it: one
         dependent load fewer there), written by the programs that have the rank at hand anyway.
       programs: the number of programs the default (block_k, n_split) aims at.
-      prefetch: the next loop step's block of A loaded before the current one is used (``_shrink_token``).
+      num_warps: default 8 where a program streams at least 64 KB of A, else 4 (sixteenth session: the
+        shrink 0.2-0.7 us faster with 8 at the issue's 256-token and rank-64 shapes, 128 KB per program;
+        0.2-0.3 us slower at its 64-token rank-16 shapes, 32 KB per program).
 
     Returns:
       h_partials: [n_split, T, R] float32 whose sum over axis 0 is the shrink; with ``token_ranks``, the
@@ -184,10 +166,12 @@ def bgmv_shrink_partials(
     n_split = n_split or dn
     if spec_load is None:
         spec_load = r_max * jnp.dtype(a.dtype).itemsize <= 32
+    if num_warps is None:
+        num_warps = 8 if (hidden // n_split) * r_max * jnp.dtype(a.dtype).itemsize >= 64 * 1024 else 4
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
     kernel = functools.partial(_bgmv_shrink_kernel, block_k=block_k, k_per_split=hidden // n_split,
-                               spec_load=spec_load, prefetch=prefetch)
+                               spec_load=spec_load)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), x, a)
     out_shape = _common.out_struct((n_split, t, r_max), jnp.float32, *args)
     if token_ranks:
