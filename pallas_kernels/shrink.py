@@ -113,12 +113,13 @@ def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_s
 
 
 # Programs the decode shrink aims at. One op (``bgmv_shrink_partials``): ~256, two per SM of the H200, each
-# streaming its token's A over several loop steps. Sixteenth session, this change alone, same process:
-# shrink+expand 0.1-1.6 us less device time at the four decode shapes than with ~2048 one-step
-# programs (256 tokens, O = 14336: 51.6 -> 50.0 us), mostly in the expand, which then sums fewer partials.
-# The multi-slice kernels of the decode step keep ~2048 programs, the rank lookup before A's load and no token
-# ranks for the delta: run beside the base matmuls there, ~256 programs, spec loads and token ranks made the
-# step 0.05-0.1 ms slower at batch 32 and no faster at 64 (sixteenth session, experiment 40a96e4).
+# streaming its token's A over several loop steps. Sixteenth session, this change alone, same process (with
+# 3 pipeline stages, which measured like 2): shrink+expand 0.1-1.7 us less device time at the four
+# decode shapes than with ~2048 one-step programs (256 tokens, O = 14336: 51.6 -> 50.0 us), mostly in the
+# expand, which then sums fewer partials. The multi-slice kernels of the decode step keep ~2048 programs, the
+# rank lookup before A's load and no token ranks for the delta: beside the base matmuls there, ~256 programs,
+# spec loads and token ranks made the step 0.04-0.12 ms slower at batch 32 and no faster at 64 (sixteenth
+# session, experiment 40a96e4).
 BGMV_PROGRAMS = 256
 BGMV_MULTI_PROGRAMS = 2048
 
