@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pallas_kernels import expand, grouping, lora, one_launch, shrink  # noqa: E402
+from pallas_kernels import expand, grouping, lora, shrink  # noqa: E402
 
 DECODE_SHAPES = [  # (T, H, O, r, distinct slots)
     (64, 4096, 4096, 16, 64),
@@ -192,9 +192,6 @@ def kernel_fn(default_form, **knobs):
     ek = {k[3:]: v for k, v in knobs.items() if k.startswith("ex_")}
 
     def fn(y, x, a, b, slots, ranks):
-        if form == "one_launch":  # the decode op as one launch (``one_launch``), knobs prefixed "ol_"
-            ok = {k[3:]: v for k, v in knobs.items() if k.startswith("ol_")}
-            return one_launch.lora_one_launch(y, x, a, b, slots, ranks, **ok)[0]
         if form == "decode":
             if token_ranks:
                 hp, tr = shrink.bgmv_shrink_partials(x, a, slots, ranks, token_ranks=True, **sk)
