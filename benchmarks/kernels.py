@@ -5,7 +5,7 @@ Run on the GPU machine (bf16):
     PYTHONPATH=. python3 benchmarks/kernels.py --out $OUT [--sweep] [--probe-mosaic]
         [--prefill-modes inplace,delta] [--prefill-order random|grouped] [--profile]
         [--prefill-ranks 16,64] [--configs "[{}, {'ex_o_blocks': 4}]"]
-        [--decode-configs "[{}, {'ex_block_n': 1024}]"]
+        [--decode-configs "[{}, {'ex_block_n': 1024}]"] [--decode-shapes 2,3] [--decode-sets 8]
 
 For every shape it checks the kernel against the reference (relative error of the LoRA delta, computed in
 float32 from the same bf16 inputs), then times shrink+expand together: ``K`` independent input sets (K x's and

@@ -365,5 +365,7 @@ def test_decode_shrink_spec_load_and_token_ranks(dtype):
         np.testing.assert_array_equal(np.asarray(token_ranks), np.asarray(ranks)[np.asarray(slot_ids)])
         out = expand.bgmv_expand(y, hp, b, slot_ids, ranks, block_n=128, token_ranks=token_ranks, interpret=True)
         assert bool(jnp.all(jnp.isfinite(out))) and rel_err(out - y, want - y) < tol(dtype), spec_load
+        looked_up = expand.bgmv_expand(y, hp, b, slot_ids, ranks, block_n=128, interpret=True)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(looked_up))
         base = np.asarray(token_ranks) == 0
         np.testing.assert_array_equal(np.asarray(out)[base], np.asarray(y)[base])
