@@ -165,10 +165,11 @@ def bgmv_shrink_partials(
     dk, dn = bgmv_block_sizes(t, hidden, r_max, programs)
     block_k = block_k or dk
     n_split = n_split or dn
+    row_bytes = r_max * jnp.dtype(a.dtype).itemsize  # one row of A
     if spec_load is None:
-        spec_load = r_max * jnp.dtype(a.dtype).itemsize <= 32
+        spec_load = row_bytes <= 32
     if num_warps is None:
-        num_warps = 8 if (hidden // n_split) * r_max * jnp.dtype(a.dtype).itemsize >= 64 * 1024 else 4
+        num_warps = 8 if (hidden // n_split) * row_bytes >= 64 * 1024 else 4
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
     kernel = functools.partial(_bgmv_shrink_kernel, block_k=block_k, k_per_split=hidden // n_split,
