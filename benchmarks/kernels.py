@@ -190,6 +190,7 @@ def kernel_fn(default_form, **knobs):
     token_ranks = knobs.pop("token_ranks", True)
     sk = {k[3:]: v for k, v in knobs.items() if k.startswith("sh_")}
     ek = {k[3:]: v for k, v in knobs.items() if k.startswith("ex_")}
+    gk = {k[3:]: v for k, v in knobs.items() if k.startswith("gr_")}  # the grouping kernel's
 
     def fn(y, x, a, b, slots, ranks):
         if form == "decode":
@@ -198,7 +199,8 @@ def kernel_fn(default_form, **knobs):
                 return expand.bgmv_expand(y, hp, b, slots, ranks, token_ranks=tr, **ek)
             hp = shrink.bgmv_shrink_partials(x, a, slots, ranks, **sk)
             return expand.bgmv_expand(y, hp, b, slots, ranks, **ek)
-        tiles = grouping.segment_tiles_triton(slots, ranks, block_m or lora.segment_block_m(x.shape[0], a.shape[2]))
+        tiles = grouping.segment_tiles_triton(slots, ranks, block_m or lora.segment_block_m(x.shape[0], a.shape[2]),
+                                              **gk)
         hp = shrink.seg_shrink_partials_multi(x, (a,), tiles, **sk)
         if form == "segment_delta":
             if reduce_h or (reduce_h is None and lora.segment_sums_partials(x.shape[0], a.shape[2])):
