@@ -61,93 +61,88 @@ def _next_pow2(n: int) -> int:
 
 
 def _segment_tiles_kernel(slot_ref, rank_ref, tok_ref, len_ref, tslot_ref, trank_ref, *, num_tokens, block_m,
-                          chunk, part, span):
+                          chunk, span):
     # slot_ref [T], rank_ref [S]; outputs: tok_ref [N * BM] (flat), len_ref/tslot_ref/trank_ref [N].
-    # Program (s, p): count slot s's tokens over all ids, then scatter those among ids [p * part, (p + 1) * part).
-    s, p = pl.program_id(0), pl.program_id(1)
+    # One program per slot s: count, then scatter, its own tokens.
+    s = pl.program_id(0)
     num_slots = rank_ref.shape[0]
     # Masked-off lanes of a store point past the end: Triton never touches them, and the Pallas interpreter
     # (which stores where(mask, new, old) at every lane's index) drops out-of-bounds writes, where an
     # in-bounds dummy index could overwrite a live lane's value.
     tok_out, tile_out = tok_ref.shape[0], len_ref.shape[0]
+    lanes = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
     n_chunks = -(-num_tokens // chunk)
-    start = p * part  # this program's ids
 
-    def ids_at(first, width):
-        idx = first + lax.broadcasted_iota(jnp.int32, (width,), 0)
+    def ids_at(c):
+        idx = c * chunk + lanes
         ok = idx < num_tokens
         ids = plgpu.load(slot_ref.at[jnp.where(ok, idx, 0)], mask=ok, other=num_slots)  # past T: no slot
         return idx, ids
 
     def count(c, carry):
-        before, mine, prior, last = carry
-        idx, ids = ids_at(c * chunk, chunk)
+        before, mine, last = carry
+        idx, ids = ids_at(c)
         m = ids == s
         return (before + jnp.sum((ids < s).astype(jnp.int32)), mine + jnp.sum(m.astype(jnp.int32)),
-                prior + jnp.sum((m & (idx < start)).astype(jnp.int32)),
                 jnp.maximum(last, jnp.max(jnp.where(m, idx, -1))))
 
     zero = jnp.int32(0)
-    before, n, prior, last = lax.fori_loop(0, n_chunks, count, (zero, zero, zero, jnp.int32(-1)))
+    before, n, last = lax.fori_loop(0, n_chunks, count, (zero, zero, jnp.int32(-1)))
     base = lax.div(before, block_m) + s  # first tile of this slot
     n_live = lax.div(n + block_m - 1, block_m)
     n_span = lax.div(before + n, block_m) + s + 1 - base  # n_live or n_live + 1 tiles
 
-    idx, ids = ids_at(start, part)
-    m = ids == s
-    pos = prior + jnp.cumsum(m.astype(jnp.int32)) - 1  # position among the slot's tokens (stable)
-    plgpu.store(tok_ref.at[jnp.where(m, base * block_m + pos, tok_out)], idx, mask=m)
+    def scatter(c, seen):
+        idx, ids = ids_at(c)
+        m = ids == s
+        pos = seen + jnp.cumsum(m.astype(jnp.int32)) - 1  # position among the slot's tokens (stable)
+        plgpu.store(tok_ref.at[jnp.where(m, base * block_m + pos, tok_out)], idx, mask=m)
+        return seen + jnp.sum(m.astype(jnp.int32))
 
-    @pl.when(p == 0)  # the slot's padding rows, its empty tile and its tiles' length, slot and rank: once
-    def _():
-        r = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
-        pad = (n + r) < n_live * block_m  # the last live tile's rows past its length repeat its last token
-        plgpu.store(tok_ref.at[jnp.where(pad, base * block_m + n + r, tok_out)], jnp.full((block_m,), last),
-                    mask=pad)
-        empty = jnp.broadcast_to(n_span > n_live, (block_m,))  # the slot's empty tile, if any: token 0 everywhere
-        plgpu.store(tok_ref.at[jnp.where(empty, (base + n_live) * block_m + r, tok_out)],
-                    jnp.zeros((block_m,), jnp.int32), mask=empty)
-        j = lax.broadcasted_iota(jnp.int32, (span,), 0)
-        mine = j < n_span
-        live = j < n_live
-        at = jnp.where(mine, base + j, tile_out)
-        plgpu.store(len_ref.at[at], jnp.where(live, jnp.minimum(block_m, n - j * block_m), 0), mask=mine)
-        plgpu.store(tslot_ref.at[at], jnp.where(live, s, 0), mask=mine)
-        plgpu.store(trank_ref.at[at], jnp.where(live, rank_ref[s], 0), mask=mine)
+    lax.fori_loop(0, n_chunks, scatter, zero)
+    r = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
+    pad = (n + r) < n_live * block_m  # the last live tile's rows past its length repeat its last token
+    plgpu.store(tok_ref.at[jnp.where(pad, base * block_m + n + r, tok_out)], jnp.full((block_m,), last),
+                mask=pad)
+    empty = jnp.broadcast_to(n_span > n_live, (block_m,))  # the slot's empty tile, if any: token 0 in every row
+    plgpu.store(tok_ref.at[jnp.where(empty, (base + n_live) * block_m + r, tok_out)],
+                jnp.zeros((block_m,), jnp.int32), mask=empty)
+    j = lax.broadcasted_iota(jnp.int32, (span,), 0)
+    mine = j < n_span
+    live = j < n_live
+    at = jnp.where(mine, base + j, tile_out)
+    plgpu.store(len_ref.at[at], jnp.where(live, jnp.minimum(block_m, n - j * block_m), 0), mask=mine)
+    plgpu.store(tslot_ref.at[at], jnp.where(live, s, 0), mask=mine)
+    plgpu.store(trank_ref.at[at], jnp.where(live, rank_ref[s], 0), mask=mine)
 
 
-def segment_tiles_triton(slot_ids, ranks, block_m: int, *, chunk: int | None = None, part: int | None = None,
-                         num_warps: int | None = None, interpret: bool = False) -> _common.SegmentTiles:
-    """``ref_segment_tiles`` as one Pallas Triton launch (a counting sort; grid: (slot, part of the ids)).
+def segment_tiles_triton(slot_ids, ranks, block_m: int, *, chunk: int | None = None, num_warps: int | None = None,
+                         interpret: bool = False) -> _common.SegmentTiles:
+    """``ref_segment_tiles`` as one Pallas Triton launch (a counting sort; grid: one program per slot).
 
     Args:
       slot_ids: [T] int32 in [0, S); ranks: [S] int32; block_m: rows per tile.
-      chunk: slot ids read per step of the counting pass (a power of two; default: all T up to 8192, so the
-        pass is one step: its latency is the loop's, not the bytes').
-      part: slot ids each program scatters (a power of two, at most ``chunk``; default ``chunk``): a slot's
-        tokens are scattered by ceil(T / part) programs, each counting the slot's tokens before its part.
+      chunk: slot ids read per loop step (a power of two; default: all T up to 8192, so a program's two
+        passes over the ids are one step each: its latency is the loop's, not the bytes').
       num_warps: default 8 from 4096-id chunks, else 4.
 
-    Program (s, p) reads all T slot ids once to count (L2-resident), then part p's ids again to scatter slot s's
-    tokens among them; the part-0 program writes the slot's tile lengths, slots, ranks and padding rows. On the
-    H200 (``benchmarks/grouping_profile.py``): 4.3 us at 8192 tokens with one part (1024-id chunks and 4
-    warps: 9.8 us), 2.2 us at 2048; the XLA twin 57 and 28 us.
+    Each program reads all T slot ids twice (L2-resident) and writes only its own slot's tiles. On the H200
+    (``benchmarks/grouping_profile.py``): 4.3 us at 8192 tokens (1024-id chunks and 4 warps: 9.8 us), 2.2 us
+    at 2048; the XLA twin 57 and 28 us.
     """
     t, num_slots = slot_ids.shape[0], ranks.shape[0]
     n_tiles = _common.max_segment_tiles(t, num_slots, block_m)
     chunk = chunk or min(8192, _next_pow2(t))
-    part = min(part or chunk, chunk)
     num_warps = num_warps or (8 if chunk >= 4096 else 4)
     span = _next_pow2(-(-t // block_m) + 1)  # a slot's tiles: at most ceil(T / BM) live + one empty
-    kernel = functools.partial(_segment_tiles_kernel, num_tokens=t, block_m=block_m, chunk=chunk, part=part,
-                               span=span)
+    kernel = functools.partial(_segment_tiles_kernel, num_tokens=t, block_m=block_m, chunk=chunk, span=span)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32))
     i32 = jnp.int32
     tokens, length, slot, rank = pl.pallas_call(
         kernel,
         out_shape=(_common.out_struct((n_tiles * block_m,), i32, *args),
                    *(_common.out_struct((n_tiles,), i32, *args) for _ in range(3))),
-        grid=(num_slots, -(-t // part)),
+        grid=(num_slots,),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="lora_segment_tiles",

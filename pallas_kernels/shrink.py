@@ -223,15 +223,10 @@ def bgmv_shrink_partials_multi(
 # Segment form (grouped decode): tiles of up to block_m tokens of one slot, several A's sharing x.
 
 
-def _seg_shrink_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, x_ref, *refs, block_m, block_k, k_per_split,
-                             accumulate):
+def _seg_shrink_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, x_ref, *refs, block_m, block_k, k_per_split):
     # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N] int32 (``_common.SegmentTiles``); x_ref [T, H];
     # refs: n a_refs [S, H, R], then h_ref [n, n_split, T, R] f32. Grid: (tile, H-slice, slice).
-    # ``accumulate``: refs end with a zeroed h [n, 1, T, R] and its alias, into which every H-slice adds.
-    if accumulate:
-        *a_refs, _, h_ref = refs
-    else:
-        *a_refs, h_ref = refs
+    *a_refs, h_ref = refs
     i, sp, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     r_max = a_refs[0].shape[2]
     cols = lax.broadcasted_iota(jnp.int32, (block_k, r_max), 1)
@@ -258,14 +253,7 @@ def _seg_shrink_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, x_ref, *ref
                 full = lambda: lax.fori_loop(0, n_k, functools.partial(k_step, masked=False), zero)
                 some = lambda: lax.fori_loop(0, n_k, functools.partial(k_step, masked=True), zero)
                 acc = lax.cond(rank >= r_max, full, lambda: lax.cond(rank > 0, some, lambda: zero))
-                if accumulate == "atomic":  # a tile's padding rows repeat its last token: they must not add
-                    live = (lax.broadcasted_iota(jnp.int32, (block_m, r_max), 0) < len_ref[i]) & (rank > 0)
-                    plgpu.atomic_add(h_ref, (ii, 0, toks, slice(None)), acc, mask=live)
-                elif accumulate:  # "sequential": the interpreter runs one program at a time, and its atomics
-                    # take no mask. A padding row stores the same sum as its tile's last live row (same token).
-                    h_ref[ii, 0, toks, :] = h_ref[ii, 0, toks, :] + acc
-                else:
-                    h_ref[ii, sp, toks, :] = acc
+                h_ref[ii, sp, toks, :] = acc
 
 
 def seg_block_sizes(num_tokens: int, hidden: int, n_slices: int, block_m: int) -> tuple[int, int]:
@@ -290,7 +278,7 @@ def seg_shrink_stages(block_m: int) -> int:
 
 
 def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None, num_warps=4, num_stages=None,
-                              accumulate=False, interpret=False):
+                              interpret=False):
     """Segment-form shrink of several A's that share x, in one launch (Pallas Triton lowering; R >= 16).
 
     Args:
@@ -311,18 +299,12 @@ def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None,
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
     kernel = functools.partial(_seg_shrink_multi_kernel, block_m=block_m, block_k=block_k,
-                               k_per_split=hidden // n_split,
-                               accumulate=accumulate and ("sequential" if interpret else "atomic"))
+                               k_per_split=hidden // n_split)
     args = _common.match_vma(*tiles, x, *a_slices)
-    aliases = {}
-    if accumulate:  # the H-slices add into one zeroed h with float32 atomics (summation order not fixed)
-        args = _common.match_vma(*args, jnp.zeros((len(a_slices), 1, t, r_max), jnp.float32))
-        aliases = {len(args) - 1: 0}
     return pl.pallas_call(
         kernel,
-        out_shape=_common.out_struct((len(a_slices), 1 if accumulate else n_split, t, r_max), jnp.float32, *args),
+        out_shape=_common.out_struct((len(a_slices), n_split, t, r_max), jnp.float32, *args),
         grid=(tiles.length.shape[0], n_split, len(a_slices)),
-        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="lora_seg_shrink_multi",
