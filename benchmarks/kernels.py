@@ -201,6 +201,7 @@ def kernel_fn(default_form, **knobs):
             return expand.bgmv_expand(y, hp, b, slots, ranks, **ek)
         tiles = grouping.segment_tiles_triton(slots, ranks, block_m or lora.segment_block_m(x.shape[0], a.shape[2]),
                                               **gk)
+        sk.setdefault("programs", lora.segment_shrink_programs(x.shape[0], a.shape[2]))  # as the library does
         hp = shrink.seg_shrink_partials_multi(x, (a,), tiles, **sk)
         if form == "segment_delta":
             if reduce_h or (reduce_h is None and lora.segment_sums_partials(x.shape[0], a.shape[2])):

@@ -66,9 +66,23 @@ SEGMENT_PARTIALS_MAX_RANK = 16
 PREFILL_DELTA_BLOCKS = ((256, 2), (128, 4))
 
 
+# Programs the segment shrink aims at (``shrink.seg_block_sizes``) where XLA sums its H-slices' partials
+# (``segment_sums_partials``), instead of ``shrink.SEG_PROGRAMS``: fewer H-slices, and from 8192 tokens (128 full
+# tiles) one, which leaves nothing to sum (no reduce launch). H200, R = 64, the issue's prefill shapes,
+# seventeenth session (benchmarks/RESULTS.md): 8192 tokens, 1 H-slice against the 4 of 512 programs, 90.1-91.6 ->
+# 83.3-85.1 us over 64 adapters and 68.2-70.0 -> 66.3-68.1 us over 4; 2048 tokens, 4 H-slices against 8, 28.9
+# -> 26.3-27.4 us over 4 adapters, 47.3 -> 44.7-47.3 us over 64. Above 1 at 8192 or below 4 at 2048: no better.
+SEGMENT_SUMMED_PROGRAMS = 128
+
+
 def segment_sums_partials(num_tokens: int, r_max: int) -> bool:
     """Whether the segment delta takes h summed over the H-slices by XLA (``SEGMENT_PARTIALS_MAX_RANK``)."""
     return r_max > SEGMENT_PARTIALS_MAX_RANK and num_tokens >= PREFILL_MIN_TOKENS
+
+
+def segment_shrink_programs(num_tokens: int, r_max: int) -> int:
+    """The programs the segment shrink aims at for T tokens at rank R (``SEGMENT_SUMMED_PROGRAMS``)."""
+    return SEGMENT_SUMMED_PROGRAMS if segment_sums_partials(num_tokens, r_max) else shrink.SEG_PROGRAMS
 
 
 def segment_delta_blocks(num_tokens: int, r_max: int, out_dims) -> tuple[int | None, int]:
@@ -172,7 +186,8 @@ def _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, tiles=None
         return _tpu_lora.tpu_shrink(x, a, slot_ids, ranks, interpret=interpret)[None]
     if _pick_form(form, x.shape[0], a.shape[2]) == "segment":
         tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, a.shape[2], interpret)
-        return shrink.seg_shrink_partials_multi(x, (a,), tiles, interpret=interpret)[0]
+        return shrink.seg_shrink_partials_multi(
+            x, (a,), tiles, programs=segment_shrink_programs(x.shape[0], a.shape[2]), interpret=interpret)[0]
     return shrink.bgmv_shrink_partials(x, a, slot_ids, ranks, interpret=interpret)
 
 
@@ -351,7 +366,9 @@ def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, f
         picked = multi_form(form, x.shape[0], a_slices[0].shape[2], delta)
         if picked == "segment":
             tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, a_slices[0].shape[2], interpret)
-            hp = shrink.seg_shrink_partials_multi(x, a_slices, tiles, interpret=interpret)
+            hp = shrink.seg_shrink_partials_multi(
+                x, a_slices, tiles, programs=segment_shrink_programs(x.shape[0], a_slices[0].shape[2]),
+                interpret=interpret)
             hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
             if delta:
                 if segment_sums_partials(x.shape[0], a_slices[0].shape[2]):  # once, not per O-block

@@ -256,13 +256,20 @@ def _seg_shrink_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, x_ref, *ref
                 h_ref[ii, sp, toks, :] = acc
 
 
-def seg_block_sizes(num_tokens: int, hidden: int, n_slices: int, block_m: int) -> tuple[int, int]:
-    """Default (block_k, n_split) of the segment shrink: enough programs (>= ~512) even when every tile is
-    full (the fewest tiles, T / block_m), each program keeping >= 512 of H."""
+# Programs the segment shrink aims at when every tile is full (the fewest tiles, T / block_m): its H-slice count
+# is the smallest that reaches this many. ``lora.segment_shrink_programs`` lowers it where XLA sums the slices'
+# partials (R > 16 prefill): one H-slice then needs no sum at all.
+SEG_PROGRAMS = 512
+
+
+def seg_block_sizes(num_tokens: int, hidden: int, n_slices: int, block_m: int, programs: int = SEG_PROGRAMS
+                    ) -> tuple[int, int]:
+    """Default (block_k, n_split) of the segment shrink: enough programs (>= ``programs``) even when every tile
+    is full (the fewest tiles, T / block_m), each program keeping >= 512 of H."""
     block_k = _common.largest_pow2_divisor(hidden, 128)
     min_tiles = max(1, num_tokens // block_m)
     n_split = 1
-    while (min_tiles * n_slices * n_split < 512 and hidden // (n_split * 2) >= 512
+    while (min_tiles * n_slices * n_split < programs and hidden // (n_split * 2) >= 512
            and (hidden // block_k) % (n_split * 2) == 0):
         n_split *= 2
     return block_k, n_split
@@ -278,7 +285,7 @@ def seg_shrink_stages(block_m: int) -> int:
 
 
 def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None, num_warps=4, num_stages=None,
-                              interpret=False):
+                              programs=SEG_PROGRAMS, interpret=False):
     """Segment-form shrink of several A's that share x, in one launch (Pallas Triton lowering; R >= 16).
 
     Args:
@@ -286,6 +293,7 @@ def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None,
       tiles: ``grouping.segment_tiles(slot_ids, ranks, block_m)`` (block_m >= 16: a tensor-core dot).
       block_k, n_split: H-chunk per loop step and number of H-slices (defaults from ``seg_block_sizes``).
       num_warps, num_stages: Triton launch knobs (default stages: ``seg_shrink_stages``).
+      programs: the number of programs the default n_split aims at (``SEG_PROGRAMS``).
 
     Returns:
       h_partials: [n, n_split, T, R] float32 in token order; ``h_partials[i]`` sum over axis 0 to slice i's h.
@@ -293,7 +301,7 @@ def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None,
     t, hidden = x.shape
     r_max = a_slices[0].shape[2]
     block_m = tiles.tokens.shape[1]
-    dk, dn = seg_block_sizes(t, hidden, len(a_slices), block_m)
+    dk, dn = seg_block_sizes(t, hidden, len(a_slices), block_m, programs)
     block_k, n_split = block_k or dk, n_split or dn
     num_stages = num_stages or seg_shrink_stages(block_m)
     if hidden % (block_k * n_split):

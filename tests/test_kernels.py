@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import grouping, lora
+from pallas_kernels import grouping, lora, shrink
 from pallas_kernels._common import max_segment_tiles
 from pallas_kernels.expand import ref_lora_expand
 from pallas_kernels.shrink import ref_lora_shrink
@@ -307,6 +307,16 @@ def test_prefill_sized_calls_use_wide_tiles():
     assert lora.segment_delta_blocks(t, 16, [256, 512]) == (256, 1)     # o_blocks divides every slice's blocks
     assert lora.segment_delta_blocks(t, 32, [256, 512]) == (128, 2)
     assert lora.segment_delta_blocks(t - 41, 16, [512]) == (None, 1)   # decode-sized: the kernel's defaults
+    # Where XLA sums the shrink's H-slices (R > 16 from PREFILL_MIN_TOKENS), the shrink aims at fewer programs:
+    # one H-slice once the full tiles alone make SEGMENT_SUMMED_PROGRAMS (8192 tokens of 64-row tiles), so
+    # nothing is left to sum. At R = 16 and at decode sizes the split stays as it was.
+    def n_split(tokens, r_max):
+        programs = lora.segment_shrink_programs(tokens, r_max)
+        return shrink.seg_block_sizes(tokens, 4096, 1, lora.segment_block_m(tokens, r_max), programs)[1]
+
+    assert [n_split(tk, 64) for tk in (2048, 4096, 8192)] == [4, 2, 1]
+    assert [n_split(tk, 16) for tk in (2048, 4096, 8192)] == [8, 4, 2]
+    assert lora.segment_shrink_programs(t - 41, 64) == shrink.SEG_PROGRAMS
     for r_max in (16, 32):
         x, y, a, b, slot_ids, ranks = make_inputs(5, [t // 4, t // 2, t - 3 * (t // 4)], 128, 512, r_max,
                                                   jnp.float32)
@@ -325,7 +335,7 @@ def test_segment_delta_several_o_blocks_per_program(in_place):
     """``o_blocks`` (O-blocks per program of the segment delta/expand, h loaded once for all of them) gives the
     single-block result for two slices (8 and 4 blocks of 32 columns: groups of 2 and 4), NaN padding and rank-0
     tokens included; a count that does not divide a slice's blocks is refused."""
-    from pallas_kernels import expand, shrink
+    from pallas_kernels import expand
 
     x, y, a, b, slot_ids, ranks = make_inputs(7, [9, 30, 0, 17, 5], 128, 256, 16, jnp.float32)
     y2, a2, b2 = _slice_like(8, ranks, x.shape[0], 128, 128, 16, jnp.float32)
@@ -352,7 +362,7 @@ def test_decode_shrink_spec_load_and_token_ranks(dtype):
     several H-slices: the reference's h, NaN padding (columns >= rank, all of an empty slot's columns) dropped.
     The token ranks it hands out equal ranks[slot_ids], and the expand given them (one load fewer per
     program) equals the expand that looks each rank up; rank-0 rows of y untouched."""
-    from pallas_kernels import expand, shrink
+    from pallas_kernels import expand
 
     x, y, a, b, slot_ids, ranks = make_inputs(11, [6, 9, 0, 12, 5, 7], 256, 384, 16, dtype)
     want_h = ref_lora_shrink(x, a, slot_ids, ranks)
