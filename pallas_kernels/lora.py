@@ -70,7 +70,7 @@ PREFILL_DELTA_BLOCKS = ((256, 2), (128, 4))
 # (``segment_sums_partials``), instead of ``shrink.SEG_PROGRAMS``: fewer H-slices, and from 8192 tokens (128 full
 # tiles) one, which leaves nothing to sum (no reduce launch). H200, R = 64, the prefill shapes,
 # seventeenth session (benchmarks/RESULTS.md, runs 1-7): 8192 tokens, 1 H-slice against the 4 of 512 programs,
-# 90.1-91.6 -> 83.2-85.1 us over 64 adapters and 68.2-70.5 -> 65.2-68.9 us over 4; 2048 tokens, 4 H-slices
+# 90.1-91.6 -> 83.0-85.1 us over 64 adapters and 68.2-70.5 -> 65.2-68.9 us over 4; 2048 tokens, 4 H-slices
 # against 8, within the spread (27.7-28.9 -> 26.3-27.9 us over 4 adapters, 46.0-49.1 -> 44.7-50.1 over 64).
 # Not measured: other token counts (4096: 2 H-slices) and the engine's multi-slice prefill calls, whose slices
 # count as programs too (q/k/v at 2048 tokens: 2 H-slices).
