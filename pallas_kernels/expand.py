@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _common, _pdl
+from pallas_kernels import _common
 
 
 def ref_lora_expand(y, h, b, slot_ids, ranks):
@@ -78,12 +78,11 @@ def _expand_token(s, rank, hv, b_ref, o_ref, t, n0, block_n):
     o_ref[t, pl.ds(n0, block_n)] = out.astype(o_ref.dtype)
 
 
-def _bgmv_expand_kernel(slot_ref, rank_ref, h_ref, b_ref, y_ref, o_ref, *, block_n, per_token, pdl):
+def _bgmv_expand_kernel(slot_ref, rank_ref, h_ref, b_ref, y_ref, o_ref, *, block_n, per_token):
     # slot_ref: [T]; rank_ref: [S], or [T] (``per_token``: each token's rank, loaded beside its slot instead
     # of after it); h_ref: [n_split, T, R] f32 partials; b_ref: [S, R, O]; y_ref, o_ref: [T, O] (aliased)
     del y_ref  # o_ref aliases it
-    # pdl (a benchmark diagnostic: unsafe before an XLA fusion, see _pdl): let the next kernel start early
-    t = _pdl.launch_dependents(_pdl.wait(pl.program_id(0), pdl), pdl)
+    t = pl.program_id(0)
     n = pl.program_id(1)
     s = slot_ref[t]
     rank = rank_ref[t] if per_token else rank_ref[s]
@@ -134,7 +133,7 @@ def bgmv_expand_block_n(out_dim: int, r_max: int) -> int:
 
 
 def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4, num_stages=2, token_ranks=None,
-                pdl=False, interpret=False):
+                interpret=False):
     """Decode-form expand on GPU (Pallas Triton lowering).
 
     Args:
@@ -151,8 +150,7 @@ def bgmv_expand(y, h_partials, b, slot_ids, ranks, *, block_n=None, num_warps=4,
     block_n = block_n or bgmv_expand_block_n(o, r_max)
     if o % block_n:
         raise ValueError(f"O={o} must be divisible by block_n={block_n}")
-    kernel = functools.partial(_bgmv_expand_kernel, block_n=block_n, per_token=token_ranks is not None,
-                               pdl=pdl and not interpret)
+    kernel = functools.partial(_bgmv_expand_kernel, block_n=block_n, per_token=token_ranks is not None)
     rank_arg = ranks if token_ranks is None else token_ranks
     args = _common.match_vma(slot_ids.astype(jnp.int32), rank_arg.astype(jnp.int32), h_partials, b, y)
     return pl.pallas_call(

@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _common, _pdl
+from pallas_kernels import _common
 
 
 def ref_segment_tiles(slot_ids, ranks, block_m: int) -> _common.SegmentTiles:
@@ -61,10 +61,10 @@ def _next_pow2(n: int) -> int:
 
 
 def _segment_tiles_kernel(slot_ref, rank_ref, tok_ref, len_ref, tslot_ref, trank_ref, *, num_tokens, block_m,
-                          chunk, span, pdl):
+                          chunk, span):
     # slot_ref [T], rank_ref [S]; outputs: tok_ref [N * BM] (flat), len_ref/tslot_ref/trank_ref [N].
-    # One program per slot s: count, then scatter, its own tokens. pdl: let the next kernel (the shrink) start.
-    s = _pdl.launch_dependents(_pdl.wait(pl.program_id(0), pdl), pdl)
+    # One program per slot s: count, then scatter, its own tokens.
+    s = pl.program_id(0)
     num_slots = rank_ref.shape[0]
     # Masked-off lanes of a store point past the end: Triton never touches them, and the Pallas interpreter
     # (which stores where(mask, new, old) at every lane's index) drops out-of-bounds writes, where an
@@ -117,7 +117,7 @@ def _segment_tiles_kernel(slot_ref, rank_ref, tok_ref, len_ref, tslot_ref, trank
 
 
 def segment_tiles_triton(slot_ids, ranks, block_m: int, *, chunk: int | None = None, num_warps: int | None = None,
-                         pdl: bool = False, interpret: bool = False) -> _common.SegmentTiles:
+                         interpret: bool = False) -> _common.SegmentTiles:
     """``ref_segment_tiles`` as one Pallas Triton launch (a counting sort; grid: one program per slot).
 
     Args:
@@ -125,8 +125,6 @@ def segment_tiles_triton(slot_ids, ranks, block_m: int, *, chunk: int | None = N
       chunk: slot ids read per loop step (a power of two; default: all T up to 8192, so a program's two
         passes over the ids are one step each: its latency is the loop's, not the bytes').
       num_warps: default 8 from 4096-id chunks, else 4.
-      pdl: each program lets the next kernel start early (``_pdl.launch_dependents``) once it has waited for
-        the kernel before.
 
     Each program reads all T slot ids twice (L2-resident) and writes only its own slot's tiles. On the H200
     (``benchmarks/grouping_profile.py``): 4.3 us at 8192 tokens (1024-id chunks and 4 warps: 9.8 us), 2.2 us
@@ -137,8 +135,7 @@ def segment_tiles_triton(slot_ids, ranks, block_m: int, *, chunk: int | None = N
     chunk = chunk or min(8192, _next_pow2(t))
     num_warps = num_warps or (8 if chunk >= 4096 else 4)
     span = _next_pow2(-(-t // block_m) + 1)  # a slot's tiles: at most ceil(T / BM) live + one empty
-    kernel = functools.partial(_segment_tiles_kernel, num_tokens=t, block_m=block_m, chunk=chunk, span=span,
-                               pdl=pdl and not interpret)
+    kernel = functools.partial(_segment_tiles_kernel, num_tokens=t, block_m=block_m, chunk=chunk, span=span)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32))
     i32 = jnp.int32
     tokens, length, slot, rank = pl.pallas_call(

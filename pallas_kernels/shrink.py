@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _common, _pdl
+from pallas_kernels import _common
 
 
 def ref_lora_shrink(x, a, slot_ids, ranks):
@@ -89,10 +89,10 @@ def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_spl
     return jnp.sum(acc, axis=0), rank
 
 
-def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *tr_refs, block_k, k_per_split, spec_load, pdl):
+def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *tr_refs, block_k, k_per_split, spec_load):
     # slot_ref: [T] int32, rank_ref: [S] int32, x_ref: [T, H], a_ref: [S, H, R], h_ref: [n_split, T, R] f32;
     # tr_refs: () or (token ranks [T] int32,) written by the H-slice-0 programs
-    t, sp = _pdl.launch_dependents(_pdl.wait(pl.program_id(0), pdl), pdl), pl.program_id(1)
+    t, sp = pl.program_id(0), pl.program_id(1)
     h_ref[sp, t, :], rank = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
                                           k_per_split=k_per_split, spec_load=spec_load)
     for tr_ref in tr_refs:
@@ -101,10 +101,10 @@ def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *tr_refs, block
             tr_ref[t] = rank
 
 
-def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_split, pdl):
+def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_split):
     # refs: n a_refs [S, H, R], then h_ref [n, n_split, T, R] f32; grid axis 2 picks the slice
     *a_refs, h_ref = refs
-    t, sp, j = _pdl.launch_dependents(_pdl.wait(pl.program_id(0), pdl), pdl), pl.program_id(1), pl.program_id(2)
+    t, sp, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     for i, a_ref in enumerate(a_refs):
         @pl.when(j == i)
         def _(i=i, a_ref=a_ref):
@@ -139,7 +139,7 @@ def bgmv_block_sizes(num_tokens: int, hidden: int, r_max: int, programs: int = B
 
 def bgmv_shrink_partials(
     x, a, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=None, num_stages=2, spec_load=None,
-    token_ranks=False, programs=BGMV_PROGRAMS, pdl=False, interpret=False
+    token_ranks=False, programs=BGMV_PROGRAMS, interpret=False
 ):
     """Decode-form shrink on GPU (Pallas Triton lowering).
 
@@ -152,8 +152,6 @@ def bgmv_shrink_partials(
       token_ranks: also return each token's rank (``ranks[slot_ids]``, as the expand can take it: one
         dependent load fewer there), written by the programs that have the rank at hand anyway.
       programs: the number of programs the default (block_k, n_split) aims at.
-      pdl: programmatic dependent launch (``_pdl``): each program waits for the kernel before it, then lets the
-        next kernel (the expand) start.
       num_warps: default 8 where a program streams at least 64 KB of A, else 4 (sixteenth session: the
         shrink 0.2-0.7 us faster with 8 at the issue's 256-token and rank-64 shapes, 128 KB per program;
         0.2-0.3 us slower at its 64-token rank-16 shapes, 32 KB per program).
@@ -175,7 +173,7 @@ def bgmv_shrink_partials(
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
     kernel = functools.partial(_bgmv_shrink_kernel, block_k=block_k, k_per_split=hidden // n_split,
-                               spec_load=spec_load, pdl=pdl and not interpret)
+                               spec_load=spec_load)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), x, a)
     out_shape = _common.out_struct((n_split, t, r_max), jnp.float32, *args)
     if token_ranks:
@@ -191,14 +189,13 @@ def bgmv_shrink_partials(
 
 
 def bgmv_shrink_partials_multi(
-    x, a_slices, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, pdl=False,
-    interpret=False
+    x, a_slices, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, interpret=False
 ):
     """Decode-form shrink of several A's that share x (q/k/v, gate/up) in one launch.
 
     Args:
       x: [T, H]; a_slices: tuple of n [S, H, R] banks (same H and R); slot_ids: [T]; ranks: [S].
-      block_k, n_split, pdl: as in ``bgmv_shrink_partials``.
+      block_k, n_split: as in ``bgmv_shrink_partials``.
 
     Returns:
       h_partials: [n, n_split, T, R] float32; ``h_partials[i]`` are slice i's partials.
@@ -210,8 +207,7 @@ def bgmv_shrink_partials_multi(
     n_split = n_split or dn
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
-    kernel = functools.partial(_bgmv_shrink_multi_kernel, block_k=block_k, k_per_split=hidden // n_split,
-                               pdl=pdl and not interpret)
+    kernel = functools.partial(_bgmv_shrink_multi_kernel, block_k=block_k, k_per_split=hidden // n_split)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), x, *a_slices)
     return pl.pallas_call(
         kernel,
@@ -227,14 +223,11 @@ def bgmv_shrink_partials_multi(
 # Segment form (grouped decode): tiles of up to block_m tokens of one slot, several A's sharing x.
 
 
-def _seg_shrink_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, x_ref, *refs, block_m, block_k, k_per_split,
-                             pdl):
+def _seg_shrink_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, x_ref, *refs, block_m, block_k, k_per_split):
     # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N] int32 (``_common.SegmentTiles``); x_ref [T, H];
     # refs: n a_refs [S, H, R], then h_ref [n, n_split, T, R] f32. Grid: (tile, H-slice, slice).
     *a_refs, h_ref = refs
-    # pdl: the tiles come from the kernel before (the grouping): wait for it, then let the delta start
-    i = _pdl.launch_dependents(_pdl.wait(pl.program_id(0), pdl), pdl)
-    sp, j = pl.program_id(1), pl.program_id(2)
+    i, sp, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     r_max = a_refs[0].shape[2]
     cols = lax.broadcasted_iota(jnp.int32, (block_k, r_max), 1)
     n_k = k_per_split // block_k
@@ -292,7 +285,7 @@ def seg_shrink_stages(block_m: int) -> int:
 
 
 def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None, num_warps=4, num_stages=None,
-                              programs=SEG_PROGRAMS, pdl=False, interpret=False):
+                              programs=SEG_PROGRAMS, interpret=False):
     """Segment-form shrink of several A's that share x, in one launch (Pallas Triton lowering; R >= 16).
 
     Args:
@@ -301,8 +294,6 @@ def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None,
       block_k, n_split: H-chunk per loop step and number of H-slices (defaults from ``seg_block_sizes``).
       num_warps, num_stages: Triton launch knobs (default stages: ``seg_shrink_stages``).
       programs: the number of programs the default n_split aims at (``SEG_PROGRAMS``).
-      pdl: programmatic dependent launch (``_pdl``): wait for the kernel before (the grouping), then let the
-        next one start.
 
     Returns:
       h_partials: [n, n_split, T, R] float32 in token order; ``h_partials[i]`` sum over axis 0 to slice i's h.
@@ -316,7 +307,7 @@ def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None,
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
     kernel = functools.partial(_seg_shrink_multi_kernel, block_m=block_m, block_k=block_k,
-                               k_per_split=hidden // n_split, pdl=pdl and not interpret)
+                               k_per_split=hidden // n_split)
     args = _common.match_vma(*tiles, x, *a_slices)
     return pl.pallas_call(
         kernel,
