@@ -346,12 +346,17 @@ def main():
                    help="a Python list of knob dicts to time instead of the default or --sweep list (prefill)")
     p.add_argument("--decode-configs", default="",
                    help="a Python list of knob dicts to time at every decode shape instead of the default / sweep")
-    # 8: with 2 sets (the rule's floor before the sixteenth session) a call of the 256-token shape held ~100 us of
-    # device work and its wall time per op came out ~4 us above the same code's with 8 sets
-    p.add_argument("--decode-sets", type=int, default=8,
+    # 32: each jitted call costs ~12 us on top of its kernels (eighteenth session: 8 -> 32 sets per call took the
+    # 256-token and rank-64 shapes from 51.4-51.5 to 50.2-50.4 us and from 26.1-26.3 to 24.9-25.1 us per op, in
+    # one device session); with 2 sets (the floor before the sixteenth session) the 256-token shape's wall time
+    # per op came out ~4 us above the same code's with 8. More sets also rotate more inputs past the L2.
+    p.add_argument("--decode-sets", type=int, default=32,
                    help="at least this many input sets per timed call at the decode shapes")
     p.add_argument("--decode-shapes", default="", help="comma list: only these decode shapes (1-based, as in "
                    "the issue's list)")
+    # 16 (eighteenth session; before it 4 at 8192 tokens and 4-12 at 2048, enough that the host's dispatch of a
+    # call hid behind its device work): each call's own ~12 us then adds <1 us per op instead of up to 3
+    p.add_argument("--prefill-sets", type=int, default=16, help="input sets per timed call at the prefill shapes")
     p.add_argument("--prefill-ranks", default="", help="comma list: only the prefill shapes of these ranks")
     p.add_argument("--prefill-order", default="random", choices=("random", "grouped"),
                    help="tokens in random order over the adapters, or each adapter's tokens contiguous")
@@ -419,14 +424,14 @@ def main():
             if args.prefill_ranks and str(r) not in args.prefill_ranks.split(","):
                 continue
             ub = unique_bytes(t, h, o, r, nd)
-            # enough sets that one call holds ~0.4 GB of x and y (>= 4 sets): the host's dispatch of a call
-            # (tens of us) then hides behind its device work even at 2048 tokens
-            k_sets = min(16, max(4, math.ceil(400e6 / ub)))
+            k_sets = args.prefill_sets
             # two slot ranges, as before (a bank of 1 + 2 nd slots): the bank's size sets the tile grid
             a, b, ranks, sets = make_case(t, h, o, r, nd, k_sets, seed=100 + i, prefill=True,
                                           grouped=args.prefill_order == "grouped", n_ranges=2)
             x0, y0, s0 = sets[0]
-            xla_us = bench_fn(api_fn("reference"), a, b, ranks, sets, 5, args.trials) * 1e6
+            # the reference over 4 sets: its gathered B ([T, R, O] per op, GBs at 8192 tokens) times 16 could
+            # outgrow the device
+            xla_us = bench_fn(api_fn("reference"), a, b, ranks, sets[:4], 5, args.trials) * 1e6
             for mode in modes:
                 form = PREFILL_MODE_FORMS[mode]
                 row = {"shape": (t, h, o, r, nd), "bytes": ub, "k_sets": k_sets, "flops": 2 * t * r * (h + o),
