@@ -5,7 +5,7 @@ Run on the GPU machine (bf16):
     PYTHONPATH=. python3 benchmarks/kernels.py --out $OUT [--sweep] [--probe-mosaic]
         [--prefill-modes inplace,delta] [--prefill-order random|grouped] [--profile]
         [--prefill-ranks 16,64] [--configs "[{}, {'ex_o_blocks': 4}]"]
-        [--decode-configs "[{}, {'ex_block_n': 1024}]"] [--decode-shapes 2,3] [--decode-sets 8]
+        [--decode-configs "[{}, {'ex_block_n': 1024}]"] [--decode-shapes 2,3] [--decode-sets 32] [--prefill-sets 16]
 
 For every shape it checks the kernel against the reference (relative error of the LoRA delta, computed in
 float32 from the same bf16 inputs), then times shrink+expand together: ``K`` independent input sets (K x's and
@@ -346,16 +346,18 @@ def main():
                    help="a Python list of knob dicts to time instead of the default or --sweep list (prefill)")
     p.add_argument("--decode-configs", default="",
                    help="a Python list of knob dicts to time at every decode shape instead of the default / sweep")
-    # 32: each jitted call costs ~12 us on top of its kernels (eighteenth session: 8 -> 32 sets per call took the
-    # 256-token and rank-64 shapes from 51.4-51.5 to 50.2-50.4 us and from 26.1-26.3 to 24.9-25.1 us per op, in
-    # one device session); with 2 sets (the floor before the sixteenth session) the 256-token shape's wall time
-    # per op came out ~4 us above the same code's with 8. More sets also rotate more inputs past the L2.
+    # 32: each jitted call costs 10-25 us of device-idle time on top of its kernels (eighteenth session: 8 -> 32
+    # sets per call took the 256-token and rank-64 shapes from 51.4-51.5 to 50.2-50.4 us and from 26.1-26.3 to
+    # 24.9-25.1 us per op, in one device session); with 2 sets (the floor before the sixteenth session) the
+    # 256-token shape's wall time per op came out ~4 us above the same code's with 8. More sets also rotate more
+    # inputs past the L2.
     p.add_argument("--decode-sets", type=int, default=32,
                    help="at least this many input sets per timed call at the decode shapes")
     p.add_argument("--decode-shapes", default="", help="comma list: only these decode shapes (1-based, as in "
                    "the issue's list)")
     # 16 (eighteenth session; before it 4 at 8192 tokens and 4-12 at 2048, enough that the host's dispatch of a
-    # call hid behind its device work): each call's own ~12 us then adds <1 us per op instead of up to 3
+    # call hid behind its device work): a call's own 10-25 us then adds 1-1.5 us per op instead of up to 6 (r = 64,
+    # same device session: 4 -> 16 sets took 1.8-4.7 us off each op)
     p.add_argument("--prefill-sets", type=int, default=16, help="input sets per timed call at the prefill shapes")
     p.add_argument("--prefill-ranks", default="", help="comma list: only the prefill shapes of these ranks")
     p.add_argument("--prefill-order", default="random", choices=("random", "grouped"),
