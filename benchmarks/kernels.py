@@ -12,8 +12,9 @@ float32 from the same bf16 inputs), then times shrink+expand together: ``K`` ind
 y's; at decode one adapter bank with K disjoint slot ranges, at prefill two ranges taken in turn) are applied
 back to back inside one jitted function, with the y's donated and fed back, so the device stays busy, nothing
 is copied, the K sets together are several times the 60 MB L2, and each call holds enough device work that
-the host's dispatch of the next one hides behind it. Per-op time = wall time / (calls * K); the median of
-several trials is reported. ``--profile`` adds each configuration's device time per kernel.
+the host's dispatch of the next one hides behind it (K = 32 at decode and 16 at prefill by default: a jitted call
+also costs 10-25 us of device-idle time of its own, which K spreads over its ops). Per-op time = wall time /
+(calls * K); the median of several trials is reported. ``--profile`` adds each configuration's device time per kernel.
 
 Unique bytes follow the issue's convention: x + A and B of the distinct adapters + y once (bf16). The HBM
 ceiling (a large elementwise read+write and a large copy) and the bf16 matmul rate are measured in the same run.
