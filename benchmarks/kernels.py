@@ -357,7 +357,7 @@ def main():
     p.add_argument("--decode-shapes", default="", help="comma list: only these decode shapes (1-based, as in "
                    "the issue's list)")
     # 16 (eighteenth session; before it 4 at 8192 tokens and 4-12 at 2048, enough that the host's dispatch of a
-    # call hid behind its device work): a call's own 10-25 us then adds 1-1.5 us per op instead of up to 6 (r = 64,
+    # call hid behind its device work): a call's own 10-25 us then adds 0.6-1.6 us per op instead of up to 6 (r = 64,
     # same device session: 4 -> 16 sets took 1.8-4.7 us off each op)
     p.add_argument("--prefill-sets", type=int, default=16, help="input sets per timed call at the prefill shapes")
     p.add_argument("--prefill-ranks", default="", help="comma list: only the prefill shapes of these ranks")
