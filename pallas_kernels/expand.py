@@ -355,3 +355,75 @@ def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, o_blocks=
         raise ValueError(f"the outputs of one segment expand need one dtype, got {sorted(map(str, dtypes))}")
     return _seg_call(ys[0].dtype, h_partials, b_slices, tuple(ys), tiles, block_n, o_blocks, num_warps,
                      num_stages, interpret, b_ahead)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Segment delta, persistent form (experiment): a fixed number of programs, each looping over (tile, O-block)
+# work items, so that the compiler's software pipeline can issue the next item's loads (tile rows, h rows, B)
+# while this item's dot and store run.
+
+
+def _seg_persistent_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, b_ref, o_ref, *, block_m, block_n,
+                           n_items, n_iter):
+    # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N]; h_ref [n_split, T, R] f32 partials; b_ref [S, R, O];
+    # o_ref [T, O] fresh. Item w = (tile w % N, O-block w // N); program p takes items p, p + P, p + 2P, ...
+    p, n_prog = pl.program_id(0), pl.num_programs(0)
+    n_tiles = len_ref.shape[0]
+    n_blocks = o_ref.shape[1] // block_n
+    r_max = b_ref.shape[1]
+    hcols = lax.broadcasted_iota(jnp.int32, (block_m, r_max), 1)
+    brows = lax.broadcasted_iota(jnp.int32, (r_max, block_n), 0)
+
+    def item(j, carry):
+        w = j * n_prog + p
+        i = lax.rem(w, n_tiles)
+        ng = jnp.minimum(lax.div(w, n_tiles), n_blocks - 1)
+        n0 = pl.multiple_of(ng * block_n, block_n)
+        live = (w < n_items) & (len_ref[i] > 0)  # empty tiles and items past the end store nothing
+        toks = tok_ref[i, :]
+        s = tslot_ref[i]
+        rank = trank_ref[i]
+        hv = h_ref[0, toks, :]
+        for sp in range(1, h_ref.shape[0]):
+            hv = hv + h_ref[sp, toks, :]
+        hv = jnp.where(hcols < rank, hv, 0.0)  # rank 0 (slot 0): zero rows
+        bv = plgpu.load(b_ref.at[s, :, pl.ds(n0, block_n)], mask=brows < rank, other=0)
+        d = jnp.dot(hv.astype(bv.dtype), bv, preferred_element_type=jnp.float32)
+        # both indices as arrays: the interpreter cannot mask a store that mixes a gather with a slice
+        rows = jnp.broadcast_to(toks[:, None], (block_m, block_n))
+        cols = n0 + lax.broadcasted_iota(jnp.int32, (block_m, block_n), 1)
+        plgpu.store(o_ref.at[rows, cols], d.astype(o_ref.dtype), mask=jnp.broadcast_to(live, (block_m, block_n)))
+        return carry
+
+    lax.fori_loop(0, n_iter, item, 0)
+
+
+def seg_delta_persistent(out_dtype, h_partials, b, tiles, *, block_n=128, programs=264, num_warps=4, num_stages=3,
+                         interpret=False):
+    """``seg_delta_multi`` for one slice, as a persistent kernel of ``programs`` programs (an experiment).
+
+    Args:
+      out_dtype: the delta's dtype; h_partials: [n_split, T, R] f32; b: [S, R, O]; tiles: the shrink's tiles.
+      block_n: columns of O per work item; programs: the grid (default: two per SM of the H200).
+      num_stages: the software pipeline's depth over the work items.
+
+    Returns:
+      d: [T, O] in out_dtype (zero rows for rank-0 tokens).
+    """
+    t = h_partials.shape[1]
+    o = b.shape[2]
+    if o % block_n:
+        raise ValueError(f"O={o} must be divisible by block_n={block_n}")
+    n_items = tiles.length.shape[0] * (o // block_n)
+    programs = min(programs, n_items)
+    kernel = functools.partial(_seg_persistent_kernel, block_m=tiles.tokens.shape[1], block_n=block_n,
+                               n_items=n_items, n_iter=-(-n_items // programs))
+    args = _common.match_vma(*tiles, h_partials, b)
+    return pl.pallas_call(
+        kernel,
+        out_shape=_common.out_struct((t, o), out_dtype, *args),
+        grid=(programs,),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lora_seg_delta_persistent",
+    )(*args)
