@@ -192,7 +192,6 @@ def kernel_fn(default_form, **knobs):
     sk = {k[3:]: v for k, v in knobs.items() if k.startswith("sh_")}
     ek = {k[3:]: v for k, v in knobs.items() if k.startswith("ex_")}
     gk = {k[3:]: v for k, v in knobs.items() if k.startswith("gr_")}  # the grouping kernel's
-    pk = {k[3:]: v for k, v in knobs.items() if k.startswith("ps_")}  # the persistent delta's (experiment)
 
     def fn(y, x, a, b, slots, ranks):
         if form == "decode":
@@ -208,8 +207,6 @@ def kernel_fn(default_form, **knobs):
         if form == "segment_delta":
             if reduce_h or (reduce_h is None and lora.segment_sums_partials(x.shape[0], a.shape[2])):
                 hp = jnp.sum(hp, axis=1, keepdims=True)
-            if pk:
-                return expand.seg_delta_persistent(y.dtype, hp[0], b, tiles, **pk)
             block_n, o_blocks = lora.segment_delta_blocks(x.shape[0], a.shape[2], [b.shape[2]])
             dk = {"block_n": block_n, "o_blocks": o_blocks, **ek}
             return expand.seg_delta_multi(y.dtype, hp, (b,), tiles, **dk)[0]
