@@ -234,7 +234,7 @@ def bgmv_delta_multi(out_dtype, h_partials, b_slices, slot_ids, ranks, *, block_
 
 
 def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, block_m, block_n, o_blocks, starts,
-                      in_place, b_ahead, m_split):
+                      in_place, b_ahead):
     # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N] (``_common.SegmentTiles``); h_ref [n, n_split, T, R] f32
     # partials; refs: n b_refs [S, R, O_i], then (in place) n y_refs and n aliased o_refs [T, O_i], or (delta)
     # n fresh outputs d_i [T, O_i]. Grid: (tile, group of o_blocks O-blocks over all slices); slice i owns the
@@ -243,8 +243,7 @@ def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, bloc
     b_refs, o_refs = refs[:n_slices], refs[(2 if in_place else 1) * n_slices:]
     i, ng = pl.program_id(0), pl.program_id(1)
     r_max = b_refs[0].shape[1]
-    rows = block_m // m_split
-    hcols = lax.broadcasted_iota(jnp.int32, (rows, r_max), 1)
+    hcols = lax.broadcasted_iota(jnp.int32, (block_m, r_max), 1)
     brows = lax.broadcasted_iota(jnp.int32, (r_max, block_n), 0)
 
     @pl.when(len_ref[i] > 0)  # every token is in exactly one non-empty tile: each output row written once
@@ -260,15 +259,10 @@ def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, bloc
 
             @pl.when((ng >= starts[ii]) & (ng < starts[ii + 1]) & (rank > 0))
             def _(ii=ii, o_ref=o_ref, n0_of=n0_of):
-                # m_split: the tile's rows in m_split parts, one dot and store each per O-block (a smaller
-                # accumulator live at a time); a part past the tile's length is skipped
-                parts = [toks] if m_split == 1 else [tok_ref[i, pl.ds(q * rows, rows)] for q in range(m_split)]
-                hvs = []
-                for tq in parts:
-                    hv = h_ref[ii, 0, tq, :]  # [rows, R]: the shrink's H-slices summed here (tiny, from L2),
-                    for sp in range(1, h_ref.shape[1]):  # once for the program's o_blocks O-blocks
-                        hv = hv + h_ref[ii, sp, tq, :]
-                    hvs.append(jnp.where(hcols < rank, hv, 0.0).astype(b_refs[ii].dtype))
+                hv = h_ref[ii, 0, toks, :]  # [BM, R]: the shrink's H-slices summed here (tiny, from L2), once
+                for sp in range(1, h_ref.shape[1]):  # for the program's o_blocks O-blocks
+                    hv = hv + h_ref[ii, sp, toks, :]
+                hv = jnp.where(hcols < rank, hv, 0.0)
 
                 def load_b(k, ii=ii, n0_of=n0_of):
                     return plgpu.load(b_refs[ii].at[s, :, pl.ds(n0_of(k), block_n)], mask=brows < rank, other=0)
@@ -281,17 +275,10 @@ def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, bloc
                     # output might alias as far as it knows). H200, nineteenth session: the delta 0.2-0.9 us
                     # faster at 6 of the issue's 8 prefill shapes, within 0.2 us at the other two.
                     bn = load_b(k + 1) if b_ahead and k + 1 < o_blocks else None
-                    for q, (tq, hv) in enumerate(zip(parts, hvs)):
-                        def part(tq=tq, hv=hv, bv=bv, n0=n0):
-                            d = jnp.dot(hv, bv, preferred_element_type=jnp.float32)
-                            if in_place:
-                                d = d + o_ref[tq, pl.ds(n0, block_n)].astype(jnp.float32)  # rows by token
-                            o_ref[tq, pl.ds(n0, block_n)] = d.astype(o_ref.dtype)
-
-                        if q == 0:
-                            part()
-                        else:
-                            pl.when(len_ref[i] > q * rows)(part)
+                    d = jnp.dot(hv.astype(bv.dtype), bv, preferred_element_type=jnp.float32)
+                    if in_place:
+                        d = d + o_ref[toks, pl.ds(n0, block_n)].astype(jnp.float32)  # [BM, BN] rows by token
+                    o_ref[toks, pl.ds(n0, block_n)] = d.astype(o_ref.dtype)
                     if k + 1 < o_blocks:
                         bv = bn if b_ahead else load_b(k + 1)
 
@@ -308,7 +295,7 @@ def seg_delta_block_n(out_dims: list[int]) -> int:
 
 
 def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num_warps, num_stages, interpret,
-              b_ahead, m_split=1):
+              b_ahead):
     t = h_partials.shape[2]
     block_m = tiles.tokens.shape[1]
     out_dims = [b.shape[2] for b in b_slices]
@@ -318,8 +305,7 @@ def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num
                          f"(O = {out_dims})")
     in_place = ys is not None
     kernel = functools.partial(_seg_multi_kernel, block_m=block_m, block_n=block_n, o_blocks=o_blocks,
-                               starts=tuple(s // o_blocks for s in starts), in_place=in_place, b_ahead=b_ahead,
-                               m_split=m_split)
+                               starts=tuple(s // o_blocks for s in starts), in_place=in_place, b_ahead=b_ahead)
     args = _common.match_vma(*tiles, h_partials, *b_slices, *(ys or ()))
     n = len(b_slices)
     return tuple(pl.pallas_call(
@@ -334,7 +320,7 @@ def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num
 
 
 def seg_delta_multi(out_dtype, h_partials, b_slices, tiles, *, block_n=None, o_blocks=1, num_warps=4,
-                    num_stages=2, b_ahead=True, m_split=1, interpret=False):
+                    num_stages=2, b_ahead=True, interpret=False):
     """Segment-form LoRA deltas of several slices in one launch: d_i[t] = h_i[t, :rank] @ b_i[slot[t], :rank].
 
     Args:
@@ -350,7 +336,7 @@ def seg_delta_multi(out_dtype, h_partials, b_slices, tiles, *, block_n=None, o_b
       tensor-core dot, as PEFT rounds it to the model's dtype.
     """
     return _seg_call(out_dtype, h_partials, b_slices, None, tiles, block_n, o_blocks, num_warps, num_stages,
-                     interpret, b_ahead, m_split)
+                     interpret, b_ahead)
 
 
 def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, o_blocks=1, num_warps=4, num_stages=2,
