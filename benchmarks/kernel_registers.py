@@ -94,7 +94,7 @@ def compile_sm90(ir: str, num_warps: int, num_stages: int) -> dict:
 
 
 def prefill_case(t: int, h: int, o: int, r: int, nd: int):
-    """Abstract inputs of ``kernels.py``'s prefill case: tiles, x, the bank's A and B, h partials."""
+    """Abstract inputs of ``kernels.py``'s prefill case: the tiles, x, and the bank's A and B."""
     s = 1 + 2 * nd
     block_m = lora.segment_block_m(t, r)
     n = _common.max_segment_tiles(t, s, block_m)
