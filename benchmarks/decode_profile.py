@@ -318,15 +318,15 @@ def time_fused(cfg, log, batches, ctxs, bw, grid_for, small=False, rot_bytes=128
 
 
 def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("auto",), lora_impls=("auto",),
-                 variants=("base", "distinct"), timeline=False):
-    ecfg = EngineConfig(max_num_seqs=max(batches), page_size=16, num_lookahead=K, enable_lora=True, max_loras=64,
+                 variants=("base", "distinct"), timeline=False, max_loras=64):
+    ecfg = EngineConfig(max_num_seqs=max(batches), page_size=16, num_lookahead=K, enable_lora=True, max_loras=max_loras,
                         max_lora_rank=16, warmup=False, max_num_batched_tokens=2048, max_prefill_chunk=512,
                         num_kv_pages=max(batches) * P_WIDTH)
     runner = model_runner.ModelRunner(cfg, params, mesh, ecfg, max(batches) * P_WIDTH)
     runner.bank = random_bank(runner.bank, 16)
     greedy = SamplingParams(temperature=0.0)
     cases = []
-    adapters = {"distinct": 64, "shared8": 8}
+    adapters = {"distinct": max_loras, "shared8": min(8, max_loras)}
     for B in batches:
         for variant in variants:
             for attn in attention_impls:
@@ -467,8 +467,9 @@ def main():
     p.add_argument("--step-attention", default="auto", help="comma-separated attention impls for the step part")
     p.add_argument("--step-lora", default="auto", help="comma-separated lora impls for the step part")
     p.add_argument("--step-variants", default="base,distinct",
-                   help="of base, distinct (64 adapters), shared8, slot0 (LoRA on, no adapter in the batch)")
+                   help="of base, distinct (max_loras adapters), shared8, slot0 (LoRA on, no adapter in the batch)")
     p.add_argument("--timeline", action="store_true", help="step part: print one layer's kernels in start order")
+    p.add_argument("--max-loras", type=int, default=64, help="step part: the bank's adapter slots")
     p.add_argument("--ctx", type=int, default=192)
     p.add_argument("--out", default=".")
     p.add_argument("--small", action="store_true", help="tiny dims (CPU smoke test of the script)")
@@ -497,7 +498,8 @@ def main():
         results["step"] = step_profile(cfg, params, mesh, log, [int(b) for b in args.batches.split(",")], args.ctx,
                                        attention_impls=tuple(args.step_attention.split(",")),
                                        lora_impls=tuple(args.step_lora.split(",")),
-                                       variants=tuple(args.step_variants.split(",")), timeline=args.timeline)
+                                       variants=tuple(args.step_variants.split(",")), timeline=args.timeline,
+                                       max_loras=args.max_loras)
         del params
     if "lora" in parts:
         results["lora"] = lora_profile(log)

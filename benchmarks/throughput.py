@@ -17,6 +17,7 @@ batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -89,6 +90,35 @@ def random_bank(bank: AdapterBank, rank: int) -> AdapterBank:
     return AdapterBank(layers=layers, ranks=ranks)
 
 
+def split_knobs(impl: str) -> tuple[str, str]:
+    """``"auto+db512x2+sp128"`` -> ``("auto", "+db512x2+sp128")``: a lora impl and its segment-kernel knobs."""
+    name, plus, knobs = impl.partition("+")
+    return name, plus + knobs
+
+
+@contextlib.contextmanager
+def segment_knobs(impl: str):
+    """While tracing: the decode-size segment kernels' knobs named in ``impl``'s suffix: ``+dbCxO`` sets
+    ``pallas_kernels.lora.DECODE_DELTA_BLOCKS`` to (C columns at most per dot, O blocks per program), ``+spN``
+    ``pallas_kernels.shrink.SEG_PROGRAMS`` (the programs the shrink's H-split aims at) to N."""
+    from pallas_kernels import lora, shrink
+
+    saved = lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS
+    jax.clear_caches()          # jit's trace cache would otherwise hand back a trace made with other knobs
+    for knob in split_knobs(impl)[1].split("+")[1:]:
+        if knob.startswith("db"):
+            lora.DECODE_DELTA_BLOCKS = tuple(int(v) for v in knob[2:].split("x"))
+        elif knob.startswith("sp"):
+            shrink.SEG_PROGRAMS = int(knob[2:])
+        else:
+            raise ValueError(f"unknown segment knob {knob!r} in {impl!r}")
+    try:
+        yield
+    finally:
+        lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS = saved
+        jax.clear_caches()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", default="1,8,32,64,128,256")
@@ -102,7 +132,8 @@ def main():
     parser.add_argument("--lora-impls", default="auto",
                         help="comma-separated EngineConfig.lora_impl values: the adapter variants are timed under "
                              "each (the first fills the table's columns; e.g. pallas_decode,pallas_segment to A/B "
-                             "the kernel forms in one run)")
+                             "the kernel forms in one run; a suffix such as +db512x2+sp128 sets the decode segment "
+                             "kernels' knobs: segment_knobs)")
     parser.add_argument("--schedule-modes", default="",
                         help="comma-separated xla_gpu_command_buffer_scheduling_mode values (e.g. SERIALIZE): "
                              "every variant is also timed compiled under each (empty: the engine's options only, "
@@ -197,8 +228,10 @@ def main():
     @functools.cache
     def engine_impl(impl, B, variant):
         """The formulation the engine's runner picks for this batch (``routing.decode_impl``: "auto" may
-        become the grouped form for a batch with few adapters)."""
-        return decode_impl(impl, B, count_adapters(variants[variant](B)), jax.default_backend(), ecfg.max_lora_rank)
+        become the grouped form for a batch with few adapters), with ``impl``'s kernel knobs (``split_knobs``)."""
+        name, knobs = split_knobs(impl)
+        picked = decode_impl(name, B, count_adapters(variants[variant](B)), jax.default_backend(), ecfg.max_lora_rank)
+        return picked + knobs
 
     # compile every (batch, base|lora, impl, schedule mode) variant in parallel threads (XLA compiles outside
     # the GIL); the timed calls run these executables
@@ -210,10 +243,11 @@ def main():
         for kind, impl in needed:
             tokens, pos, active, table, rows, st, steps, lora = inputs(B, 100, None if kind == "base" else
                                                                          variants["distinct"](B))
-            lw = _decode_steps.lower(params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st, steps,
-                                     runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool), pos,
-                                     num_steps=K, lora_impl=impl, attention_impl=ecfg.attention_impl,
-                                     needs_penalties=False, num_logprobs=0)
+            with segment_knobs(impl):
+                lw = _decode_steps.lower(params, cfg, runner.cache, lora, tokens, pos, active, table, rows, st,
+                                         steps, runner.prompt_mask, runner.output_counts, jnp.zeros(B, bool), pos,
+                                         num_steps=K, lora_impl=split_knobs(impl)[0],
+                                         attention_impl=ecfg.attention_impl, needs_penalties=False, num_logprobs=0)
             for mode in modes:
                 lowered[B, kind, impl, mode] = lw
     with ThreadPoolExecutor(8) as pool:

@@ -64,6 +64,9 @@ SEGMENT_PARTIALS_MAX_RANK = 16
 # blocks of 128 against 1-8 blocks of 256: 2.7-5.3 us faster at three shapes, 0.7 us slower at the fourth. 16
 # blocks leave too few programs at 2048 tokens. Decode-sized calls keep one block of up to 256 (unmeasured).
 PREFILL_DELTA_BLOCKS = ((256, 2), (128, 4))
+# The same (largest columns per dot, O-blocks per program) below PREFILL_MIN_TOKENS (the decode step's
+# grouped calls): one block of up to 256 columns per program.
+DECODE_DELTA_BLOCKS = (256, 1)
 
 
 # Programs the segment shrink aims at (``shrink.seg_block_sizes``) where XLA sums its H-slices' partials
@@ -88,11 +91,10 @@ def segment_shrink_programs(num_tokens: int, r_max: int) -> int:
 
 
 def segment_delta_blocks(num_tokens: int, r_max: int, out_dims) -> tuple[int | None, int]:
-    """(block_n, o_blocks) of the segment delta for T tokens at rank R (``PREFILL_DELTA_BLOCKS``, o_blocks halved
-    until it divides every slice's count of blocks; (None, 1), the kernel's defaults, below PREFILL_MIN_TOKENS)."""
-    if num_tokens < PREFILL_MIN_TOKENS:
-        return None, 1
-    cap, o_blocks = PREFILL_DELTA_BLOCKS[r_max > 16]
+    """(block_n, o_blocks) of the segment delta for T tokens at rank R (``PREFILL_DELTA_BLOCKS``, or
+    ``DECODE_DELTA_BLOCKS`` below PREFILL_MIN_TOKENS; o_blocks halved until it divides every slice's count of
+    blocks)."""
+    cap, o_blocks = DECODE_DELTA_BLOCKS if num_tokens < PREFILL_MIN_TOKENS else PREFILL_DELTA_BLOCKS[r_max > 16]
     block_n = min(_common.largest_pow2_divisor(o, cap) for o in out_dims)
     while any((o // block_n) % o_blocks for o in out_dims):
         o_blocks //= 2

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import grouping, lora, shrink
+from pallas_kernels import expand, grouping, lora, shrink
 from pallas_kernels._common import max_segment_tiles
 from pallas_kernels.expand import ref_lora_expand
 from pallas_kernels.shrink import ref_lora_shrink
@@ -306,7 +306,8 @@ def test_prefill_sized_calls_use_wide_tiles():
     assert lora.segment_delta_blocks(t, 32, [512]) == (128, 4)
     assert lora.segment_delta_blocks(t, 16, [256, 512]) == (256, 1)     # o_blocks divides every slice's blocks
     assert lora.segment_delta_blocks(t, 32, [256, 512]) == (128, 2)
-    assert lora.segment_delta_blocks(t - 41, 16, [512]) == (None, 1)   # decode-sized: the kernel's defaults
+    for dims in ([512], [512, 96]):  # decode-sized (DECODE_DELTA_BLOCKS): one block, the kernel's default width
+        assert lora.segment_delta_blocks(t - 41, 16, dims) == (expand.seg_delta_block_n(dims), 1)
     # Where XLA sums the shrink's H-slices (R > 16 from PREFILL_MIN_TOKENS), the shrink aims at fewer programs:
     # one H-slice once the full tiles alone make SEGMENT_SUMMED_PROGRAMS (8192 tokens of 64-row tiles), so
     # nothing is left to sum. At R = 16 and at decode sizes the split stays as it was.
