@@ -234,7 +234,7 @@ def bgmv_delta_multi(out_dtype, h_partials, b_slices, slot_ids, ranks, *, block_
 
 
 def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, block_m, block_n, o_blocks, starts,
-                      in_place, b_ahead):
+                      in_place, b_ahead, o_loop=False):
     # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N] (``_common.SegmentTiles``); h_ref [n, n_split, T, R] f32
     # partials; refs: n b_refs [S, R, O_i], then (in place) n y_refs and n aliased o_refs [T, O_i], or (delta)
     # n fresh outputs d_i [T, O_i]. Grid: (tile, group of o_blocks O-blocks over all slices); slice i owns the
@@ -267,18 +267,24 @@ def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, bloc
                 def load_b(k, ii=ii, n0_of=n0_of):
                     return plgpu.load(b_refs[ii].at[s, :, pl.ds(n0_of(k), block_n)], mask=brows < rank, other=0)
 
+                def block(k, bv, ii=ii, o_ref=o_ref, n0_of=n0_of):
+                    n0 = n0_of(k)
+                    d = jnp.dot(hv.astype(bv.dtype), bv, preferred_element_type=jnp.float32)
+                    if in_place:
+                        d = d + o_ref[toks, pl.ds(n0, block_n)].astype(jnp.float32)  # [BM, BN] rows by token
+                    o_ref[toks, pl.ds(n0, block_n)] = d.astype(o_ref.dtype)
+
+                if o_loop:  # EXPERIMENT: a loop over the O-blocks, which Triton software-pipelines (B via cp.async)
+                    lax.fori_loop(0, o_blocks, lambda k, c: (block(k, load_b(k)), c)[1], 0)
+                    return
                 bv = load_b(0)
                 for k in range(o_blocks):
-                    n0 = n0_of(k)
                     # b_ahead: block k + 1's B is loaded before block k's dot and store, so its latency hides
                     # behind them (after the store in program order, the compiler cannot hoist it: B and the
                     # output might alias as far as it knows). H200, nineteenth session: the delta 0.2-0.9 us
                     # faster at 6 of the issue's 8 prefill shapes, within 0.2 us at the other two.
                     bn = load_b(k + 1) if b_ahead and k + 1 < o_blocks else None
-                    d = jnp.dot(hv.astype(bv.dtype), bv, preferred_element_type=jnp.float32)
-                    if in_place:
-                        d = d + o_ref[toks, pl.ds(n0, block_n)].astype(jnp.float32)  # [BM, BN] rows by token
-                    o_ref[toks, pl.ds(n0, block_n)] = d.astype(o_ref.dtype)
+                    block(k, bv)
                     if k + 1 < o_blocks:
                         bv = bn if b_ahead else load_b(k + 1)
 
@@ -295,7 +301,7 @@ def seg_delta_block_n(out_dims: list[int]) -> int:
 
 
 def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num_warps, num_stages, interpret,
-              b_ahead):
+              b_ahead, o_loop=False):
     t = h_partials.shape[2]
     block_m = tiles.tokens.shape[1]
     out_dims = [b.shape[2] for b in b_slices]
@@ -305,7 +311,8 @@ def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num
                          f"(O = {out_dims})")
     in_place = ys is not None
     kernel = functools.partial(_seg_multi_kernel, block_m=block_m, block_n=block_n, o_blocks=o_blocks,
-                               starts=tuple(s // o_blocks for s in starts), in_place=in_place, b_ahead=b_ahead)
+                               starts=tuple(s // o_blocks for s in starts), in_place=in_place, b_ahead=b_ahead,
+                               o_loop=o_loop)
     args = _common.match_vma(*tiles, h_partials, *b_slices, *(ys or ()))
     n = len(b_slices)
     return tuple(pl.pallas_call(
@@ -320,7 +327,7 @@ def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num
 
 
 def seg_delta_multi(out_dtype, h_partials, b_slices, tiles, *, block_n=None, o_blocks=1, num_warps=4,
-                    num_stages=2, b_ahead=True, interpret=False):
+                    num_stages=2, b_ahead=True, o_loop=False, interpret=False):
     """Segment-form LoRA deltas of several slices in one launch: d_i[t] = h_i[t, :rank] @ b_i[slot[t], :rank].
 
     Args:
@@ -336,11 +343,11 @@ def seg_delta_multi(out_dtype, h_partials, b_slices, tiles, *, block_n=None, o_b
       tensor-core dot, as PEFT rounds it to the model's dtype.
     """
     return _seg_call(out_dtype, h_partials, b_slices, None, tiles, block_n, o_blocks, num_warps, num_stages,
-                     interpret, b_ahead)
+                     interpret, b_ahead, o_loop)
 
 
 def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, o_blocks=1, num_warps=4, num_stages=2,
-                     b_ahead=True, interpret=False):
+                     b_ahead=True, o_loop=False, interpret=False):
     """Segment-form expand of several slices in one launch, in place: y_i[t] += h_i[t, :rank] @ b_i[slot, :rank].
 
     Args:
@@ -354,4 +361,4 @@ def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, o_blocks=
     if len(dtypes) != 1:
         raise ValueError(f"the outputs of one segment expand need one dtype, got {sorted(map(str, dtypes))}")
     return _seg_call(ys[0].dtype, h_partials, b_slices, tuple(ys), tiles, block_n, o_blocks, num_warps,
-                     num_stages, interpret, b_ahead)
+                     num_stages, interpret, b_ahead, o_loop)
