@@ -234,7 +234,7 @@ def bgmv_delta_multi(out_dtype, h_partials, b_slices, slot_ids, ranks, *, block_
 
 
 def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, block_m, block_n, o_blocks, starts,
-                      in_place, b_ahead, o_loop=False):
+                      in_place):
     # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N] (``_common.SegmentTiles``); h_ref [n, n_split, T, R] f32
     # partials; refs: n b_refs [S, R, O_i], then (in place) n y_refs and n aliased o_refs [T, O_i], or (delta)
     # n fresh outputs d_i [T, O_i]. Grid: (tile, group of o_blocks O-blocks over all slices); slice i owns the
@@ -274,19 +274,15 @@ def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, bloc
                         d = d + o_ref[toks, pl.ds(n0, block_n)].astype(jnp.float32)  # [BM, BN] rows by token
                     o_ref[toks, pl.ds(n0, block_n)] = d.astype(o_ref.dtype)
 
-                if o_loop:  # EXPERIMENT: a loop over the O-blocks, which Triton software-pipelines (B via cp.async)
+                if o_blocks == 1:
+                    block(0, load_b(0))
+                else:
+                    # Several O-blocks as a loop rather than unrolled: Triton software-pipelines the loop's B loads
+                    # (cp.async into shared memory, num_stages deep) where unrolled code staged the next block's B
+                    # in registers. H200, twentieth session, same process (benchmarks/RESULTS.md): the rank-64
+                    # delta 19.6 -> 16.0 us at 2048 tokens over 64 adapters and 30.3 -> 25.9 us at 8192 over 4
+                    # (154 -> 130 registers per thread, kernel_registers.py); rank 16 within 1.2 us either way.
                     lax.fori_loop(0, o_blocks, lambda k, c: (block(k, load_b(k)), c)[1], 0)
-                    return
-                bv = load_b(0)
-                for k in range(o_blocks):
-                    # b_ahead: block k + 1's B is loaded before block k's dot and store, so its latency hides
-                    # behind them (after the store in program order, the compiler cannot hoist it: B and the
-                    # output might alias as far as it knows). H200, nineteenth session: the delta 0.2-0.9 us
-                    # faster at 6 of the issue's 8 prefill shapes, within 0.2 us at the other two.
-                    bn = load_b(k + 1) if b_ahead and k + 1 < o_blocks else None
-                    block(k, bv)
-                    if k + 1 < o_blocks:
-                        bv = bn if b_ahead else load_b(k + 1)
 
             if not in_place:  # rank-0 tiles: zero rows (in place, their rows are neither read nor written)
                 @pl.when((ng >= starts[ii]) & (ng < starts[ii + 1]) & (rank == 0))
@@ -300,8 +296,7 @@ def seg_delta_block_n(out_dims: list[int]) -> int:
     return min(_common.largest_pow2_divisor(o, 256) for o in out_dims)
 
 
-def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num_warps, num_stages, interpret,
-              b_ahead, o_loop=False):
+def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num_warps, num_stages, interpret):
     t = h_partials.shape[2]
     block_m = tiles.tokens.shape[1]
     out_dims = [b.shape[2] for b in b_slices]
@@ -311,8 +306,7 @@ def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num
                          f"(O = {out_dims})")
     in_place = ys is not None
     kernel = functools.partial(_seg_multi_kernel, block_m=block_m, block_n=block_n, o_blocks=o_blocks,
-                               starts=tuple(s // o_blocks for s in starts), in_place=in_place, b_ahead=b_ahead,
-                               o_loop=o_loop)
+                               starts=tuple(s // o_blocks for s in starts), in_place=in_place)
     args = _common.match_vma(*tiles, h_partials, *b_slices, *(ys or ()))
     n = len(b_slices)
     return tuple(pl.pallas_call(
@@ -327,7 +321,7 @@ def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num
 
 
 def seg_delta_multi(out_dtype, h_partials, b_slices, tiles, *, block_n=None, o_blocks=1, num_warps=4,
-                    num_stages=2, b_ahead=True, o_loop=False, interpret=False):
+                    num_stages=2, interpret=False):
     """Segment-form LoRA deltas of several slices in one launch: d_i[t] = h_i[t, :rank] @ b_i[slot[t], :rank].
 
     Args:
@@ -336,18 +330,17 @@ def seg_delta_multi(out_dtype, h_partials, b_slices, tiles, *, block_n=None, o_b
         banks (same R >= 16); tiles: the shrink's ``_common.SegmentTiles``.
       block_n: columns of O per dot (default ``seg_delta_block_n``).
       o_blocks: O-blocks per program (it loads h once for all of them); must divide every slice's count.
-      b_ahead: load each next O-block's B before this block's dot and store (measured faster: see the kernel).
 
     Returns:
       tuple of d_i: [T, O_i] in out_dtype (zero rows for rank-0 tokens). h is rounded to B's dtype before the
       tensor-core dot, as PEFT rounds it to the model's dtype.
     """
     return _seg_call(out_dtype, h_partials, b_slices, None, tiles, block_n, o_blocks, num_warps, num_stages,
-                     interpret, b_ahead, o_loop)
+                     interpret)
 
 
 def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, o_blocks=1, num_warps=4, num_stages=2,
-                     b_ahead=True, o_loop=False, interpret=False):
+                     interpret=False):
     """Segment-form expand of several slices in one launch, in place: y_i[t] += h_i[t, :rank] @ b_i[slot, :rank].
 
     Args:
@@ -361,4 +354,4 @@ def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, o_blocks=
     if len(dtypes) != 1:
         raise ValueError(f"the outputs of one segment expand need one dtype, got {sorted(map(str, dtypes))}")
     return _seg_call(ys[0].dtype, h_partials, b_slices, tuple(ys), tiles, block_n, o_blocks, num_warps,
-                     num_stages, interpret, b_ahead, o_loop)
+                     num_stages, interpret)

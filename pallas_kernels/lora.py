@@ -62,10 +62,13 @@ SEGMENT_PARTIALS_MAX_RANK = 16
 # fourteenth session): R = 16, 2 blocks of 256 against 1, 4, 8 and 16: fastest or within 1 us at three of the
 # four shapes (8 blocks: 3.2 us faster at 8192 tokens / 4 adapters, 6.6 us slower at 8192 / 64); R = 64, 4
 # blocks of 128 against 1-8 blocks of 256: 2.7-5.3 us faster at three shapes, 0.7 us slower at the fourth. 16
-# blocks leave too few programs at 2048 tokens. Decode-sized calls keep one block of up to 256 (unmeasured).
+# blocks leave too few programs at 2048 tokens. With the blocks as a pipelined loop (twentieth session) the
+# choice held: 8 blocks at R = 64 and 4 at R = 16 were slower or equal at every shape.
 PREFILL_DELTA_BLOCKS = ((256, 2), (128, 4))
 # The same (largest columns per dot, O-blocks per program) below PREFILL_MIN_TOKENS (the decode step's
-# grouped calls): one block of up to 256 columns per program.
+# grouped calls): one block of up to 256 columns per program. In the decode step on the H200 (twentieth session,
+# benchmarks/RESULTS.md "Serving throughput"), 2, 4 and 8 blocks of 256 per program were slower or within 1%
+# at batch 64-256 for 64 distinct and 8 shared adapters: fewer programs do not make the step cheaper.
 DECODE_DELTA_BLOCKS = (256, 1)
 
 

@@ -334,9 +334,8 @@ def test_prefill_sized_calls_use_wide_tiles():
 @pytest.mark.parametrize("in_place", [False, True])
 def test_segment_delta_several_o_blocks_per_program(in_place):
     """``o_blocks`` (O-blocks per program of the segment delta/expand, h loaded once for all of them) gives the
-    single-block result for two slices (8 and 4 blocks of 32 columns: groups of 2 and 4), NaN padding and rank-0
-    tokens included, with each next block's B loaded ahead (the default) or not; a count that does not divide a
-    slice's blocks is refused."""
+    single-block result for two slices (8 and 4 blocks of 32 columns: groups of 2 and 4; the blocks as a loop),
+    NaN padding and rank-0 tokens included; a count that does not divide a slice's blocks is refused."""
     from pallas_kernels import expand
 
     x, y, a, b, slot_ids, ranks = make_inputs(7, [9, 30, 0, 17, 5], 128, 256, 16, jnp.float32)
@@ -345,8 +344,8 @@ def test_segment_delta_several_o_blocks_per_program(in_place):
     hp = shrink.seg_shrink_partials_multi(x, (a, a2), tiles, interpret=True)
     want = [ref_lora_expand(yy, ref_lora_shrink(x, aa, slot_ids, ranks), bb, slot_ids, ranks) - yy
             for yy, aa, bb in ((y, a, b), (y2, a2, b2))]
-    for o_blocks, b_ahead in ((1, True), (2, True), (4, True), (4, False)):
-        kw = dict(block_n=32, o_blocks=o_blocks, b_ahead=b_ahead, interpret=True)
+    for o_blocks in (1, 2, 4):
+        kw = dict(block_n=32, o_blocks=o_blocks, interpret=True)
         if in_place:
             outs = expand.seg_expand_multi((y, y2), hp, (b, b2), tiles, **kw)
             outs = [o - yy for o, yy in zip(outs, (y, y2))]
