@@ -67,8 +67,9 @@ SEGMENT_PARTIALS_MAX_RANK = 16
 PREFILL_DELTA_BLOCKS = ((256, 2), (128, 4))
 # The same (largest columns per dot, O-blocks per program) below PREFILL_MIN_TOKENS (the decode step's
 # grouped calls): one block of up to 256 columns per program. In the decode step on the H200 (twentieth session,
-# benchmarks/RESULTS.md "Serving throughput"), 2, 4 and 8 blocks of 256 per program were slower or within 1%
-# at batch 64-256 for 64 distinct and 8 shared adapters: fewer programs do not make the step cheaper.
+# benchmarks/RESULTS.md "Serving throughput"), 2, 4 and 8 blocks of 256 per program made every step that runs
+# the segment form slower (batch 64-256, 64 distinct or 8 shared adapters: +0.5% to +5.6% back to back): fewer
+# programs do not make the step cheaper.
 DECODE_DELTA_BLOCKS = (256, 1)
 
 
