@@ -336,8 +336,6 @@ def test_segment_delta_several_o_blocks_per_program(in_place):
     """``o_blocks`` (O-blocks per program of the segment delta/expand, h loaded once for all of them) gives the
     single-block result for two slices (8 and 4 blocks of 32 columns: groups of 2 and 4; the blocks as a loop),
     NaN padding and rank-0 tokens included; a count that does not divide a slice's blocks is refused."""
-    from pallas_kernels import expand
-
     x, y, a, b, slot_ids, ranks = make_inputs(7, [9, 30, 0, 17, 5], 128, 256, 16, jnp.float32)
     y2, a2, b2 = _slice_like(8, ranks, x.shape[0], 128, 128, 16, jnp.float32)
     tiles = grouping.segment_tiles_triton(slot_ids, ranks, 16, interpret=True)
@@ -363,8 +361,6 @@ def test_decode_shrink_spec_load_and_token_ranks(dtype):
     several H-slices: the reference's h, NaN padding (columns >= rank, all of an empty slot's columns) dropped.
     The token ranks it hands out equal ranks[slot_ids], and the expand given them (one load fewer per
     program) equals the expand that looks each rank up; rank-0 rows of y untouched."""
-    from pallas_kernels import expand
-
     x, y, a, b, slot_ids, ranks = make_inputs(11, [6, 9, 0, 12, 5, 7], 256, 384, 16, dtype)
     want_h = ref_lora_shrink(x, a, slot_ids, ranks)
     want = ref_lora_expand(y, want_h, b, slot_ids, ranks)
