@@ -283,7 +283,11 @@ def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, bloc
                     # delta 19.6-19.7 -> 15.9-16.1 us at 2048 tokens over 64 adapters, 30.3-30.5 -> 25.9-26.0 at
                     # 8192 over 4, 39.2-40.0 -> 37.9-38.0 at 8192 over 64, 0.3 us slower at 2048 over 4 (154 ->
                     # 130 registers per thread, kernel_registers.py); rank 16 within 1.2 us either way.
-                    lax.fori_loop(0, o_blocks, lambda k, c: (block(k, load_b(k)), c)[1], 0)
+                    def body(k, carry):
+                        block(k, load_b(k))
+                        return carry
+
+                    lax.fori_loop(0, o_blocks, body, 0)
 
             if not in_place:  # rank-0 tiles: zero rows (in place, their rows are neither read nor written)
                 @pl.when((ng >= starts[ii]) & (ng < starts[ii + 1]) & (rank == 0))

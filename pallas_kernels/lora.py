@@ -94,7 +94,7 @@ def segment_shrink_programs(num_tokens: int, r_max: int) -> int:
     return SEGMENT_SUMMED_PROGRAMS if segment_sums_partials(num_tokens, r_max) else shrink.SEG_PROGRAMS
 
 
-def segment_delta_blocks(num_tokens: int, r_max: int, out_dims) -> tuple[int | None, int]:
+def segment_delta_blocks(num_tokens: int, r_max: int, out_dims) -> tuple[int, int]:
     """(block_n, o_blocks) of the segment delta for T tokens at rank R (``PREFILL_DELTA_BLOCKS``, or
     ``DECODE_DELTA_BLOCKS`` below PREFILL_MIN_TOKENS; o_blocks halved until it divides every slice's count of
     blocks)."""
