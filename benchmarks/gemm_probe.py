@@ -75,35 +75,31 @@ def packed_skeleton(cfg, layout: str, P: int, rank: int, compiler_options=None):
         col = jnp.arange(n * P) % P // rank
         return (col[None, :] == (jnp.arange(B) % (P // rank))[:, None]).astype(jnp.bfloat16)
 
-    def extend(x, a, n, w_rows):
+    def extend(x, a, n):
+        """x with its masked shrink (or zeros) appended: the extended GEMMs' input."""
         if layout == "packed_slice":
-            return x, w_rows
+            return x
         if layout == "packed_base":
             h = jnp.zeros((x.shape[0], n * P), x.dtype)
         else:
             h = jnp.einsum("bi,ip->bp", x, a) * masks(x.shape[0], n)
-        return jnp.concatenate([x, h], axis=-1), None
+        return jnp.concatenate([x, h], axis=-1)
+
+    def rows(w, n_in):  # packed_slice: the base GEMM on the weight's first n_in rows
+        return w[:n_in] if layout == "packed_slice" else w
 
     @functools.partial(jax.jit, compiler_options=compiler_options)
     def run(weights, x):
         B = x.shape[0]
         for w in weights:
-            xe, _ = extend(x, w["a_qkv"], 3, None)
-            wq = w["w_qkv"][:E] if layout == "packed_slice" else w["w_qkv"]
-            qkv = jnp.einsum("be,ekgd->bkgd", xe, wq)
+            qkv = jnp.einsum("be,ekgd->bkgd", extend(x, w["a_qkv"], 3), rows(w["w_qkv"], E))
             q = qkv[:, :, :G].reshape(B, H, D)
             k, v = qkv[:, :, G], qkv[:, :, G + 1]
             attn = (q + jnp.repeat(k * v, G, axis=1)).reshape(B, H * D)
-            ae, _ = extend(attn, w["a_o"], 1, None)
-            wo = w["wo"][:H * D] if layout == "packed_slice" else w["wo"]
-            x = x + ae @ wo
-            xe, _ = extend(x, w["a_gate_up"], 2, None)
-            wgu = w["w_gate_up"][:E] if layout == "packed_slice" else w["w_gate_up"]
-            gu = jnp.einsum("be,egm->bgm", xe, wgu)
+            x = x + extend(attn, w["a_o"], 1) @ rows(w["wo"], H * D)
+            gu = jnp.einsum("be,egm->bgm", extend(x, w["a_gate_up"], 2), rows(w["w_gate_up"], E))
             m = jax.nn.silu(gu[:, 0]) * gu[:, 1]
-            me, _ = extend(m, w["a_down"], 1, None)
-            wd = w["w_down"][:M] if layout == "packed_slice" else w["w_down"]
-            x = x + me @ wd
+            x = x + extend(m, w["a_down"], 1) @ rows(w["w_down"], M)
         return x
 
     return run
