@@ -39,7 +39,7 @@ from jmlora.engine.sequence import Sequence
 from jmlora.lora.bank import AdapterBank, TargetBank
 from jmlora.lora.routing import LoRABatch, count_adapters, decode_impl
 from jmlora.lora.slots import SlotManager
-from jmlora.model import attention, init_params, make_mesh
+from jmlora.model import attention, decoder, init_params, make_mesh
 
 WORKLOADS = [(128, 128), (1024, 256)]
 
@@ -158,10 +158,14 @@ def main():
                         help="also time the LoRA executable on a batch whose rows all have no adapter (slot 0)")
     parser.add_argument("--host", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the host time per step at the largest batch (compiles one more executable)")
+    parser.add_argument("--decode-gemm", default="auto", choices=("auto", "xla"),
+                        help="jmlora.model.decoder.DECODE_GEMM_IMPL: the decode projections on the Pallas skinny GEMM "
+                             "where its table has the shape (auto) or all on XLA's GEMM (xla)")
     parser.add_argument("--tune-attention", action="store_true",
                         help="first time the decode-attention kernels per batch and use the fastest (the table "
                              "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")
     args = parser.parse_args()
+    decoder.DECODE_GEMM_IMPL = args.decode_gemm
     batches = [int(b) for b in args.batches.split(",")]
     K = args.lookahead
     t0 = time.perf_counter()

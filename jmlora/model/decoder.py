@@ -9,6 +9,7 @@ with the cache as a scanned carry made XLA copy the whole cache every step (DESI
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,34 @@ def _dense(x: Array, w: Array, spec: str) -> Array:
     asking for a float32 result and casting back cost one extra kernel per matmul on the H200 (measured
     in benchmarks/RESULTS.md, "Decode step diagnostics")."""
     return jnp.einsum(spec, x, w)
+
+
+# Decode projections run the Pallas skinny GEMM (``pallas_kernels.gemm``) where its table holds the shape and the
+# backend is a GPU: "auto". "xla" keeps XLA's GEMM everywhere (benchmarks' A/B); "pallas" also runs the table's
+# shapes off GPU, in the Pallas interpreter (tests). Read while tracing.
+DECODE_GEMM_IMPL = "auto"
+
+
+def _project(x: Array, w: Array, spec: str) -> Array:
+    """``_dense`` for a projection whose einsum contracts all of x's dims after (b, t) with w's leading dims
+    (``"bte,ekgd->btkgd"``, ``"bthd,hde->bte"``, ...): by the Pallas skinny GEMM where ``DECODE_GEMM_IMPL``
+    and the kernel's table say so, else by XLA."""
+    from pallas_kernels.gemm import decode_gemm_config, gemm
+
+    x_dims, rest = spec.split(",")
+    w_dims, out_dims = rest.split("->")
+    contracted = x_dims[2:]
+    on_gpu = jax.default_backend() == "gpu"
+    if (DECODE_GEMM_IMPL == "xla" or (DECODE_GEMM_IMPL == "auto" and not on_gpu) or not x_dims.startswith("bt")
+            or not w_dims.startswith(contracted) or out_dims != "bt" + w_dims[len(contracted):]):
+        return _dense(x, w, spec)
+    lead, out_shape = x.shape[:2], w.shape[len(contracted):]
+    k = math.prod(x.shape[2:])
+    config = decode_gemm_config(math.prod(lead), k, math.prod(out_shape))
+    if config is None:
+        return _dense(x, w, spec)
+    y = gemm(x.reshape(-1, k), w.reshape(k, -1), config, interpret=not on_gpu)
+    return y.reshape(*lead, *out_shape)
 
 
 class _LayerLoRA:
@@ -129,14 +158,14 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
             attn, k_cache, v_cache = _attention(cfg, layer, h, positions, k_cache, v_cache, page_idx, slot_idx,
                                                 page_table, kv_lens, lora, inv_freq, attention_impl)
         B, T = attn.shape[:2]
-        x = x + lora(_bias(_dense(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1), "o_proj")
+        x = x + lora(_bias(_project(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1), "o_proj")
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer.mlp_norm, eps, offset)
-        gate_up = _dense(h, layer.w_gate_up, "bte,egm->btgm")                          # [B, T, 2, M]
+        gate_up = _project(h, layer.w_gate_up, "bte,egm->btgm")                        # [B, T, 2, M]
         gate, up = _bias(gate_up[:, :, 0], layer.b_gate), _bias(gate_up[:, :, 1], layer.b_up)
         gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
         h = _activation(cfg.activation)(gate) * up
-        x = x + lora(_bias(_dense(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")
+        x = x + lora(_bias(_project(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")
     return x, k_cache, v_cache
 
 
@@ -150,7 +179,7 @@ def _attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: Array,
     """
     eps, offset = cfg.rms_norm_eps, cfg.norm_weight_offset
     if layer.w_qkv is not None:
-        qkv = _dense(h, layer.w_qkv, "bte,ekgd->btkgd")                             # [B, T, K, G + 2, D]
+        qkv = _project(h, layer.w_qkv, "bte,ekgd->btkgd")                           # [B, T, K, G + 2, D]
         B, T, K, G2, D = qkv.shape
         q, k, v = qkv[:, :, :, :G2 - 2].reshape(B, T, K * (G2 - 2), D), qkv[:, :, :, -2], qkv[:, :, :, -1]
     else:
@@ -188,7 +217,7 @@ def _fused_attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: 
     Returns:
       (attn ``[B, 1, H, D]``, k_cache, v_cache).
     """
-    qkv = _dense(h, layer.w_qkv, "bte,ekgd->btkgd")[:, 0]                              # [B, K, G + 2, D]
+    qkv = _project(h, layer.w_qkv, "bte,ekgd->btkgd")[:, 0]                            # [B, K, G + 2, D]
     B, K, G2, D = qkv.shape
     shapes = ((B, 1, K * (G2 - 2), D), (B, 1, K, D), (B, 1, K, D))
     deltas = lora.deltas(h, shapes, ("q_proj", "k_proj", "v_proj"))
