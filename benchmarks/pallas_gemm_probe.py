@@ -145,22 +145,24 @@ def gemm(x, w, lora=None, *, bm, bn, bk, split=1, num_warps=4, num_stages=3, lor
     return y if split == 1 else jnp.sum(y, axis=0).astype(x.dtype)
 
 
-def configs(M: int, K: int, N: int) -> list[dict]:
+def configs(M: int, K: int, N: int, wide: bool = False) -> list[dict]:
     """Candidate tiles: BM in {64, 128, 256} (<= M; M itself below 64), BN in {64, 128} (BM x BN <= 16384),
     BK in {64, 128}, K-split the smallest power of two that gives >= 128 programs (at least 4 K-steps each),
-    3 or 5 stages."""
+    3 or 5 stages. ``wide``: BN up to 256 and BM x BN up to 32768, 8 warps from 16384."""
     out = []
     for bm in (64, 128, 256) if M >= 64 else (M,):
         if bm > M:
             continue
-        for bn in (64, 128):
-            if bm * bn > 16384:
+        for bn in (64, 128, 256) if wide else (64, 128):
+            if bm * bn > (32768 if wide else 16384):
                 continue
             for bk in (64, 128):
                 split = 1
                 while (M // bm) * (N // bn) * split < 128 and K // (bk * split * 2) >= 4:
                     split *= 2
                 warps = 4 if bm * bn <= 64 * 128 else 8
+                if wide and bm * bn < 16384:  # the narrow tiles are the default set's
+                    continue
                 for stages in (3, 5):
                     out.append(dict(bm=bm, bn=bn, bk=bk, split=split, num_warps=warps, num_stages=stages))
     return out
@@ -197,8 +199,9 @@ def probe_case(M: int, proj: str, args, log, kernel_times) -> dict:
         dj = jnp.where(j < n_ad, 1 + j, 0)  # slot of packed column block j (0: dead)
         hp = jnp.where(slot_ids[:, None] == dj[None, :], h[:, r], 0.0).astype(jnp.bfloat16)  # [M, P]
         rows = jnp.where(dj > 0, dj * R + r, 0).astype(jnp.int32)
-        lora_sets[label + "p"] = ("packed", hp, rows, b2)
-        lora_sets[label + "pf"] = ("packed", hp, rows, b2)
+        if "packed" in forms:
+            lora_sets[label + "p"] = ("packed", hp, rows, b2)
+            lora_sets[label + "pf"] = ("packed", hp, rows, b2)
         lora_refs[label + "p"] = lora_refs[label + "pf"] = lora_refs[label]
     want = jnp.dot(x, ws[0], preferred_element_type=jnp.float32)
 
@@ -226,7 +229,7 @@ def probe_case(M: int, proj: str, args, log, kernel_times) -> dict:
     log(f"M={M} {proj} K={K} N={N} copies={copies}: xla {xla_us:.2f} us "
         f"({wbytes / xla_us / 1e6:.2f} TB/s of weights) {r[2]}")
     rows = []
-    cfgs = configs(M, K, N)
+    cfgs = configs(M, K, N, wide=args.wide)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:  # the Triton compiles are the slow part
         compiled = list(pool.map(lambda c: build(lambda x, w: gemm(x, w, **c)), cfgs))
@@ -266,7 +269,8 @@ def main():
     ap.add_argument("--rot-mb", type=int, default=400, help="weight bytes per timed call (rotated copies)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--slots", type=int, default=64, help="bank slots (slot 0 the zero adapter)")
-    ap.add_argument("--lora-forms", default="packed", help="epilogues to time: packed and/or loop")
+    ap.add_argument("--wide", action="store_true", help="only the wide tiles (BN 256, BM x BN 16384-32768)")
+    ap.add_argument("--lora-forms", default="packed", help="epilogues to time: packed and/or loop (none: neither)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from device_profile import kernel_times
