@@ -87,3 +87,55 @@ def test_decoder_with_pallas_gemm_equals_xla(tmp_path, monkeypatch):
     assert want.std(axis=-1).mean() > 0.1
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     jax.clear_caches()  # no trace made with the test's table outlives it
+
+
+def _poisoned_bank(key, shape, ranks, rank_axis):
+    """A stacked LoRA tensor whose entries past each slot's rank (along ``rank_axis``) are NaN; slot 0 zero."""
+    t = 0.1 * jax.random.normal(key, shape, jnp.float32)
+    r = jnp.arange(shape[rank_axis]).reshape([-1 if i == rank_axis else 1 for i in range(3)])
+    t = jnp.where(r >= ranks[:, None, None], jnp.nan, t)
+    return t.at[0].set(0.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("layout, widths", [(("single",), [64]), (("halves", 64), [64, 64]),
+                                            (("qkv", 2, 2, 32), [128, 64, 64])])
+@pytest.mark.parametrize("config", [GemmConfig(16, 32, 32), GemmConfig(32, 32, 64, split_k=2)])
+def test_lora_gemm_matches_reference(layout, widths, config, dtype):
+    """Base GEMM + LoRA terms of mixed ranks (NaN past each rank), base rows (slot 0), fewer adapters than
+    the 8 packed, every column layout, split-K."""
+    S, R, M, K = 6, 16, 32, 128
+    ranks = jnp.array([0, 16, 8, 4, 16, 0], jnp.int32)
+    slots = jnp.array(([0, 1, 2, 4, 3, 1, 2, 0] * 4)[:M], jnp.int32)
+    ks = jax.random.split(jax.random.key(len(widths) + config.split_k), 8)
+    x = jax.random.normal(ks[0], (M, K), jnp.float32).astype(dtype)
+    w = (0.1 * jax.random.normal(ks[1], (K, sum(widths)), jnp.float32)).astype(dtype)
+    a_s = [_poisoned_bank(ks[2 + i], (S, K, R), ranks, 2).astype(dtype) for i in range(len(widths))]
+    b_s = [_poisoned_bank(ks[5 + i], (S, R, wd), ranks, 1).astype(dtype) for i, wd in enumerate(widths)]
+    distinct = gemm_mod.batch_distinct(slots, 8)
+    assert distinct.tolist() == [1, 2, 3, 4, 0, 0, 0, 0]
+    got = gemm_mod.lora_gemm(x, w, a_s, b_s, slots, ranks, distinct, config, layout=layout, interpret=True)
+    want = gemm_mod.ref_lora_gemm(x, w, a_s, b_s, slots, ranks, layout=layout)
+    assert bool(jnp.isfinite(got.astype(jnp.float32)).all())
+    base = ref_gemm(x, w).astype(jnp.float32)
+    assert float(jnp.abs(want.astype(jnp.float32) - base).max()) > 0.5  # the LoRA terms are not negligible
+    tol = 1e-4 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+
+
+def test_lora_gemm_rejects_a_layout_that_does_not_fit():
+    x, w = jnp.zeros((16, 64)), jnp.zeros((64, 96))
+    a, b = jnp.zeros((3, 64, 16)), jnp.zeros((3, 16, 48))
+    with pytest.raises(ValueError, match="does not fit K=64, width 96"):
+        gemm_mod.lora_gemm(x, w, [a], [b], jnp.zeros(16, jnp.int32), jnp.zeros(3, jnp.int32),
+                           jnp.zeros(8, jnp.int32), GemmConfig(16, 16, 32), interpret=True)
+    with pytest.raises(ValueError, match="inside one slice"):
+        gemm_mod.lora_gemm(x, w, [a, a], [b, b], jnp.zeros(16, jnp.int32), jnp.zeros(3, jnp.int32),
+                           jnp.zeros(8, jnp.int32), GemmConfig(16, 32, 32), layout=("halves", 48), interpret=True)
+
+
+def test_pallas_gemm_impl_falls_back_above_its_adapter_count():
+    from jmlora.lora.routing import LORA_GEMM_MAX_ADAPTERS, decode_impl
+
+    assert decode_impl("pallas_gemm", 64, LORA_GEMM_MAX_ADAPTERS, "gpu", 16) == "pallas_gemm"
+    assert decode_impl("pallas_gemm", 64, LORA_GEMM_MAX_ADAPTERS + 1, "gpu", 16) == "pallas_segment"
