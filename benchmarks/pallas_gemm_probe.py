@@ -230,12 +230,6 @@ def probe_case(M: int, proj: str, args, log, kernel_times) -> dict:
         f"({wbytes / xla_us / 1e6:.2f} TB/s of weights) {r[2]}")
     rows = []
     cfgs = configs(M, K, N, wide=args.wide)
-    if args.table_only:
-        from pallas_kernels.gemm import LORA_GEMM_TABLE
-
-        c = LORA_GEMM_TABLE[(M, K, N)]
-        cfgs = [dict(bm=c.block_m, bn=c.block_n, bk=c.block_k, split=c.split_k, num_warps=c.num_warps,
-                     num_stages=c.num_stages)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:  # the Triton compiles are the slow part
         compiled = list(pool.map(lambda c: build(lambda x, w: gemm(x, w, **c)), cfgs))
@@ -253,28 +247,6 @@ def probe_case(M: int, proj: str, args, log, kernel_times) -> dict:
     best_us, best = rows[0]
     entry = dict(M=M, proj=proj, K=K, N=N, xla_us=xla_us, pallas_us=best_us, pallas_cfg=best,
                  top3=[(u, c) for u, c in rows[:3]])
-    if "fused" in forms:
-        from pallas_kernels.gemm import LORA_GEMM_TABLE, batch_distinct, lora_gemm, ref_lora_gemm
-
-        layout = {"qkv": ("qkv", 8, 4, 128), "gate_up": ("halves", N // 2)}.get(proj, ("single",))
-        widths = {"qkv": [4096, 1024, 1024], "gate_up": [N // 2, N // 2]}.get(proj, [N])
-        ka = jax.random.split(ks[4], 2 * len(widths))
-        a_s = [(0.02 * jax.random.normal(k, (S, K, R), jnp.float32)).astype(jnp.bfloat16).at[0].set(0)
-               for k in ka[:len(widths)]]
-        b_s = [(0.02 * jax.random.normal(k, (S, R, wd), jnp.float32)).astype(jnp.bfloat16).at[0].set(0)
-               for k, wd in zip(ka[len(widths):], widths)]
-        ranks = jnp.full((S,), R, jnp.int32).at[0].set(0)
-        slot_ids = (1 + jnp.arange(M) % 8).astype(jnp.int32)
-        cfg = LORA_GEMM_TABLE[(M, K, N)]
-        fused_args = (a_s, b_s, slot_ids, ranks, batch_distinct(slot_ids, 8))
-        r = timed(build(lambda x, w, a_s, b_s, sl, rk, d: lora_gemm(x, w, a_s, b_s, sl, rk, d, cfg, layout=layout),
-                        fused_args), "fused8", cfg)
-        if r is not None:
-            us, y0, kern = r
-            ref = ref_lora_gemm(x, ws[0], a_s, b_s, slot_ids, ranks, layout=layout).astype(jnp.float32)
-            entry["fused8_us"] = us
-            log(f"  fused8 {cfg}: {us:.2f} us (+{us - best_us:.2f} over pallas; {us / xla_us:.3f}x xla) "
-                f"err {err(y0, ref):.1e} {kern}")
     for label, lora in lora_sets.items():
         first = label.endswith("pf")
         r = timed(build(lambda x, w, *arrs, kind=lora[0], first=first: gemm(x, w, (kind, *arrs), lora_first=first,
@@ -297,12 +269,8 @@ def main():
     ap.add_argument("--rot-mb", type=int, default=400, help="weight bytes per timed call (rotated copies)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--slots", type=int, default=64, help="bank slots (slot 0 the zero adapter)")
-    ap.add_argument("--table-only", action="store_true",
-                    help="time the plain kernel at pallas_kernels.gemm.LORA_GEMM_TABLE's configuration only")
     ap.add_argument("--wide", action="store_true", help="only the wide tiles (BN 256, BM x BN 16384-32768)")
-    ap.add_argument("--lora-forms", default="packed",
-                    help="epilogues to time: packed, loop and/or fused (pallas_kernels.gemm.lora_gemm with 8 "
-                         "adapters, its table's configuration); none: neither")
+    ap.add_argument("--lora-forms", default="packed", help="epilogues to time: packed and/or loop (none: neither)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from device_profile import kernel_times
@@ -335,8 +303,7 @@ def main():
     log("\nsummary (us per GEMM by device time; per-layer sum = qkv + o + gate_up + down)")
     for M in sorted({e["M"] for e in results}):
         es = [e for e in results if e["M"] == M]
-        keys = ("xla_us", "pallas_us", "lora8_us", "lora8p_us", "lora8pf_us", "loraM_us", "loraMp_us", "loraMpf_us",
-                "fused8_us")
+        keys = ("xla_us", "pallas_us", "lora8_us", "lora8p_us", "lora8pf_us", "loraM_us", "loraMp_us", "loraMpf_us")
         tot = {k: sum(e.get(k, float("nan")) for e in es) for k in keys}
         log(f"M={M}: " + "  ".join(f"{e['proj']} xla {e['xla_us']:.1f} / pallas {e['pallas_us']:.1f}"
                                    for e in es)

@@ -153,13 +153,12 @@ def test_routing_formulations_agree(setup):
 
 # "pallas_gpu_fused" takes the LoRA terms of q/k/v as deltas into its kernel (small batches) or adds them to
 # the projection first ("pallas_gpu_fused_xla_add": the larger batches' path, forced here at batch 3);
-# "pallas_decode" and "pallas_segment" run the GPU LoRA kernels of that form, "pallas_gemm" the base GEMM and the
-# LoRA terms in one launch per projection group (all in the Pallas interpreter on CPU)
+# "pallas_decode" and "pallas_segment" run the GPU LoRA kernels of that form (all in the Pallas interpreter on
+# CPU)
 @pytest.mark.parametrize("decode_attention,lora_impl", [("auto", "auto"), ("pallas_gpu_fused", "auto"),
                                                         ("pallas_gpu_fused_xla_add", "auto"),
                                                         ("auto", "pallas_decode"),
-                                                        ("pallas_gpu_fused", "pallas_segment"),
-                                                        ("pallas_gpu_fused", "pallas_gemm"), ("auto", "pallas_gemm")])
+                                                        ("pallas_gpu_fused", "pallas_segment")])
 def test_decode_with_adapters_equals_full_forward(setup, decode_attention, lora_impl, monkeypatch, request):
     if setup.family not in ("llama", "gemma"):
         pytest.skip("decode routing is family-independent; two families suffice")
@@ -182,15 +181,9 @@ def test_decode_with_adapters_equals_full_forward(setup, decode_attention, lora_
                               jnp.full(B, 4, jnp.int32), table, cache, lora)
     decoded = []
     for t in range(4):
-        args = (setup.params, cfg, jnp.asarray([[s[t]] for s in steps], jnp.int32), jnp.full(B, 4 + t, jnp.int32),
-                jnp.ones(B, jnp.int32), table, cache, lora, lora_impl, decode_attention)
-        if lora_impl == "pallas_gemm" and t == 0:
-            # every projection group with adapters is one fused GEMM launch: q/k/v too when the attention
-            # kernel is the fused one (the other path's q/k/v run the segment kernels)
-            jaxpr = str(jax.make_jaxpr(forward_logits, static_argnums=(1, 8, 9))(*args))
-            per_layer = 4 if decode_attention == "pallas_gpu_fused" else 3
-            assert jaxpr.count("lora_gemm") == per_layer * cfg.num_layers
-        logits, cache = forward_logits(*args)
+        logits, cache = forward_logits(setup.params, cfg, jnp.asarray([[s[t]] for s in steps], jnp.int32),
+                                       jnp.full(B, 4 + t, jnp.int32), jnp.ones(B, jnp.int32), table, cache, lora,
+                                       lora_impl=lora_impl, attention_impl=decode_attention)
         decoded.append(np.asarray(jax.nn.log_softmax(logits[:, 0], axis=-1)))
     server.release(adapters)
     for i, adapter in enumerate(adapters):

@@ -12,9 +12,6 @@ formulations behind one function (``impl``):
   (BGMV or segment); off GPU/TPU their jnp reference.
 - ``"pallas_decode"``, ``"pallas_segment"``: the same with the GPU form forced (one program per token, or
   tiles of same-adapter tokens); off GPU/TPU the Triton kernels run in the Pallas interpreter (tests).
-- ``"pallas_gemm"``: decode steps whose batch holds at most ``LORA_GEMM_MAX_ADAPTERS`` adapters: each
-  projection's base GEMM, LoRA shrinks and expand in one launch (``pallas_kernels.gemm.lora_gemm``, wired in
-  by the decoder where its table has the shape); everything else as "pallas_segment".
 
 Measured choices are in ``benchmarks/RESULTS.md``; ``default_impl`` holds the winner per shape and platform.
 """
@@ -30,12 +27,8 @@ from jmlora.lora.bank import AdapterBank, TargetBank
 
 Array = jax.Array
 
-LORA_IMPLS = ("gather", "onehot", "ragged", "pallas", "pallas_decode", "pallas_segment", "pallas_gemm")
-# "pallas_gemm" runs the segment kernels wherever its fused GEMM does not apply
-_PALLAS_FORMS = {"pallas": "auto", "pallas_decode": "decode", "pallas_segment": "segment", "pallas_gemm": "segment"}
-
-# "pallas_gemm": the adapters a batch may hold (the fused GEMM packs their h side by side, 8 x rank columns)
-LORA_GEMM_MAX_ADAPTERS = 8
+LORA_IMPLS = ("gather", "onehot", "ragged", "pallas", "pallas_decode", "pallas_segment")
+_PALLAS_FORMS = {"pallas": "auto", "pallas_decode": "decode", "pallas_segment": "segment"}
 
 
 def _pallas_options(impl: str) -> dict:
@@ -82,14 +75,11 @@ def decode_impl(impl: str, batch: int, num_adapters: int, platform: str, rank: i
     "auto" becomes "pallas_segment" on GPU from ``FEW_ADAPTERS_MIN_BATCH`` rows up to where "auto" groups
     anyway (``pallas_kernels.lora.SEGMENT_MIN_TOKENS``) when the batch holds at most
     ``batch * FEW_ADAPTERS_PER_ROW`` adapters and the bank's rank ``rank`` suits the segment kernels (a power
-    of two >= 16: one tensor-core dot); "pallas_gemm" becomes "pallas_segment" for a batch with more than
-    ``LORA_GEMM_MAX_ADAPTERS`` adapters; anything else is returned unchanged (resolved later by
+    of two >= 16: one tensor-core dot); anything else is returned unchanged (resolved later by
     ``resolve_impl``).
     """
     from pallas_kernels.lora import SEGMENT_MIN_TOKENS
 
-    if impl == "pallas_gemm" and num_adapters > LORA_GEMM_MAX_ADAPTERS:
-        return "pallas_segment"  # more adapters than the fused GEMM packs
     if (impl == "auto" and platform == "gpu" and FEW_ADAPTERS_MIN_BATCH <= batch < SEGMENT_MIN_TOKENS
             and rank >= 16 and rank & (rank - 1) == 0 and 0 < num_adapters <= batch * FEW_ADAPTERS_PER_ROW):
         return "pallas_segment"

@@ -15,14 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jmlora.config import ModelConfig
-from jmlora.lora.routing import (
-    LORA_GEMM_MAX_ADAPTERS,
-    LoRABatch,
-    apply_lora,
-    apply_lora_group,
-    resolve_impl,
-    segment_tiles,
-)
+from jmlora.lora.routing import LoRABatch, apply_lora, apply_lora_group, resolve_impl, segment_tiles
 from jmlora.model.attention import (
     KVCache,
     apply_rope,
@@ -101,32 +94,9 @@ def _project(x: Array, w: Array, spec: str) -> Array:
 class _LayerLoRA:
     """The adapter inputs of one layer: adds each row's LoRA term to a projection's output."""
 
-    def __init__(self, lora: LoRABatch | None, layer: int, impl: str, tiles=None, distinct=None):
+    def __init__(self, lora: LoRABatch | None, layer: int, impl: str, tiles=None):
         self.targets = {} if lora is None else lora.bank.layers[layer]
-        self.lora, self.impl, self.tiles, self.distinct = lora, impl, tiles, distinct
-
-    def project(self, x: Array, w: Array, spec: str, targets: tuple[str, ...], layout: tuple
-                ) -> tuple[Array, bool]:
-        """The projection ``_project(x, w, spec)`` with the LoRA terms of ``targets`` (the weight's column
-        slices, as ``layout`` maps them: ``pallas_kernels.gemm.Layout``) in one ``lora_gemm`` launch, where this
-        step runs that form ("pallas_gemm": ``distinct`` given), every target has adapters and the kernel has a
-        configuration for the shape. Returns (y, True) then, else (the base projection, False): the caller
-        adds the LoRA terms."""
-        if self.distinct is not None and all(t in self.targets for t in targets):
-            from pallas_kernels.gemm import lora_gemm, lora_gemm_config
-
-            contracted = spec.split(",")[0][2:]
-            lead, out_shape = x.shape[:2], w.shape[len(contracted):]
-            k = math.prod(x.shape[2:])
-            interpret = jax.default_backend() != "gpu"
-            config = lora_gemm_config(math.prod(lead), k, math.prod(out_shape), layout, interpret=interpret)
-            if config is not None:
-                tbs = [self.targets[t] for t in targets]
-                y = lora_gemm(x.reshape(-1, k), w.reshape(k, -1), [tb.a for tb in tbs], [tb.b for tb in tbs],
-                              jnp.repeat(self.lora.slot_ids, lead[1]), self.lora.bank.ranks, self.distinct,
-                              config, layout=layout, interpret=interpret)
-                return y.reshape(*lead, *out_shape), True
-        return _project(x, w, spec), False
+        self.lora, self.impl, self.tiles = lora, impl, tiles
 
     def __call__(self, y: Array, x: Array, target: str) -> Array:
         """y: the base projection's output ``[B, T, ...out]``; x: its input ``[B, T, in]``."""
@@ -188,20 +158,14 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
             attn, k_cache, v_cache = _attention(cfg, layer, h, positions, k_cache, v_cache, page_idx, slot_idx,
                                                 page_table, kv_lens, lora, inv_freq, attention_impl)
         B, T = attn.shape[:2]
-        o, done = lora.project(attn, layer.wo, "bthd,hde->bte", ("o_proj",), ("single",))
-        o = _bias(o, layer.bo)
-        x = x + (o if done else lora(o, attn.reshape(B, T, -1), "o_proj"))
+        x = x + lora(_bias(_project(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1), "o_proj")
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer.mlp_norm, eps, offset)
-        gate_up, done = lora.project(h, layer.w_gate_up, "bte,egm->btgm", ("gate_proj", "up_proj"),
-                                     ("halves", cfg.intermediate_size))                 # [B, T, 2, M]
+        gate_up = _project(h, layer.w_gate_up, "bte,egm->btgm")                        # [B, T, 2, M]
         gate, up = _bias(gate_up[:, :, 0], layer.b_gate), _bias(gate_up[:, :, 1], layer.b_up)
-        if not done:
-            gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
+        gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
         h = _activation(cfg.activation)(gate) * up
-        down, done = lora.project(h, layer.w_down, "btm,me->bte", ("down_proj",), ("single",))
-        down = _bias(down, layer.b_down)
-        x = x + (down if done else lora(down, h, "down_proj"))
+        x = x + lora(_bias(_project(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")
     return x, k_cache, v_cache
 
 
@@ -253,13 +217,10 @@ def _fused_attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: 
     Returns:
       (attn ``[B, 1, H, D]``, k_cache, v_cache).
     """
-    K, G2, D = layer.w_qkv.shape[1:]
-    qkv, done = lora.project(h, layer.w_qkv, "bte,ekgd->btkgd", ("q_proj", "k_proj", "v_proj"),
-                             ("qkv", K, G2 - 2, D))
-    qkv = qkv[:, 0]                                                                     # [B, K, G + 2, D]
-    B = qkv.shape[0]
+    qkv = _project(h, layer.w_qkv, "bte,ekgd->btkgd")[:, 0]                            # [B, K, G + 2, D]
+    B, K, G2, D = qkv.shape
     shapes = ((B, 1, K * (G2 - 2), D), (B, 1, K, D), (B, 1, K, D))
-    deltas = None if done else lora.deltas(h, shapes, ("q_proj", "k_proj", "v_proj"))
+    deltas = lora.deltas(h, shapes, ("q_proj", "k_proj", "v_proj"))
     biases = (layer.bq, layer.bk, layer.bv)
     if deltas is None and any(b is not None for b in biases):
         deltas = tuple(jnp.zeros(s, h.dtype) for s in shapes)
@@ -310,16 +271,11 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, n
     impl = resolve_impl(lora_impl, T, B)
     attn_impl = resolve_attention_impl(attention_impl, T, B, cfg.num_kv_heads)
     tiles = None if lora is None else segment_tiles(lora, T, impl)  # the segment kernels' sort: once per step
-    distinct = None  # "pallas_gemm" at decode: the batch's adapters, once per step
-    if lora is not None and impl == "pallas_gemm" and T == 1:
-        from pallas_kernels.gemm import batch_distinct
-
-        distinct = batch_distinct(lora.slot_ids, LORA_GEMM_MAX_ADAPTERS)
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer_{i}"):
             x, k, v = decoder_layer(cfg, layer, x, positions, cache.k[i], cache.v[i], page_idx, slot_idx,
-                                    page_table, kv_lens, _LayerLoRA(lora, i, impl, tiles, distinct), attn_impl)
+                                    page_table, kv_lens, _LayerLoRA(lora, i, impl, tiles), attn_impl)
         new_k.append(k)
         new_v.append(v)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)
