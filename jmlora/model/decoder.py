@@ -64,8 +64,9 @@ def _dense(x: Array, w: Array, spec: str) -> Array:
 
 
 # Decode projections run the Pallas skinny GEMM (``pallas_kernels.gemm``) where its table holds the shape and the
-# backend is a GPU: "auto". "xla" keeps XLA's GEMM everywhere (benchmarks' A/B); "pallas" also runs the table's
-# shapes off GPU, in the Pallas interpreter (tests). Read while tracing.
+# backend is one GPU: "auto" (a pallas_call is not partitioned, so with several devices the weights' sharded XLA
+# GEMM stays). "xla" keeps XLA's GEMM everywhere (benchmarks' A/B); "pallas" also runs the table's shapes off
+# GPU, in the Pallas interpreter (tests). Read while tracing.
 DECODE_GEMM_IMPL = "auto"
 
 
@@ -79,7 +80,8 @@ def _project(x: Array, w: Array, spec: str) -> Array:
     w_dims, out_dims = rest.split("->")
     contracted = x_dims[2:]
     on_gpu = jax.default_backend() == "gpu"
-    if (DECODE_GEMM_IMPL == "xla" or (DECODE_GEMM_IMPL == "auto" and not on_gpu) or not x_dims.startswith("bt")
+    auto_off = not on_gpu or jax.device_count() > 1
+    if (DECODE_GEMM_IMPL == "xla" or (DECODE_GEMM_IMPL == "auto" and auto_off) or not x_dims.startswith("bt")
             or not w_dims.startswith(contracted) or out_dims != "bt" + w_dims[len(contracted):]):
         return _dense(x, w, spec)
     lead, out_shape = x.shape[:2], w.shape[len(contracted):]
