@@ -360,3 +360,85 @@ def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, o_blocks=
         raise ValueError(f"the outputs of one segment expand need one dtype, got {sorted(map(str, dtypes))}")
     return _seg_call(ys[0].dtype, h_partials, b_slices, tuple(ys), tiles, block_n, o_blocks, num_warps,
                      num_stages, interpret)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packed form (few adapters): dense row blocks against every adapter the batch uses, no grouping.
+
+
+def _packed_delta_multi_kernel(slot_ref, rank_ref, pslot_ref, h_ref, *refs, block_m, block_n, o_blocks, starts,
+                               num_tokens):
+    # slot_ref [T], rank_ref [S], pslot_ref [P] int32; h_ref [n, n_split, T, R] f32 partials (the packed
+    # shrink's: zero outside each row's own adapter's live columns); refs: n b_refs [S, R, O_i], then n fresh
+    # outputs d_i [T, O_i]. Grid: (row block, group of o_blocks O-blocks over all slices); slice i owns the
+    # groups starts[i] .. starts[i + 1] - 1.
+    n_slices = len(starts) - 1
+    b_refs, o_refs = refs[:n_slices], refs[n_slices:]
+    m, ng = pl.program_id(0), pl.program_id(1)
+    r_max = b_refs[0].shape[1]
+    n_packed = pslot_ref.shape[0]
+    rows = jnp.minimum(m * block_m + lax.broadcasted_iota(jnp.int32, (block_m,), 0), num_tokens - 1)
+    slots = slot_ref[rows]  # [BM]
+    packed = [pslot_ref[p] for p in range(n_packed)]
+    prank = [rank_ref[s] for s in packed]
+    brows = lax.broadcasted_iota(jnp.int32, (r_max, block_n), 0)
+    for ii in range(n_slices):
+        @pl.when((ng >= starts[ii]) & (ng < starts[ii + 1]))
+        def _(ii=ii):
+            hv = h_ref[ii, 0, rows, :]  # [BM, R], once for the program's o_blocks O-blocks
+            for sp in range(1, h_ref.shape[1]):
+                hv = hv + h_ref[ii, sp, rows, :]
+            # each adapter's rows of h, zero elsewhere, so that one dot per adapter sums to every row's delta
+            hps = [jnp.where(slots[:, None] == packed[p], hv, 0.0).astype(b_refs[ii].dtype) for p in range(n_packed)]
+
+            def block(k, carry):
+                n0 = pl.multiple_of(((ng - starts[ii]) * o_blocks + k) * block_n, block_n)
+                acc = jnp.zeros((block_m, block_n), jnp.float32)
+                for p in range(n_packed):  # dead rows of B (NaN padding; all of an unused entry's) are not read
+                    bv = plgpu.load(b_refs[ii].at[packed[p], :, pl.ds(n0, block_n)], mask=brows < prank[p],
+                                    other=0)
+                    acc = acc + jnp.dot(hps[p], bv, preferred_element_type=jnp.float32)
+                o_refs[ii][rows, pl.ds(n0, block_n)] = acc.astype(o_refs[ii].dtype)
+                return carry
+
+            if o_blocks == 1:
+                block(0, 0)
+            else:
+                lax.fori_loop(0, o_blocks, block, 0)
+
+
+def packed_delta_multi(out_dtype, h_partials, b_slices, slot_ids, ranks, packed_slots, *, block_m=64,
+                       block_n=None, o_blocks=1, num_warps=4, num_stages=2, interpret=False):
+    """Packed-form LoRA deltas of several slices in one launch (Pallas Triton lowering; R >= 16):
+    d_i[t] = h_i[t, :rank] @ b_i[slot[t], :rank] for the slots in ``packed_slots``, zero rows elsewhere.
+
+    Each program takes ``block_m`` consecutive tokens and ``o_blocks`` blocks of ``block_n`` output columns,
+    one tensor-core dot per packed adapter against that adapter's rows of h (the rest zeroed).
+
+    Args:
+      out_dtype: the deltas' dtype (the base outputs').
+      h_partials: [n, n_split, T, R] float32, ``shrink.packed_shrink_partials_multi``'s (or any h that is zero
+        outside each token's live columns); b_slices: tuple of n [S, R, O_i] banks (same R).
+      slot_ids: [T] int32; ranks: [S] int32; packed_slots: [P] int32, as for the packed shrink.
+
+    Returns:
+      tuple of d_i: [T, O_i] in out_dtype.
+    """
+    t = h_partials.shape[2]
+    out_dims = [b.shape[2] for b in b_slices]
+    block_n, starts = _multi_blocks(out_dims, b_slices[0].shape[1], block_n or seg_delta_block_n(out_dims))
+    if any(s % o_blocks for s in starts):
+        raise ValueError(f"o_blocks={o_blocks} must divide every slice's O-blocks of {block_n} columns "
+                         f"(O = {out_dims})")
+    kernel = functools.partial(_packed_delta_multi_kernel, block_m=block_m, block_n=block_n, o_blocks=o_blocks,
+                               starts=tuple(s // o_blocks for s in starts), num_tokens=t)
+    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), packed_slots.astype(jnp.int32),
+                             h_partials, *b_slices)
+    return tuple(pl.pallas_call(
+        kernel,
+        out_shape=tuple(_common.out_struct((t, o), out_dtype, *args) for o in out_dims),
+        grid=(-(-t // block_m), starts[-1] // o_blocks),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lora_packed_delta_multi",
+    )(*args))

@@ -317,3 +317,108 @@ def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None,
         interpret=interpret,
         name="lora_seg_shrink_multi",
     )(*args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packed form (few adapters): dense row blocks against every adapter the batch uses, no grouping.
+
+
+def _packed_shrink_multi_kernel(slot_ref, rank_ref, pslot_ref, x_ref, *refs, block_m, block_k, k_per_split,
+                                num_tokens):
+    # slot_ref [T], rank_ref [S], pslot_ref [P] int32 (the batch's adapters, 0 = unused entry); x_ref [T, H];
+    # refs: n a_refs [S, H, R], then h_ref [n, n_split, T, R] f32. Grid: (row block, H-slice, slice).
+    *a_refs, h_ref = refs
+    m, sp, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    r_max = a_refs[0].shape[2]
+    n_packed = pslot_ref.shape[0]
+    # rows past T repeat the last token: they compute and store that token's own result again
+    rows = jnp.minimum(m * block_m + lax.broadcasted_iota(jnp.int32, (block_m,), 0), num_tokens - 1)
+    slots = slot_ref[rows]  # [BM]
+    packed = [pslot_ref[p] for p in range(n_packed)]
+    live = [rank_ref[s] > 0 for s in packed]
+    cols = lax.broadcasted_iota(jnp.int32, (block_m, r_max), 1)
+    n_k = k_per_split // block_k
+    for ii, a_ref in enumerate(a_refs):
+        @pl.when(j == ii)
+        def _(a_ref=a_ref, ii=ii):
+            def k_step(step, accs):
+                k0 = pl.multiple_of(sp * k_per_split + step * block_k, block_k)
+                xv = x_ref[rows, pl.ds(k0, block_k)]  # [BM, BK], x read once for every adapter
+                out = []
+                for p in range(n_packed):
+                    # Whole rows of A (vectorised loads): the dead columns, NaN padding included, are dropped
+                    # by the select after the loop. An unused entry's mask is uniform, so it reads nothing.
+                    av = plgpu.load(a_ref.at[packed[p], pl.ds(k0, block_k), :],
+                                    mask=jnp.broadcast_to(live[p], (block_k, r_max)), other=0)
+                    out.append(accs[p] + jnp.dot(xv, av.astype(xv.dtype), preferred_element_type=jnp.float32))
+                return tuple(out)
+
+            zero = jnp.zeros((block_m, r_max), jnp.float32)
+            accs = lax.fori_loop(0, n_k, k_step, (zero,) * n_packed)
+            h = zero
+            for p in range(n_packed):  # each row keeps its own adapter's live columns
+                keep = (slots[:, None] == packed[p]) & (cols < rank_ref[packed[p]]) & live[p]
+                h = jnp.where(keep, accs[p], h)
+            h_ref[ii, sp, rows, :] = h
+
+
+# Programs the packed shrink aims at: ~2 per SM of the H200 (not measured yet).
+PACKED_PROGRAMS = 256
+
+
+def packed_block_sizes(num_tokens: int, hidden: int, n_slices: int, block_m: int, n_packed: int, r_max: int,
+                       programs: int = PACKED_PROGRAMS) -> tuple[int, int]:
+    """Default (block_k, n_split) of the packed shrink: H-chunks of at most 128 columns and 16384 elements of
+    A per loop step (the step's A blocks for every packed adapter sit in shared memory, ``num_stages`` deep),
+    and the fewest H-slices that reach ``programs`` programs, each keeping >= 512 of H."""
+    block_k = _common.largest_pow2_divisor(hidden, max(16, min(128, 16384 // (n_packed * r_max))))
+    blocks = -(-num_tokens // block_m)
+    n_split = 1
+    while (blocks * n_slices * n_split < programs and hidden // (n_split * 2) >= 512
+           and (hidden // block_k) % (n_split * 2) == 0):
+        n_split *= 2
+    return block_k, n_split
+
+
+def packed_shrink_partials_multi(x, a_slices, slot_ids, ranks, packed_slots, *, block_m=64, block_k=None,
+                                 n_split=None, num_warps=None, num_stages=3, programs=PACKED_PROGRAMS,
+                                 interpret=False):
+    """Packed-form shrink of several A's that share x, in one launch (Pallas Triton lowering; R >= 16).
+
+    For a batch of few adapters: each program takes ``block_m`` consecutive tokens (any order of slots) and
+    one H-slice, multiplies them against the A of every adapter in ``packed_slots`` (tensor-core dots; x read
+    once) and keeps, for each row, its own adapter's columns. Costs P times the (small) shrink flops of the
+    grouped forms and needs no grouping of the tokens.
+
+    Args:
+      x: [T, H]; a_slices: tuple of n [S, H, R] banks (same H and R); slot_ids: [T] int32; ranks: [S] int32.
+      packed_slots: [P] int32, the distinct slots the batch uses, padded with 0 (entries of rank 0 cost no
+        loads). A token whose slot is not among them gets h = 0, as slot 0 does.
+      block_m: rows per program (>= 16: a tensor-core dot).
+      block_k, n_split: H-chunk per loop step and number of H-slices (defaults from ``packed_block_sizes``).
+      num_warps: default 8 where the P accumulators hold more than 8192 elements, else 4.
+
+    Returns:
+      h_partials: [n, n_split, T, R] float32 in token order; ``h_partials[i]`` sum over axis 0 to slice i's h.
+    """
+    t, hidden = x.shape
+    r_max = a_slices[0].shape[2]
+    num_warps = num_warps or (8 if block_m * packed_slots.shape[0] * r_max > 8192 else 4)
+    dk, dn = packed_block_sizes(t, hidden, len(a_slices), block_m, packed_slots.shape[0], r_max, programs)
+    block_k, n_split = block_k or dk, n_split or dn
+    if hidden % (block_k * n_split):
+        raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
+    if packed_slots.ndim != 1 or packed_slots.shape[0] < 1:
+        raise ValueError(f"packed_slots must be a non-empty [P] array, got shape {packed_slots.shape}")
+    kernel = functools.partial(_packed_shrink_multi_kernel, block_m=block_m, block_k=block_k,
+                               k_per_split=hidden // n_split, num_tokens=t)
+    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), packed_slots.astype(jnp.int32),
+                             x, *a_slices)
+    return pl.pallas_call(
+        kernel,
+        out_shape=_common.out_struct((len(a_slices), n_split, t, r_max), jnp.float32, *args),
+        grid=(-(-t // block_m), n_split, len(a_slices)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lora_packed_shrink_multi",
+    )(*args)
