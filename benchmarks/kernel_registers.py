@@ -110,7 +110,7 @@ def prefill_case(t: int, h: int, o: int, r: int, nd: int):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--kernel", default="delta", choices=("delta", "shrink", "packed_delta", "packed_shrink"))
+    p.add_argument("--kernel", default="delta", choices=("delta", "shrink"))
     p.add_argument("--shape", default="8192,4096,4096,64,4", help="T,H,O,r,adapters")
     p.add_argument("--knobs", default="{}", help="keyword arguments of the kernel function (a dict literal)")
     args = p.parse_args()
@@ -125,19 +125,6 @@ def main():
         kw = {"block_n": block_n, "o_blocks": o_blocks, **knobs}
         fn = lambda hp_, b_, tiles_: expand.seg_delta_multi(jnp.bfloat16, hp_, (b_,), tiles_, **kw)[0]  # noqa: E731
         mods = triton_modules(fn, hp, b, tiles)
-    elif args.kernel.startswith("packed"):  # the packed form over nd adapters (no tiles)
-        sl = jax.ShapeDtypeStruct((t,), jnp.int32)
-        rk = jax.ShapeDtypeStruct((a.shape[0],), jnp.int32)
-        ps = jax.ShapeDtypeStruct((nd,), jnp.int32)
-        if args.kernel == "packed_delta":
-            hp = jax.ShapeDtypeStruct((1, 1, t, r), jnp.float32)
-            fn = lambda hp_, b_, s_, r_, p_: expand.packed_delta_multi(  # noqa: E731
-                jnp.bfloat16, hp_, (b_,), s_, r_, p_, **knobs)[0]
-            mods = triton_modules(fn, hp, b, sl, rk, ps)
-        else:
-            fn = lambda x_, a_, s_, r_, p_: shrink.packed_shrink_partials_multi(  # noqa: E731
-                x_, (a_,), s_, r_, p_, **knobs)
-            mods = triton_modules(fn, x, a, sl, rk, ps)
     else:
         kw = {"programs": lora.segment_shrink_programs(t, r), **knobs}
         fn = lambda x_, a_, tiles_: shrink.seg_shrink_partials_multi(x_, (a_,), tiles_, **kw)  # noqa: E731

@@ -90,14 +90,12 @@ def measure_ceilings(log):
     return {"bw_elem": bw_elem, "bw_copy": bw_copy, "bw": max(bw_elem, bw_copy), "flops": flops}
 
 
-def make_case(t, h, o, r, nd, k_sets, seed, prefill, grouped=False, n_ranges=None, packed=False):
+def make_case(t, h, o, r, nd, k_sets, seed, prefill, grouped=False, n_ranges=None):
     """K input sets over one bank of 1 + n_ranges*nd slots (slot 0 = zero adapter, rank r elsewhere); set i
     uses the slot range i % n_ranges (default: one range per set).
 
     ``grouped``: each adapter's tokens contiguous (sorted by slot, as SGMV's callers hand them over and as
-    one sequence's prompt arrives), instead of in random order.
-    ``packed``: each set's slots are the pair (slot ids, the set's distinct slots padded with 0 to nd), the
-    packed form's inputs; the distinct slots come from the host, as the engine's scheduler knows them."""
+    one sequence's prompt arrives), instead of in random order."""
     rng = np.random.default_rng(seed)
     n_ranges = n_ranges or k_sets
     s_total = 1 + n_ranges * nd
@@ -117,9 +115,6 @@ def make_case(t, h, o, r, nd, k_sets, seed, prefill, grouped=False, n_ranges=Non
         if grouped:
             local = np.sort(local)
         slots = jnp.asarray(1 + (i % n_ranges) * nd + local, jnp.int32)
-        if packed:
-            used = np.unique(1 + (i % n_ranges) * nd + local)
-            slots = (slots, jnp.asarray(np.pad(used, (0, nd - len(used))), jnp.int32))
         x = jax.random.normal(jax.random.fold_in(kx, i), (t, h), DT)
         y = jax.random.normal(jax.random.fold_in(ky, i), (t, o), DT)
         sets.append((x, y, slots))
@@ -134,8 +129,6 @@ def check(fn, a, b, ranks, x, y, slots, delta=False):
     """Relative error of the LoRA delta vs an f32 reference on the same (bf16) inputs (``delta``: fn returns
     the delta alone, not y plus it)."""
     out = fn(y, x, a, b, slots, ranks).astype(jnp.float32)
-    if isinstance(slots, tuple):  # the packed form's (slot ids, packed slots)
-        slots = slots[0]
     if delta:
         out = out + y.astype(jnp.float32)
     f32 = jnp.float32
@@ -201,16 +194,6 @@ def kernel_fn(default_form, **knobs):
     gk = {k[3:]: v for k, v in knobs.items() if k.startswith("gr_")}  # the grouping kernel's
 
     def fn(y, x, a, b, slots, ranks):
-        if form == "packed":  # slots = (slot ids, packed slots): the packed shrink, then the packed delta
-            slots, packed = slots
-            if reduce_h:
-                hp = shrink.packed_shrink_partials_multi(x, (a,), slots, ranks, packed, **sk)
-                hp = jnp.sum(hp, axis=1, keepdims=True)
-            else:
-                hp = shrink.packed_shrink_partials_multi(x, (a,), slots, ranks, packed, **sk)
-            return expand.packed_delta_multi(y.dtype, hp, (b,), slots, ranks, packed, **ek)[0]
-        if isinstance(slots, tuple):  # a packed case's inputs timed in another form
-            slots = slots[0]
         if form == "decode":
             if token_ranks:
                 hp, tr = shrink.bgmv_shrink_partials(x, a, slots, ranks, token_ranks=True, **sk)
@@ -258,28 +241,11 @@ PREFILL_DELTA_SWEEP = [  # {}: the library's defaults (lora.segment_delta_blocks
     dict(sh_num_stages=2),
     dict(sh_n_split=2),
 ]
-PACKED_MAX_ADAPTERS = 8  # one unrolled dot per adapter: the packed form is for batches of few adapters
-PACKED_SWEEP = [  # the packed form's knobs (sh_: shrink, ex_: delta; reduce_h: XLA sums the H-slices first)
-    {},
-    dict(reduce_h=True),
-    dict(ex_block_n=128),
-    dict(ex_block_n=128, ex_num_warps=8),
-    dict(ex_o_blocks=2),
-    dict(sh_block_m=32, ex_block_m=32),
-    dict(sh_block_m=128, ex_block_m=128, sh_num_warps=8, ex_num_warps=8),
-    dict(sh_block_k=64),
-    dict(sh_num_warps=8),
-    dict(sh_num_stages=2),
-    dict(sh_programs=512),
-    dict(sh_programs=128),
-]
-PREFILL_MODE_FORMS = {"inplace": "segment", "delta": "segment_delta", "packed": "packed"}
+PREFILL_MODE_FORMS = {"inplace": "segment", "delta": "segment_delta"}
 
 
 def api_fn(backend):
     def fn(y, x, a, b, slots, ranks):
-        if isinstance(slots, tuple):  # a packed case's (slot ids, packed slots)
-            slots = slots[0]
         return lora.lora_shrink_expand(y, x, a, b, slots, ranks, backend=backend)
 
     return fn
@@ -421,7 +387,7 @@ def main():
                 continue
             ub = unique_bytes(t, h, o, r, nd)
             k_sets = max(args.decode_sets, min(16, math.ceil(4 * 60e6 / ub)))
-            a, b, ranks, sets = make_case(t, h, o, r, nd, k_sets, seed=i, prefill=False, packed=True)
+            a, b, ranks, sets = make_case(t, h, o, r, nd, k_sets, seed=i, prefill=False)
             row = {"shape": (t, h, o, r, nd), "index": i, "bytes": ub, "k_sets": k_sets}
             x0, y0, s0 = sets[0]
             row["xla_us"] = bench_fn(api_fn("reference"), a, b, ranks, sets, 20, args.trials) * 1e6
@@ -435,7 +401,7 @@ def main():
                     continue
                 fn = kernel_fn("decode", **dict(cfg))
                 try:
-                    err, finite = check(fn, a, b, ranks, x0, y0, s0, delta=cfg.get("form") == "packed")
+                    err, finite = check(fn, a, b, ranks, x0, y0, s0)
                     us = bench_fn(fn, a, b, ranks, sets, 20, args.trials) * 1e6
                 except Exception as e:
                     log(f"decode {row['shape']} cfg {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
@@ -467,17 +433,12 @@ def main():
             k_sets = args.prefill_sets
             # two slot ranges, as before (a bank of 1 + 2 nd slots): the bank's size sets the tile grid
             a, b, ranks, sets = make_case(t, h, o, r, nd, k_sets, seed=100 + i, prefill=True,
-                                          grouped=args.prefill_order == "grouped", n_ranges=2,
-                                          packed="packed" in modes)
+                                          grouped=args.prefill_order == "grouped", n_ranges=2)
             x0, y0, s0 = sets[0]
             # the reference over 4 sets: its gathered B ([T, R, O] per op, GBs at 8192 tokens) times 16 could
             # outgrow the device
             xla_us = bench_fn(api_fn("reference"), a, b, ranks, sets[:4], 5, args.trials) * 1e6
             for mode in modes:
-                if mode == "packed" and nd > PACKED_MAX_ADAPTERS:
-                    log(f"prefill packed {(t, h, o, r, nd)}: skipped (the packed form takes <= "
-                        f"{PACKED_MAX_ADAPTERS} adapters)")
-                    continue
                 form = PREFILL_MODE_FORMS[mode]
                 row = {"shape": (t, h, o, r, nd), "bytes": ub, "k_sets": k_sets, "flops": 2 * t * r * (h + o),
                        "mode": mode, "order": args.prefill_order, "xla_us": xla_us}
@@ -485,8 +446,6 @@ def main():
                     configs = ast.literal_eval(args.configs)
                 elif mode == "delta":
                     configs = PREFILL_DELTA_SWEEP if args.sweep else [{}]
-                elif mode == "packed":
-                    configs = PACKED_SWEEP if args.sweep else [{}]
                 else:
                     configs = PREFILL_SWEEP if args.sweep else [{}]
                 best = None
