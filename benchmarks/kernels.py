@@ -194,8 +194,6 @@ def kernel_fn(default_form, **knobs):
     gk = {k[3:]: v for k, v in knobs.items() if k.startswith("gr_")}  # the grouping kernel's
 
     def fn(y, x, a, b, slots, ranks):
-        if form == "decode_fused":  # one launch: each program the token's whole shrink, then its share of O
-            return expand.bgmv_fused(y, x, a, b, slots, ranks, **ek)
         if form == "decode":
             if token_ranks:
                 hp, tr = shrink.bgmv_shrink_partials(x, a, slots, ranks, token_ranks=True, **sk)

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _common, shrink
+from pallas_kernels import _common
 
 
 def ref_lora_expand(y, h, b, slot_ids, ranks):
@@ -360,66 +360,3 @@ def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, o_blocks=
         raise ValueError(f"the outputs of one segment expand need one dtype, got {sorted(map(str, dtypes))}")
     return _seg_call(ys[0].dtype, h_partials, b_slices, tuple(ys), tiles, block_n, o_blocks, num_warps,
                      num_stages, interpret)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Decode form, fused: one program per (token, share of O) runs the token's whole shrink, then its expand.
-
-
-def _bgmv_fused_kernel(slot_ref, rank_ref, x_ref, a_ref, b_ref, y_ref, o_ref, *, block_k, block_n, n_per_program):
-    # slot_ref [T], rank_ref [S]; x_ref [T, H]; a_ref [S, H, R]; b_ref [S, R, O]; y_ref, o_ref [T, O] (aliased).
-    # Grid: (token, share of O); a program streams the token's A over all of H, then n_per_program columns of B.
-    del y_ref  # o_ref aliases it
-    t, q = pl.program_id(0), pl.program_id(1)
-    s = slot_ref[t]
-    rank = rank_ref[s]
-
-    @pl.when(rank > 0)
-    def _():
-        hv, _ = shrink._shrink_token(t, 0, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
-                                     k_per_split=x_ref.shape[1])
-
-        def body(k, carry):
-            _expand_token(s, rank, hv, b_ref, o_ref, t, pl.multiple_of(q * n_per_program + k * block_n, block_n),
-                          block_n)
-            return carry
-
-        lax.fori_loop(0, n_per_program // block_n, body, 0)
-
-
-def bgmv_fused(y, x, a, b, slot_ids, ranks, *, o_split=1, block_k=None, block_n=None, num_warps=4, num_stages=2,
-               interpret=False):
-    """Decode-form shrink and expand in one launch, in place: y[t] += (x[t] @ a[s, :, :rank]) @ b[s, :rank].
-
-    One program per (token, ``o_split``-th of O): it streams its token's A over all of H (the shrink, as
-    ``shrink.bgmv_shrink_partials``'s programs do over one H-slice), then its share of B's columns, adding
-    into y. No partial sums in memory and no second launch, but only T x o_split programs, each as long as
-    the whole op: meant for batches with at least a few programs per SM.
-
-    Args:
-      y: [T, O]; x: [T, H]; a: [S, H, R]; b: [S, R, O] (R a power of two); slot_ids: [T]; ranks: [S].
-      o_split: programs per token (a power of two dividing O / block_n).
-      block_k, block_n: H-chunk of the shrink's loop steps and O-block of the expand's (defaults as the
-        two-launch decode form's).
-
-    Returns:
-      y_out: [T, O] in y.dtype (aliases y: donate it to update in place).
-    """
-    t, o = y.shape
-    hidden, r_max = a.shape[1], a.shape[2]
-    block_k = block_k or shrink.bgmv_block_sizes(t, hidden, r_max, shrink.BGMV_PROGRAMS)[0]
-    block_n = block_n or bgmv_expand_block_n(o, r_max)
-    if hidden % block_k or o % (block_n * o_split):
-        raise ValueError(f"H={hidden} must be divisible by block_k={block_k} and O={o} by "
-                         f"block_n*o_split={block_n * o_split}")
-    kernel = functools.partial(_bgmv_fused_kernel, block_k=block_k, block_n=block_n, n_per_program=o // o_split)
-    args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), x, a, b, y)
-    return pl.pallas_call(
-        kernel,
-        out_shape=_common.out_struct(y.shape, y.dtype, *args),
-        grid=(t, o_split),
-        input_output_aliases={5: 0},
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="lora_bgmv_fused",
-    )(*args)
