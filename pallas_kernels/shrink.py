@@ -52,8 +52,7 @@ def ref_lora_shrink(x, a, slot_ids, ranks):
 # Decode form (BGMV): one program per (token, H-slice).
 
 
-def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_split, spec_load=False,
-                  use_dot=False):
+def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_split, spec_load=False):
     """Token t's partial of x[t] @ a[slot[t]] over H-slice sp: [R] float32, and the token's rank. (Program
     ids are read by the caller, at the kernel's top level: the interpreter cannot evaluate them inside a
     ``pl.when``.)
@@ -61,61 +60,48 @@ def _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, *, block_k, k_per_spl
     ``spec_load``: for a slot other than 0, load whole rows of A as soon as the slot is known and zero the
     columns >= rank afterwards, so the loads wait on one dependent load (the slot) instead of two (slot, then
     its rank). Only worth it where a row is one 32-byte sector (R * itemsize <= 32): a masked load moves the
-    same sectors then, so a rank below R costs nothing more. Slot 0 keeps the rank test (no load at rank 0).
-
-    ``use_dot``: each loop step is a tensor-core dot of a 16-row block (x's row, then 15 zero rows) with A's
-    block, instead of an elementwise multiply into a [block_k, R] float32 accumulator. Triton software-pipelines
-    a dot's operand loads (``cp.async``, ``num_stages`` deep); the elementwise loop's loads wait for their use.
-    Needs R >= 16 and a 16-bit x (a float32 dot would round to TF32)."""
+    same sectors then, so a rank below R costs nothing more. Slot 0 keeps the rank test (no load at rank 0)."""
     r_max = a_ref.shape[2]
     s = slot_ref[t]
     rank = rank_ref[s]
-    acc_rows = 16 if use_dot else block_k
     cols = lax.broadcasted_iota(jnp.int32, (block_k, r_max), 1)
-    acc_cols = lax.broadcasted_iota(jnp.int32, (acc_rows, r_max), 1)
-    first_row = lax.broadcasted_iota(jnp.int32, (16, block_k), 0) == 0
     n_k = k_per_split // block_k
 
     def body(i, acc, masked):
         k0 = pl.multiple_of(sp * k_per_split + i * block_k, block_k)
+        xv = x_ref[t, pl.ds(k0, block_k)].astype(jnp.float32)  # [BK]
         if masked:  # rank < R: load only the live columns, zero the rest (NaN padding never read)
             av = plgpu.load(a_ref.at[s, pl.ds(k0, block_k), :], mask=cols < rank, other=0)
         else:  # rank == R: unmasked, vectorised loads of whole rows
             av = a_ref[s, pl.ds(k0, block_k), :]
-        if use_dot:
-            xv = x_ref[t, pl.ds(k0, block_k)]  # [BK]
-            x16 = jnp.where(first_row, xv[None, :], jnp.zeros((), xv.dtype))  # [16, BK]: row 0 live
-            return acc + jnp.dot(x16, av.astype(xv.dtype), preferred_element_type=jnp.float32)  # [16, R]
-        xv = x_ref[t, pl.ds(k0, block_k)].astype(jnp.float32)  # [BK]
         return acc + xv[:, None] * av.astype(jnp.float32)  # [BK, R]
 
-    zero = jnp.zeros((acc_rows, r_max), jnp.float32)
+    zero = jnp.zeros((block_k, r_max), jnp.float32)
     full = lambda: lax.fori_loop(0, n_k, functools.partial(body, masked=False), zero)
     part = lambda: lax.fori_loop(0, n_k, functools.partial(body, masked=True), zero)
     # rank 0 (slot 0, empty slots): no load at all.
     by_rank = lambda: lax.cond(rank >= r_max, full, lambda: lax.cond(rank > 0, part, lambda: zero))
     if spec_load:
         # dead columns (NaN padding included) are dropped by the select, after the load
-        acc = lax.cond(s != 0, lambda: jnp.where(acc_cols < rank, full(), 0.0), by_rank)
+        acc = lax.cond(s != 0, lambda: jnp.where(cols < rank, full(), 0.0), by_rank)
     else:
         acc = by_rank()
     return jnp.sum(acc, axis=0), rank
 
 
-def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *tr_refs, block_k, k_per_split, spec_load,
-                        use_dot):
+def _bgmv_shrink_kernel(slot_ref, rank_ref, x_ref, a_ref, h_ref, *tr_refs, block_k, k_per_split, spec_load):
     # slot_ref: [T] int32, rank_ref: [S] int32, x_ref: [T, H], a_ref: [S, H, R], h_ref: [n_split, T, R] f32;
     # tr_refs: () or (token ranks [T] int32,) written by the H-slice-0 programs
     t, sp = pl.program_id(0), pl.program_id(1)
     h_ref[sp, t, :], rank = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
-                                          k_per_split=k_per_split, spec_load=spec_load, use_dot=use_dot)
+                                          k_per_split=k_per_split, spec_load=spec_load)
     for tr_ref in tr_refs:
         @pl.when(sp == 0)
         def _(tr_ref=tr_ref):
             tr_ref[t] = rank
 
 
-def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_split, use_dot):
+def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_split):
     # refs: n a_refs [S, H, R], then h_ref [n, n_split, T, R] f32; grid axis 2 picks the slice
     *a_refs, h_ref = refs
     t, sp, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -123,7 +109,7 @@ def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_s
         @pl.when(j == i)
         def _(i=i, a_ref=a_ref):
             h_ref[i, sp, t, :] = _shrink_token(t, sp, slot_ref, rank_ref, x_ref, a_ref, block_k=block_k,
-                                               k_per_split=k_per_split, use_dot=use_dot)[0]
+                                               k_per_split=k_per_split)[0]
 
 
 # Programs the decode shrink aims at. One op (``bgmv_shrink_partials``): ~256, two per SM of the H200, each
@@ -136,11 +122,6 @@ def _bgmv_shrink_multi_kernel(slot_ref, rank_ref, x_ref, *refs, block_k, k_per_s
 # session, experiment 40a96e4).
 BGMV_PROGRAMS = 256
 BGMV_MULTI_PROGRAMS = 2048
-
-
-def _dot_ok(x, r_max: int) -> bool:
-    """Whether the decode shrink can run its steps as tensor-core dots (``_shrink_token``'s ``use_dot``)."""
-    return r_max >= 16 and jnp.dtype(x.dtype).itemsize == 2
 
 
 def bgmv_block_sizes(num_tokens: int, hidden: int, r_max: int, programs: int = BGMV_MULTI_PROGRAMS
@@ -158,7 +139,7 @@ def bgmv_block_sizes(num_tokens: int, hidden: int, r_max: int, programs: int = B
 
 def bgmv_shrink_partials(
     x, a, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=None, num_stages=2, spec_load=None,
-    token_ranks=False, programs=BGMV_PROGRAMS, use_dot=False, interpret=False
+    token_ranks=False, programs=BGMV_PROGRAMS, interpret=False
 ):
     """Decode-form shrink on GPU (Pallas Triton lowering).
 
@@ -171,8 +152,6 @@ def bgmv_shrink_partials(
       token_ranks: also return each token's rank (``ranks[slot_ids]``, as the expand can take it: one
         dependent load fewer there), written by the programs that have the rank at hand anyway.
       programs: the number of programs the default (block_k, n_split) aims at.
-      use_dot: each loop step as a 16-row tensor-core dot (``_shrink_token``); ignored where R < 16 or x is
-        not 16-bit.
       num_warps: default 8 where a program streams at least 64 KB of A, else 4 (sixteenth session: the
         shrink 0.2-0.7 us faster with 8 at the issue's 256-token and rank-64 shapes, 128 KB per program;
         0.2-0.3 us slower at its 64-token rank-16 shapes, 32 KB per program).
@@ -194,7 +173,7 @@ def bgmv_shrink_partials(
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
     kernel = functools.partial(_bgmv_shrink_kernel, block_k=block_k, k_per_split=hidden // n_split,
-                               spec_load=spec_load, use_dot=use_dot and _dot_ok(x, r_max))
+                               spec_load=spec_load)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), x, a)
     out_shape = _common.out_struct((n_split, t, r_max), jnp.float32, *args)
     if token_ranks:
@@ -210,14 +189,13 @@ def bgmv_shrink_partials(
 
 
 def bgmv_shrink_partials_multi(
-    x, a_slices, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, use_dot=False,
-    interpret=False
+    x, a_slices, slot_ids, ranks, *, block_k=None, n_split=None, num_warps=4, num_stages=2, interpret=False
 ):
     """Decode-form shrink of several A's that share x (q/k/v, gate/up) in one launch.
 
     Args:
       x: [T, H]; a_slices: tuple of n [S, H, R] banks (same H and R); slot_ids: [T]; ranks: [S].
-      block_k, n_split, use_dot: as in ``bgmv_shrink_partials``.
+      block_k, n_split: as in ``bgmv_shrink_partials``.
 
     Returns:
       h_partials: [n, n_split, T, R] float32; ``h_partials[i]`` are slice i's partials.
@@ -229,8 +207,7 @@ def bgmv_shrink_partials_multi(
     n_split = n_split or dn
     if hidden % (block_k * n_split):
         raise ValueError(f"H={hidden} must be divisible by block_k*n_split={block_k * n_split}")
-    kernel = functools.partial(_bgmv_shrink_multi_kernel, block_k=block_k, k_per_split=hidden // n_split,
-                               use_dot=use_dot and _dot_ok(x, r_max))
+    kernel = functools.partial(_bgmv_shrink_multi_kernel, block_k=block_k, k_per_split=hidden // n_split)
     args = _common.match_vma(slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), x, *a_slices)
     return pl.pallas_call(
         kernel,
