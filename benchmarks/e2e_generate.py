@@ -110,7 +110,7 @@ class StepTimer:
 
         runner.finish_decode = finish_decode
         # the jitted call alone: XLA's dispatch (enqueueing the call's kernels), not Python or scheduling
-        self.dispatch_s, self.real_jit = 0.0, model_runner._decode_steps
+        self.dispatch_s, self.real_jit = 0.0, model_runner._decode_call
 
         def decode_steps(*args, **kwargs):
             t = time.perf_counter()
@@ -118,7 +118,7 @@ class StepTimer:
             self.dispatch_s += time.perf_counter() - t
             return out
 
-        model_runner._decode_steps = decode_steps
+        model_runner._decode_call = decode_steps
 
     def __call__(self):
         stats = self.engine.stats
@@ -136,7 +136,7 @@ class StepTimer:
     def remove(self):
         self.engine.step = self.real_step
         self.engine.runner.finish_decode = self.real_finish
-        model_runner._decode_steps = self.real_jit
+        model_runner._decode_call = self.real_jit
 
 
 def device_step_time(llm: LLM, batch: int, ctx: int, slots: list[int], params: SamplingParams,

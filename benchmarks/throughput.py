@@ -9,7 +9,10 @@ ways: ``step_ms`` waits for each call before dispatching the next, so it also co
 while the host dispatches a call; ``pipelined_step_ms`` issues the calls back to back with one wait at the
 end, as the engine's async scheduling runs them (they still run one after another: each takes the previous
 one's KV cache). Host time per step (the runner's input assembly + the scheduler) is measured at the largest
-batch.
+batch, two ways: the runner's synchronous wall time minus the device step (plus ``schedule()``), and directly,
+the host's busy time in ``start_decode`` and ``finish_decode`` without the wait for the device (plus
+``schedule()``), with the jitted call's own share (XLA's runtime launching the executable) apart from the
+Python.
 
     PYTHONPATH=. python benchmarks/throughput.py --out results.json
 """
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmlora.config import EngineConfig, ModelConfig
+from jmlora.engine import model_runner
 from jmlora.engine.model_runner import ModelRunner, _decode_steps
 from jmlora.engine.page_manager import PageManager
 from jmlora.engine.sampler import SamplingTensors
@@ -372,6 +376,38 @@ def main():
         runner.decode(chunks, K)
         wall.append(time.perf_counter() - t)
     wall_step = statistics.median(wall) / K
+    # The host's own time, measured directly: assembling and dispatching the call (start_decode returns once
+    # the call is enqueued) and reading its samples once they are ready, without the wait for the device
+    # between the two. The difference above also counts the device's idle time while a synchronous call is
+    # dispatched, which the engine's back-to-back calls hide, and the spread between two measured times.
+    # The jitted call's own share of the dispatch (XLA's runtime launching the executable) is timed apart from
+    # the Python around it.
+    jitted, in_call = model_runner._decode_call, [0.0]
+
+    def timed_call(*a, **k):
+        t = time.perf_counter()
+        try:
+            return jitted(*a, **k)
+        finally:
+            in_call[0] += time.perf_counter() - t
+
+    model_runner._decode_call = timed_call
+    busy, calls = [], []
+    try:
+        for _ in range(args.iters):
+            in_call[0] = 0.0
+            t = time.perf_counter()
+            call = runner.start_decode(chunks, K)
+            t_dispatch = time.perf_counter() - t
+            jax.block_until_ready(call.result)
+            t = time.perf_counter()
+            runner.finish_decode(call)
+            busy.append(t_dispatch + time.perf_counter() - t)
+            calls.append(in_call[0])
+    finally:
+        model_runner._decode_call = jitted
+    busy_step = statistics.median(busy) / K
+    call_step = statistics.median(calls) / K
     device_step = next(r for r in rows_out if r["batch"] == B and r["ctx"] == ctx)["distinct"]["step_ms"] / 1e3
     sched = Scheduler(SchedulerConfig(max_num_seqs=B, max_num_batched_tokens=2048, max_prefill_chunk=512,
                                       num_lookahead=K), PageManager(B * P + 8, 16), SlotManager(8, 8))
@@ -393,9 +429,16 @@ def main():
     sched_step = statistics.median(sched_times) / K
     host_step = wall_step - device_step + sched_step
     host = dict(batch=B, runner_wall_ms_per_token_step=wall_step * 1e3, device_ms_per_token_step=device_step * 1e3,
-                schedule_ms_per_token_step=sched_step * 1e3, host_fraction=host_step / device_step)
+                schedule_ms_per_token_step=sched_step * 1e3, host_fraction=host_step / device_step,
+                runner_busy_ms_per_token_step=busy_step * 1e3, jitted_call_ms_per_token_step=call_step * 1e3,
+                host_busy_fraction=(busy_step + sched_step) / device_step,
+                python_fraction=(busy_step - call_step + sched_step) / device_step)
     print(f"host at B={B}: runner.decode wall {wall_step * 1e3:.2f} ms/step vs device {device_step * 1e3:.2f} ms; "
-          f"schedule() {sched_step * 1e3:.3f} ms/step; host time = {100 * host_step / device_step:.1f}% of device")
+          f"schedule() {sched_step * 1e3:.3f} ms/step; host time = {100 * host_step / device_step:.1f}% of device "
+          f"(wall - device + schedule); measured directly: dispatch + result read {busy_step * 1e3:.3f} ms/step, "
+          f"with schedule() {100 * (busy_step + sched_step) / device_step:.1f}% of device, of which the jitted call "
+          f"(XLA's runtime) {call_step * 1e3:.3f} ms/step and the Python and schedule() "
+          f"{100 * (busy_step - call_step + sched_step) / device_step:.1f}% of device")
     write_results(args, tuned, bw, weight_bytes, lora_impls, slot_bytes, K, rows_out, host)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import jax
+import numpy as np
 import pytest
 import torch
 from hf_models import make_hf_model
@@ -17,6 +18,8 @@ from lora_fixtures import load_peft_model, make_peft_adapter
 
 from jmlora.engine.llm_engine import RequestError
 from jmlora.engine.sampling_params import SamplingParams
+from jmlora.engine.scheduler import ScheduledChunk
+from jmlora.engine.sequence import Sequence
 from jmlora.entrypoints.llm import LLM
 from jmlora.lora import AdapterError
 from jmlora.lora.request import LoRARequest
@@ -349,6 +352,34 @@ def test_request_validation(world, llm):
     assert_idle(llm)
 
 
+def test_page_table_rows_follow_page_growth_and_reallocation(world, llm):
+    """The runner rewrites only the grown rows of the last call's page table for the same batch: each table must
+    still equal one built from scratch, also after a sequence's pages were freed and allocated again (same
+    count, other pages) between two calls."""
+    runner = llm.llm_engine.runner
+    seqs = [Sequence(f"pt{i}", [1, 2], seq_id=900_000 + i) for i in range(3)]
+    chunks = [ScheduledChunk(s, 1, 1, True) for s in seqs]
+
+    def check():
+        want = np.full((4, runner.pages_per_seq), runner.scratch_page, np.int32)
+        for i, seq in enumerate(seqs):
+            want[i, :len(seq.pages)] = seq.pages
+        np.testing.assert_array_equal(runner._page_table(chunks, 4), want)
+
+    seqs[0].pages[:], seqs[1].pages[:] = [3], [4, 5]
+    check()
+    seqs[0].pages.append(7)                                  # grew by a page
+    seqs[2].pages.append(1)
+    check()
+    seqs[1].pages.clear()                                    # preempted and admitted again: other pages
+    seqs[1].pages_freed += 1
+    seqs[1].pages.extend([9, 8])
+    check()
+    seqs[0].pages.clear()                                    # freed, not yet allocated again
+    seqs[0].pages_freed += 1
+    check()
+
+
 def test_no_compilation_after_startup(world):
     _, _, loras, _ = world
     llm = make_llm(world[0], max_num_seqs=2, max_prefill_chunk=16, max_num_batched_tokens=32, warmup=True)
@@ -460,7 +491,6 @@ def test_penalty_state_covers_a_prompt_token_fed_by_decode(world):
     """A prefill chunk cut one token short leaves the last prompt token to the decode step; the repetition
     penalty must still see it. The prompt is searched so that its last token is the greedy choice unless that
     token is penalised, so a missing record shows as emitting it."""
-    import numpy as np
 
     hf_model, R = world[1], 5.0
     rng = np.random.default_rng(7)
@@ -492,7 +522,6 @@ def test_penalty_state_covers_a_prompt_token_fed_by_decode(world):
 def test_penalty_state_matches_the_tokens_after_every_decode_step(world):
     """White box: after each decode step, every decoding sequence's device row holds exactly its prompt tokens
     (mask) and its output token counts, also across preemptions (where outputs are recomputed)."""
-    import numpy as np
 
     # synchronous steps: with async scheduling the device state runs one call ahead of the host's tokens
     llm_tight = make_llm(world[0], enable_lora=False, num_lookahead=1, page_size=4, num_kv_pages=20,

@@ -156,6 +156,8 @@ class ModelRunner:
         state_sharding = logical_sharding(mesh, (None, "vocab"), (rows, cfg.vocab_size))
         self._state_sharding = state_sharding
         self._replicated = logical_sharding(mesh, ())
+        self._zero_tokens_cache: dict[int, jax.Array] = {}
+        self._table_cache: tuple | None = None      # (batch and sequence ids, page table, pages per row)
         self.prompt_mask = filled((rows, cfg.vocab_size), jnp.bool_, state_sharding)
         self.output_counts = filled((rows, cfg.vocab_size), jnp.int32, state_sharding)
         self.scratch_row = rows - 1
@@ -234,13 +236,32 @@ class ModelRunner:
 
     def _page_table(self, chunks: list[ScheduledChunk], batch: int) -> np.ndarray:
         """``[batch, pages_per_seq]``: each chunk's pages, then the scratch page. One flat conversion of all
-        page lists (a row-by-row copy of Python lists cost ~1.7 ms at batch 256 on a 2-core host)."""
-        table = np.full((batch, self.pages_per_seq), self.scratch_page, np.int32)
-        lens = np.fromiter((len(c.seq.pages) for c in chunks), np.int64, len(chunks))
-        flat = np.fromiter(itertools.chain.from_iterable(c.seq.pages for c in chunks), np.int32, int(lens.sum()))
-        starts = np.repeat(np.cumsum(lens) - lens, lens)
-        table[np.repeat(np.arange(len(chunks)), lens), np.arange(len(flat)) - starts] = flat
-        return table
+        page lists (a row-by-row copy of Python lists cost ~1.7 ms at batch 256 on a 2-core host).
+
+        Between two frees of its pages (``Sequence.pages_freed``) a sequence's pages only grow, one more every
+        ``page_size`` tokens: for the same sequences in the same rows as the last call, only the pages added
+        since are written (the flat conversion took ~1.4 ms per call at batch 256 with 128 pages per row on the
+        H200 host, under the profiler)."""
+        key = (batch, tuple(c.seq.seq_id for c in chunks))
+        lens = [(len(c.seq.pages), c.seq.pages_freed) for c in chunks]
+        cached = self._table_cache
+        if cached is not None and cached[0] == key:
+            table = cached[1]
+            for i, (c, (n, freed), (n_old, freed_old)) in enumerate(zip(chunks, lens, cached[2])):
+                if freed != freed_old or n < n_old:  # pages freed and allocated again: the whole row
+                    table[i, :n] = c.seq.pages
+                    table[i, n:] = self.scratch_page
+                elif n > n_old:
+                    table[i, n_old:n] = c.seq.pages[n_old:]
+        else:
+            table = np.full((batch, self.pages_per_seq), self.scratch_page, np.int32)
+            n_flat = np.asarray([n for n, _ in lens], np.int64)
+            flat = np.fromiter(itertools.chain.from_iterable(c.seq.pages for c in chunks), np.int32,
+                               int(n_flat.sum()))
+            starts = np.repeat(np.cumsum(n_flat) - n_flat, n_flat)
+            table[np.repeat(np.arange(len(chunks)), n_flat), np.arange(len(flat)) - starts] = flat
+        self._table_cache = (key, table, lens)
+        return table.copy()  # the cached table changes in place; the caller's copy goes to the device
 
     def _sampling(self, chunks: list[ScheduledChunk], batch: int,
                   pending: int = 0) -> tuple[SamplingTensors, np.ndarray, int, bool]:
@@ -407,20 +428,28 @@ class ModelRunner:
         use_lora = slots is not None and bool(slots.any())
         lora_impl = decode_impl(self.ecfg.lora_impl, B, count_adapters(slots) if use_lora else 0,
                                 jax.default_backend(), self.ecfg.max_lora_rank)
-        # One host-to-device transfer for the small inputs (a jnp.asarray each cost ~0.1-0.2 ms of host time),
-        # replicated over the mesh like the call's outputs: the tokens of a chained call (an output of the
-        # last call) then have the same sharding as the host's, so both calls share one executable.
-        pos, active, table, rows, steps, record_fed, prompt_lens, fed, slots = jax.device_put(
-            (pos, active, self._page_table(chunks, B), self._rows_for(chunks, B), steps, record_fed, prompt_lens,
-             tokens if after is None else np.zeros(0, np.int32),
-             slots if use_lora else np.zeros(0, np.int32)), self._replicated)
-        result, last_tokens, self.cache, self.prompt_mask, self.output_counts = _decode_steps(
-            self.params, self.cfg, self.cache, LoRABatch(self.bank, slots) if use_lora else None,
-            after.last_tokens if after is not None else fed, pos, active, table, rows,
-            st, steps, self.prompt_mask, self.output_counts, record_fed, prompt_lens, num_steps=num_steps,
-            lora_impl=lora_impl, attention_impl=self.ecfg.attention_impl,
-            needs_penalties=needs_penalties, num_logprobs=num_logprobs, unroll=self.ecfg.decode_unroll)
+        # The small integer inputs go to the device as one int32 array, replicated over the mesh like the
+        # call's outputs, and are split inside the jitted call (``_decode_call``): one host-to-device copy
+        # instead of nine (H200 host, batch 256: the nine device_puts took ~2.5 ms of host time per call under
+        # the profiler, benchmarks/RESULTS.md, "Twenty-second session"). A chained call's tokens come from the
+        # last call's output (same sharding), the others' from this array: one executable for both.
+        ints = np.concatenate([self._page_table(chunks, B).ravel(), pos, active, self._rows_for(chunks, B), steps,
+                               record_fed, prompt_lens, tokens if after is None else np.zeros(B, np.int32),
+                               np.full(B, after is not None), slots if use_lora else np.zeros(0, np.int32)],
+                              dtype=np.int32)
+        fed = after.last_tokens if after is not None else self._zero_tokens(B)
+        result, last_tokens, self.cache, self.prompt_mask, self.output_counts = _decode_call(
+            self.params, self.cfg, self.cache, self.bank if use_lora else None, jax.device_put(ints, self._replicated),
+            fed, st, self.prompt_mask, self.output_counts, num_steps=num_steps, lora_impl=lora_impl,
+            attention_impl=self.ecfg.attention_impl, needs_penalties=needs_penalties, num_logprobs=num_logprobs,
+            unroll=self.ecfg.decode_unroll)
         return DecodeCall(list(chunks), num_steps, result, last_tokens)
+
+    def _zero_tokens(self, batch: int) -> jax.Array:
+        """A [batch] device array in the place of a chained call's tokens, for calls that bring their own."""
+        if batch not in self._zero_tokens_cache:
+            self._zero_tokens_cache[batch] = jax.device_put(np.zeros(batch, np.int32), self._replicated)
+        return self._zero_tokens_cache[batch]
 
     @staticmethod
     def finish_decode(call: DecodeCall) -> StepOutput:
@@ -491,6 +520,11 @@ def _dummy_seq(sequence_cls, params, length: int = 2):
 
 
 def _to_host(result: SampleResult, n: int, *, k_axis: bool) -> StepOutput:
+    # every copy started before the first is waited for: np.asarray alone waits for each copy in turn (H200
+    # host, batch 256: ~0.6 ms per array under the profiler)
+    for a in jax.tree.leaves(result):
+        a.copy_to_host_async()
+
     def host(a):
         if a is None:
             return None
@@ -606,3 +640,25 @@ def _decode_steps(params, cfg, cache, lora, tokens, pos, active, page_table, row
                                                                 jnp.arange(num_steps, dtype=jnp.int32),
                                                                 unroll=num_steps if unroll else 1)
     return results, last_tokens, cache, prompt_mask, output_counts
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "lora_impl", "attention_impl", "needs_penalties",
+                                             "num_logprobs", "unroll"),
+                   donate_argnames=("cache", "prompt_mask", "output_counts"), compiler_options=COMPILER_OPTIONS)
+def _decode_call(params, cfg, cache, bank, ints, fed, st, prompt_mask, output_counts, *, num_steps, lora_impl,
+                 attention_impl, needs_penalties, num_logprobs, unroll=False):
+    """``_decode_steps`` with its integer inputs packed by ``ModelRunner.start_decode`` into ``ints`` (int32):
+    the page table ``[B, P]`` flattened, then rows of ``[B]``: positions, active, state rows, output counts so
+    far, record_fed, prompt lengths, the host's tokens, whether to feed ``fed`` (a chained call's tokens, from
+    the device) instead, and with ``bank`` (None: no adapters) each row's slot."""
+    B = fed.shape[0]
+    n_rows = 8 + (bank is not None)
+    P = ints.shape[0] // B - n_rows
+    table = ints[:B * P].reshape(B, P)
+    pos, active, rows, steps, record_fed, prompt_lens, tokens, use_fed, *slots = ints[B * P:].reshape(n_rows, B)
+    tokens = jnp.where(use_fed != 0, fed, tokens)
+    lora = LoRABatch(bank, slots[0]) if bank is not None else None
+    return _decode_steps.__wrapped__(  # the traced body: a nested jit may not carry compiler options
+        params, cfg, cache, lora, tokens, pos, active != 0, table, rows, st, steps, prompt_mask, output_counts,
+        record_fed != 0, prompt_lens, num_steps=num_steps, lora_impl=lora_impl, attention_impl=attention_impl,
+        needs_penalties=needs_penalties, num_logprobs=num_logprobs, unroll=unroll)

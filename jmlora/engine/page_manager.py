@@ -114,6 +114,7 @@ class PageManager:
             del self._owner[page]
             self._free.append(page)
         seq.pages.clear()
+        seq.pages_freed += 1
         return len(pages)
 
     def owned_pages(self) -> dict[int, list[int]]:

@@ -58,6 +58,8 @@ class Sequence:
       num_computed_tokens: leading tokens of ``all_token_ids`` whose KV is in the cache (see the module doc).
       pages: KV page ids, ``pages[i]`` holding positions ``[i * page_size, (i + 1) * page_size)``; owned by
         the ``PageManager``.
+      pages_freed: how many times the ``PageManager`` freed its pages (between two frees ``pages`` only grows,
+        which lets the model runner update its page table row instead of rewriting it).
       lora_slot: device slot of the adapter while the sequence holds a slot reference (set by the
         scheduler), else 0 (the all-zero "no adapter" slot).
       status: a ``SequenceStatus``.
@@ -88,6 +90,7 @@ class Sequence:
         self.lora_slot = 0
         self.num_computed_tokens = 0
         self.pages: list[int] = []
+        self.pages_freed = 0
         self.status = SequenceStatus.WAITING
         self.num_preemptions = 0
         self.sampling_seed = 0          # set by the engine: the request's seed, or a random one
