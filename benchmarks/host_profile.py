@@ -19,7 +19,6 @@ import os
 import pstats
 import statistics
 import sys
-import time
 from dataclasses import replace as dataclass_replace
 
 import jax
@@ -30,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput  # noqa: E402
 
 from jmlora.config import EngineConfig  # noqa: E402
-from jmlora.engine import model_runner  # noqa: E402
 from jmlora.engine.model_runner import ModelRunner  # noqa: E402
 from jmlora.engine.sampling_params import SamplingParams  # noqa: E402
 from jmlora.engine.scheduler import ScheduledChunk  # noqa: E402
@@ -67,41 +65,17 @@ def main():
         chunks.append(ScheduledChunk(seq, args.ctx - 1, 1, True))
     runner.finish_decode(runner.start_decode(chunks, K))       # compiles
 
-    jitted, in_call = model_runner._decode_call, [0.0]
-
-    def timed_call(*a, **k):
-        t = time.perf_counter()
-        try:
-            return jitted(*a, **k)
-        finally:
-            in_call[0] += time.perf_counter() - t
-
-    def one():
-        in_call[0] = 0.0
-        t = time.perf_counter()
-        call = runner.start_decode(chunks, K)
-        start = time.perf_counter() - t
-        jax.block_until_ready(call.result)
-        t = time.perf_counter()
-        runner.finish_decode(call)
-        return start - in_call[0], time.perf_counter() - t, in_call[0]
-
-    model_runner._decode_call = timed_call
-    try:
-        res = [one() for _ in range(args.iters)]
-        start, finish, call = (statistics.median(r[i] for r in res) * 1e3 for i in range(3))
-        print(f"{jax.devices()[0].device_kind}, batch {B}, {P} pages per row: python in start_decode {start:.3f} "
-              f"ms/call, finish_decode {finish:.3f}, jitted call {call:.3f}")
-        if args.profile:
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(args.iters):
-                one()
-            prof.disable()
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
-            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    finally:
-        model_runner._decode_call = jitted
+    res = throughput.host_busy_times(runner, chunks, K, args.iters)
+    start, finish, call = (statistics.median(r[i] for r in res) * 1e3 for i in range(3))
+    print(f"{jax.devices()[0].device_kind}, batch {B}, {P} pages per row: python in start_decode {start:.3f} "
+          f"ms/call, finish_decode {finish:.3f}, jitted call {call:.3f}")
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        throughput.host_busy_times(runner, chunks, K, args.iters)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

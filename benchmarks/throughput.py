@@ -123,6 +123,37 @@ def segment_knobs(impl: str):
         jax.clear_caches()
 
 
+def host_busy_times(runner, chunks, num_steps: int, iters: int) -> list[tuple[float, float, float]]:
+    """The host's busy time in ``iters`` decode calls of ``runner`` over ``chunks``, waiting for the device
+    between dispatch and read-back: per call (seconds), the Python of ``start_decode`` without the jitted call,
+    ``finish_decode`` once the samples are ready, and the jitted call itself (XLA's runtime launching the
+    executable)."""
+    jitted, in_call = model_runner._decode_call, [0.0]
+
+    def timed_call(*a, **k):
+        t = time.perf_counter()
+        try:
+            return jitted(*a, **k)
+        finally:
+            in_call[0] += time.perf_counter() - t
+
+    model_runner._decode_call = timed_call
+    out = []
+    try:
+        for _ in range(iters):
+            in_call[0] = 0.0
+            t = time.perf_counter()
+            call = runner.start_decode(chunks, num_steps)
+            start = time.perf_counter() - t
+            jax.block_until_ready(call.result)
+            t = time.perf_counter()
+            runner.finish_decode(call)
+            out.append((start - in_call[0], time.perf_counter() - t, in_call[0]))
+    finally:
+        model_runner._decode_call = jitted
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", default="1,8,32,64,128,256")
@@ -380,32 +411,9 @@ def main():
     # the call is enqueued) and reading its samples once they are ready, without the wait for the device
     # between the two. The difference above also counts the device's idle time while a synchronous call is
     # dispatched, which the engine's back-to-back calls hide, and the spread between two measured times.
-    # The jitted call's own share of the dispatch (XLA's runtime launching the executable) is timed apart from
-    # the Python around it.
-    jitted, in_call = model_runner._decode_call, [0.0]
-
-    def timed_call(*a, **k):
-        t = time.perf_counter()
-        try:
-            return jitted(*a, **k)
-        finally:
-            in_call[0] += time.perf_counter() - t
-
-    model_runner._decode_call = timed_call
-    busy, calls = [], []
-    try:
-        for _ in range(args.iters):
-            in_call[0] = 0.0
-            t = time.perf_counter()
-            call = runner.start_decode(chunks, K)
-            t_dispatch = time.perf_counter() - t
-            jax.block_until_ready(call.result)
-            t = time.perf_counter()
-            runner.finish_decode(call)
-            busy.append(t_dispatch + time.perf_counter() - t)
-            calls.append(in_call[0])
-    finally:
-        model_runner._decode_call = jitted
+    times = host_busy_times(runner, chunks, K, args.iters)
+    busy = [python + finish + call for python, finish, call in times]
+    calls = [call for _, _, call in times]
     busy_step = statistics.median(busy) / K
     call_step = statistics.median(calls) / K
     device_step = next(r for r in rows_out if r["batch"] == B and r["ctx"] == ctx)["distinct"]["step_ms"] / 1e3
