@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from device_profile import kernel_times, print_kernels, print_timeline  # noqa: E402
-from throughput import bench_model_config, measure_bandwidth, random_bank, set_fused_table  # noqa: E402
+from throughput import bench_model_config, measure_bandwidth, random_bank, segment_knobs, set_fused_table, split_knobs  # noqa: E402
 
 from jmlora.config import EngineConfig  # noqa: E402
 from jmlora.engine import model_runner  # noqa: E402
@@ -338,10 +338,11 @@ def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("au
                     pos = jnp.full(B, ctx, jnp.int32)
                     args = (lora, jnp.full(B, 5, jnp.int32), pos, jnp.ones(B, bool), table,
                             jnp.arange(B, dtype=jnp.int32), st, jnp.zeros(B, jnp.int32))
-                    lowered = model_runner._decode_steps.lower(
-                        params, cfg, runner.cache, *args, runner.prompt_mask, runner.output_counts,
-                        jnp.zeros(B, bool), pos, num_steps=K, lora_impl=impl, attention_impl=attn,
-                        needs_penalties=False, num_logprobs=0)
+                    with segment_knobs(impl):        # an impl's "+knob" suffix (throughput.segment_knobs)
+                        lowered = model_runner._decode_steps.lower(
+                            params, cfg, runner.cache, *args, runner.prompt_mask, runner.output_counts,
+                            jnp.zeros(B, bool), pos, num_steps=K, lora_impl=split_knobs(impl)[0],
+                            attention_impl=attn, needs_penalties=False, num_logprobs=0)
                     label = f"{variant} {attn}" + ("" if variant == "base" else f" {impl}")
                     cases.append((B, label, args, lowered))
     t = time.perf_counter()

@@ -104,13 +104,19 @@ def split_knobs(impl: str) -> tuple[str, str]:
 def segment_knobs(impl: str):
     """While tracing: the decode-size segment kernels' knobs named in ``impl``'s suffix: ``+dbCxO`` sets
     ``pallas_kernels.lora.DECODE_DELTA_BLOCKS`` to (C columns at most per dot, O blocks per program), ``+spN``
-    ``pallas_kernels.shrink.SEG_PROGRAMS`` (the programs the shrink's H-split aims at) to N."""
+    ``pallas_kernels.shrink.SEG_PROGRAMS`` (the programs the shrink's H-split aims at) to N, ``+lf``
+    ``jmlora.model.decoder.LORA_FIRST`` (each projection's LoRA kernels traced before its base GEMM), ``+fdN``
+    ``decoder.FUSED_DELTAS_MAX_BATCH`` to N (q/k/v deltas into the fused attention kernel up to N rows)."""
     from pallas_kernels import lora, shrink
 
-    saved = lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS
+    saved = lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.LORA_FIRST, decoder.FUSED_DELTAS_MAX_BATCH
     jax.clear_caches()          # jit's trace cache would otherwise hand back a trace made with other knobs
     for knob in split_knobs(impl)[1].split("+")[1:]:
-        if knob.startswith("db"):
+        if knob == "lf":
+            decoder.LORA_FIRST = True
+        elif knob.startswith("fd"):
+            decoder.FUSED_DELTAS_MAX_BATCH = int(knob[2:])
+        elif knob.startswith("db"):
             lora.DECODE_DELTA_BLOCKS = tuple(int(v) for v in knob[2:].split("x"))
         elif knob.startswith("sp"):
             shrink.SEG_PROGRAMS = int(knob[2:])
@@ -119,8 +125,24 @@ def segment_knobs(impl: str):
     try:
         yield
     finally:
-        lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS = saved
+        (lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.LORA_FIRST,
+         decoder.FUSED_DELTAS_MAX_BATCH) = saved
         jax.clear_caches()
+
+
+def compile_options(mode: str | None) -> dict | None:
+    """A ``--schedule-modes`` entry as compiler options: a bare word is an
+    ``xla_gpu_command_buffer_scheduling_mode``; ``KEY=VALUE[;KEY=VALUE]`` are XLA debug options added to the
+    engine's (``model_runner.COMPILER_OPTIONS``)."""
+    if mode is None:
+        return None
+    if "=" not in mode:
+        return {"xla_gpu_command_buffer_scheduling_mode": mode}
+    options = dict(model_runner.COMPILER_OPTIONS)
+    for item in mode.split(";"):
+        key, _, value = item.partition("=")
+        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
 
 
 def host_busy_times(runner, chunks, num_steps: int, iters: int) -> list[tuple[float, float, float]]:
@@ -170,7 +192,8 @@ def main():
                              "the kernel forms in one run; a suffix such as +db512x2+sp128 sets the decode segment "
                              "kernels' knobs: segment_knobs)")
     parser.add_argument("--schedule-modes", default="",
-                        help="comma-separated xla_gpu_command_buffer_scheduling_mode values (e.g. SERIALIZE): "
+                        help="comma-separated xla_gpu_command_buffer_scheduling_mode values (e.g. SERIALIZE) "
+                             "or KEY=VALUE[;KEY=VALUE] XLA options (compile_options): "
                              "every variant is also timed compiled under each (empty: the engine's options only, "
                              "model_runner.COMPILER_OPTIONS). benchmarks/schedule_check.py checks that the "
                              "modes compute the same")
@@ -292,7 +315,7 @@ def main():
     with ThreadPoolExecutor(8) as pool:
         keys = list(lowered)
         execs = dict(zip(keys, pool.map(
-            lambda k: lowered[k].compile(None if k[3] is None else {"xla_gpu_command_buffer_scheduling_mode": k[3]}),
+            lambda k: lowered[k].compile(compile_options(k[3])),
             keys)))
     print(f"compiled {len(execs)} decode variants in {time.perf_counter() - t:.0f}s")
 
