@@ -104,17 +104,15 @@ def split_knobs(impl: str) -> tuple[str, str]:
 def segment_knobs(impl: str):
     """While tracing: the decode-size segment kernels' knobs named in ``impl``'s suffix: ``+dbCxO`` sets
     ``pallas_kernels.lora.DECODE_DELTA_BLOCKS`` to (C columns at most per dot, O blocks per program), ``+spN``
-    ``pallas_kernels.shrink.SEG_PROGRAMS`` (the programs the shrink's H-split aims at) to N, ``+lf``
-    ``jmlora.model.decoder.LORA_FIRST`` (each projection's LoRA kernels traced before its base GEMM), ``+fdN``
-    ``decoder.FUSED_DELTAS_MAX_BATCH`` to N (q/k/v deltas into the fused attention kernel up to N rows)."""
+    ``pallas_kernels.shrink.SEG_PROGRAMS`` (the programs the shrink's H-split aims at) to N, ``+fdN``
+    ``jmlora.model.decoder.FUSED_DELTAS_MAX_BATCH`` to N (q/k/v deltas into the fused attention kernel up to N
+    rows)."""
     from pallas_kernels import lora, shrink
 
-    saved = lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.LORA_FIRST, decoder.FUSED_DELTAS_MAX_BATCH
+    saved = lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH
     jax.clear_caches()          # jit's trace cache would otherwise hand back a trace made with other knobs
     for knob in split_knobs(impl)[1].split("+")[1:]:
-        if knob == "lf":
-            decoder.LORA_FIRST = True
-        elif knob.startswith("fd"):
+        if knob.startswith("fd"):
             decoder.FUSED_DELTAS_MAX_BATCH = int(knob[2:])
         elif knob.startswith("db"):
             lora.DECODE_DELTA_BLOCKS = tuple(int(v) for v in knob[2:].split("x"))
@@ -125,8 +123,7 @@ def segment_knobs(impl: str):
     try:
         yield
     finally:
-        (lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.LORA_FIRST,
-         decoder.FUSED_DELTAS_MAX_BATCH) = saved
+        lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH = saved
         jax.clear_caches()
 
 

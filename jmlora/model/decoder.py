@@ -93,11 +93,6 @@ def _project(x: Array, w: Array, spec: str) -> Array:
     return y.reshape(*lead, *out_shape)
 
 
-# Experiment: trace each projection's LoRA kernels before its base GEMM, so that XLA's schedule (and the
-# CUDA graph built from it) may launch them in that order. Read while tracing.
-LORA_FIRST = False
-
-
 class _LayerLoRA:
     """The adapter inputs of one layer: adds each row's LoRA term to a projection's output."""
 
@@ -165,29 +160,14 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
             attn, k_cache, v_cache = _attention(cfg, layer, h, positions, k_cache, v_cache, page_idx, slot_idx,
                                                 page_table, kv_lens, lora, inv_freq, attention_impl)
         B, T = attn.shape[:2]
-        flat = attn.reshape(B, T, -1)
-        if LORA_FIRST and "o_proj" in lora.targets:
-            (d,) = lora.deltas(flat, ((B, T, layer.wo.shape[-1]),), ("o_proj",))
-            x = x + (_bias(_project(attn, layer.wo, "bthd,hde->bte"), layer.bo) + d)
-        else:
-            x = x + lora(_bias(_project(attn, layer.wo, "bthd,hde->bte"), layer.bo), flat, "o_proj")
+        x = x + lora(_bias(_project(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1), "o_proj")
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer.mlp_norm, eps, offset)
-        M = layer.w_gate_up.shape[-1]
-        first = (lora.deltas(h, ((B, T, M), (B, T, M)), ("gate_proj", "up_proj"))
-                 if LORA_FIRST and lora.targets else None)
         gate_up = _project(h, layer.w_gate_up, "bte,egm->btgm")                        # [B, T, 2, M]
         gate, up = _bias(gate_up[:, :, 0], layer.b_gate), _bias(gate_up[:, :, 1], layer.b_up)
-        if first is not None:
-            gate, up = gate + first[0], up + first[1]
-        else:
-            gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
+        gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
         h = _activation(cfg.activation)(gate) * up
-        if LORA_FIRST and "down_proj" in lora.targets:
-            (d,) = lora.deltas(h, ((B, T, layer.w_down.shape[-1]),), ("down_proj",))
-            x = x + (_bias(_project(h, layer.w_down, "btm,me->bte"), layer.b_down) + d)
-        else:
-            x = x + lora(_bias(_project(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")
+        x = x + lora(_bias(_project(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")
     return x, k_cache, v_cache
 
 
@@ -239,14 +219,10 @@ def _fused_attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: 
     Returns:
       (attn ``[B, 1, H, D]``, k_cache, v_cache).
     """
-    B = h.shape[0]
-    K, G2, D = layer.w_qkv.shape[1:]
-    shapes = ((B, 1, K * (G2 - 2), D), (B, 1, K, D), (B, 1, K, D))
-    if LORA_FIRST:
-        deltas = lora.deltas(h, shapes, ("q_proj", "k_proj", "v_proj"))
     qkv = _project(h, layer.w_qkv, "bte,ekgd->btkgd")[:, 0]                            # [B, K, G + 2, D]
-    if not LORA_FIRST:
-        deltas = lora.deltas(h, shapes, ("q_proj", "k_proj", "v_proj"))
+    B, K, G2, D = qkv.shape
+    shapes = ((B, 1, K * (G2 - 2), D), (B, 1, K, D), (B, 1, K, D))
+    deltas = lora.deltas(h, shapes, ("q_proj", "k_proj", "v_proj"))
     biases = (layer.bq, layer.bk, layer.bv)
     if deltas is None and any(b is not None for b in biases):
         deltas = tuple(jnp.zeros(s, h.dtype) for s in shapes)
