@@ -68,6 +68,8 @@ def main():
     p.add_argument("--max-loras", type=int, default=16)
     p.add_argument("--config", default="configs/llama3_8b.json")
     p.add_argument("--small", action="store_true", help="tiny model dims (CPU smoke test)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print each case's kernels by device time (device_profile.kernel_times)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -143,6 +145,10 @@ def main():
             key = variant if variant == "base" else f"{variant}@{impl}"
             row[key] = dict(ms=ms, tok_s=B * T / ms * 1e3, token_ids=np.asarray(first.token_ids).tolist(),
                             logprobs=np.asarray(first.logprobs).ravel().tolist())
+            if args.profile:
+                from device_profile import kernel_times, print_kernels
+
+                print_kernels(f"B={B} x T={T} {key}", kernel_times(run, n_calls=2), top=30)
             base_ms = row["base"]["ms"]
             extra = "" if variant == "base" else f" ({100 * (ms / base_ms - 1):+.1f}% vs base)"
             print(f"B={B:3d} x T={T:4d} {key:18s}: {ms:7.2f} ms, {B * T / ms * 1e3:8.0f} tok/s{extra}; "
