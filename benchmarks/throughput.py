@@ -106,18 +106,13 @@ def segment_knobs(impl: str):
     ``pallas_kernels.lora.DECODE_DELTA_BLOCKS`` to (C columns at most per dot, O blocks per program), ``+spN``
     ``pallas_kernels.shrink.SEG_PROGRAMS`` (the programs the shrink's H-split aims at) to N, ``+fdN``
     ``jmlora.model.decoder.FUSED_DELTAS_MAX_BATCH`` to N (q/k/v deltas into the fused attention kernel up to N
-    rows), ``+fs`` ``decoder.FUSED_SILU`` (the gate/up expand inside the activation, segment form)."""
-    from pallas_kernels import _common, lora, shrink
+    rows)."""
+    from pallas_kernels import lora, shrink
 
-    saved = (lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH, decoder.FUSED_SILU,
-             _common.SEGMENT_GRID_EXTRA)
+    saved = lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH
     jax.clear_caches()          # jit's trace cache would otherwise hand back a trace made with other knobs
     for knob in split_knobs(impl)[1].split("+")[1:]:
-        if knob.startswith("tl"):
-            _common.SEGMENT_GRID_EXTRA = int(knob[2:])
-        elif knob == "fs":
-            decoder.FUSED_SILU = True
-        elif knob.startswith("fd"):
+        if knob.startswith("fd"):
             decoder.FUSED_DELTAS_MAX_BATCH = int(knob[2:])
         elif knob.startswith("db"):
             lora.DECODE_DELTA_BLOCKS = tuple(int(v) for v in knob[2:].split("x"))
@@ -128,8 +123,7 @@ def segment_knobs(impl: str):
     try:
         yield
     finally:
-        (lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH, decoder.FUSED_SILU,
-         _common.SEGMENT_GRID_EXTRA) = saved
+        lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH = saved
         jax.clear_caches()
 
 

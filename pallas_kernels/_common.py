@@ -107,19 +107,6 @@ def max_segment_tiles(num_tokens: int, num_slots: int, block_m: int) -> int:
     return num_tokens // block_m + num_slots
 
 
-# Experiment: when set, the segment kernels' grids cover only the first T // block_m + SEGMENT_GRID_EXTRA tiles
-# (correct only while the batch's live tiles all lie there). Read while tracing.
-SEGMENT_GRID_EXTRA = None
-
-
-def segment_grid_tiles(tiles, num_tokens: int) -> int:
-    """The tile count a segment kernel's grid covers (all of them unless ``SEGMENT_GRID_EXTRA`` is set)."""
-    n = tiles.length.shape[0]
-    if SEGMENT_GRID_EXTRA is None:
-        return n
-    return min(n, num_tokens // tiles.tokens.shape[1] + SEGMENT_GRID_EXTRA)
-
-
 def largest_pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two that divides n and is <= cap (1 if n is odd)."""
     d = 1

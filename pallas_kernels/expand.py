@@ -317,7 +317,7 @@ def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num
     return tuple(pl.pallas_call(
         kernel,
         out_shape=tuple(_common.out_struct((t, o), out_dtype, *args) for o in out_dims),
-        grid=(_common.segment_grid_tiles(tiles, t), starts[-1] // o_blocks),
+        grid=(tiles.length.shape[0], starts[-1] // o_blocks),
         input_output_aliases={5 + n + i: i for i in range(n)} if in_place else {},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
@@ -360,66 +360,3 @@ def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, o_blocks=
         raise ValueError(f"the outputs of one segment expand need one dtype, got {sorted(map(str, dtypes))}")
     return _seg_call(ys[0].dtype, h_partials, b_slices, tuple(ys), tiles, block_n, o_blocks, num_warps,
                      num_stages, interpret)
-
-
-def _seg_silu_mul_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, bg_ref, bu_ref, gu_ref, o_ref, *, block_n):
-    # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N] (``_common.SegmentTiles``); h_ref [2, n_split, T, R] f32
-    # partials (gate, up); bg_ref, bu_ref [S, R, M]; gu_ref [T, 2M] (gate columns, then up columns); o_ref
-    # [T, M]. Grid: (tile, block of M). Rank-0 tiles take the same path with h and B masked to zero.
-    i, j = pl.program_id(0), pl.program_id(1)
-    m = o_ref.shape[1]
-    block_m, r_max = tok_ref.shape[1], bg_ref.shape[1]
-    hcols = lax.broadcasted_iota(jnp.int32, (block_m, r_max), 1)
-    brows = lax.broadcasted_iota(jnp.int32, (r_max, block_n), 0)
-    dtype = o_ref.dtype
-
-    @pl.when(len_ref[i] > 0)  # every token is in exactly one non-empty tile: each output row written once
-    def _():
-        toks = tok_ref[i, :]
-        s, rank = tslot_ref[i], trank_ref[i]
-        n0 = pl.multiple_of(j * block_n, block_n)
-
-        def delta(k, b_ref):
-            hv = h_ref[k, 0, toks, :]
-            for sp in range(1, h_ref.shape[1]):
-                hv = hv + h_ref[k, sp, toks, :]
-            hv = jnp.where(hcols < rank, hv, 0.0).astype(b_ref.dtype)
-            bv = plgpu.load(b_ref.at[s, :, pl.ds(n0, block_n)], mask=brows < rank, other=0)
-            return jnp.dot(hv, bv, preferred_element_type=jnp.float32)
-
-        # rounded as the unfused path rounds: the delta and each sum to the activation dtype, then silu and the
-        # product one op at a time
-        def plus(x, d):
-            return (x.astype(jnp.float32) + d.astype(dtype).astype(jnp.float32)).astype(dtype)
-
-        g = plus(gu_ref[toks, pl.ds(n0, block_n)], delta(0, bg_ref)).astype(jnp.float32)
-        u = plus(gu_ref[toks, pl.ds(m + n0, block_n)], delta(1, bu_ref)).astype(jnp.float32)
-        sig = (1.0 / (1.0 + jnp.exp(-g))).astype(dtype).astype(jnp.float32)
-        act = (g * sig).astype(dtype).astype(jnp.float32)
-        o_ref[toks, pl.ds(n0, block_n)] = (act * u).astype(dtype)
-
-
-def seg_silu_mul(gate_up, h_partials, b_gate, b_up, tiles, *, block_n=None, num_warps=4, num_stages=2,
-                 interpret=False):
-    """The gate/up LoRA expand inside the MLP's activation, segment form: ``silu(g + dg) * (u + du)``.
-
-    Args:
-      gate_up: [T, 2M] the fused gate/up projection's output (gate columns first).
-      h_partials: [2, n_split, T, R] f32 (``shrink.seg_shrink_partials_multi`` over the gate and up A's).
-      b_gate, b_up: [S, R, M] banks; tiles: the shrink's ``_common.SegmentTiles``.
-
-    Returns:
-      [T, M] in gate_up's dtype: the activation's output, with no delta array in between.
-    """
-    t, two_m = gate_up.shape
-    m = two_m // 2
-    block_n = block_n or seg_delta_block_n([m])
-    args = _common.match_vma(*tiles, h_partials, b_gate, b_up, gate_up)
-    return pl.pallas_call(
-        functools.partial(_seg_silu_mul_kernel, block_n=block_n),
-        out_shape=_common.out_struct((t, m), gate_up.dtype, *args),
-        grid=(_common.segment_grid_tiles(tiles, t), m // block_n),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="lora_seg_silu_mul",
-    )(*args)

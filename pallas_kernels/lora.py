@@ -536,26 +536,6 @@ def lora_shrink_expand_multi(ys, x, adapters, slot_ids, ranks, *, backend=None, 
                        slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), tiles, chosen, form, interpret, delta)
 
 
-def lora_silu_gate_up(gate_up, x, gate, up, tiles, *, interpret=False):
-    """Experiment: ``silu(gate + LoRA_gate(x)) * (up + LoRA_up(x))`` with the expand inside the activation
-    (segment form, Triton): the segment shrink of both A's, then ``expand.seg_silu_mul``; no delta arrays.
-
-    Args:
-      gate_up: [T, 2M] the fused gate/up projection's output; x: [T, H] its input.
-      gate, up: (a [S, H, R], b [S, R, M]) banks; tiles: ``segment_tiles_for`` of the batch's slot ids.
-
-    Returns:
-      [T, M] in gate_up's dtype.
-    """
-    (a_g, b_g), (a_u, b_u) = gate, up
-    r_max = a_g.shape[2]
-    hp = shrink.seg_shrink_partials_multi(x, (a_g, a_u), tiles, programs=segment_shrink_programs(x.shape[0], r_max),
-                                          interpret=interpret)
-    if segment_sums_partials(x.shape[0], r_max):
-        hp = jnp.sum(hp, axis=1, keepdims=True)
-    return expand.seg_silu_mul(gate_up, hp, b_g, b_u, tiles, interpret=interpret)
-
-
 def lora_shrink_multi(x, a_slices, slot_ids, ranks, *, backend=None, form="auto", interpret=False):
     """Multi-slice shrink: one h [T, R_i] float32 per A in ``a_slices`` (shared x)."""
     if not isinstance(ranks, (tuple, list)):

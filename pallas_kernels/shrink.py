@@ -312,7 +312,7 @@ def seg_shrink_partials_multi(x, a_slices, tiles, *, block_k=None, n_split=None,
     return pl.pallas_call(
         kernel,
         out_shape=_common.out_struct((len(a_slices), n_split, t, r_max), jnp.float32, *args),
-        grid=(_common.segment_grid_tiles(tiles, t), n_split, len(a_slices)),
+        grid=(tiles.length.shape[0], n_split, len(a_slices)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="lora_seg_shrink_multi",

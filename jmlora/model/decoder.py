@@ -93,11 +93,6 @@ def _project(x: Array, w: Array, spec: str) -> Array:
     return y.reshape(*lead, *out_shape)
 
 
-# Experiment: with the segment form, the gate/up LoRA expand runs inside the MLP's activation
-# (``pallas_kernels.lora.lora_silu_gate_up``) instead of as a delta kernel beside the GEMM. Read while tracing.
-FUSED_SILU = False
-
-
 class _LayerLoRA:
     """The adapter inputs of one layer: adds each row's LoRA term to a projection's output."""
 
@@ -123,20 +118,6 @@ class _LayerLoRA:
         for i, o in zip(present, outs):
             out[i] = o
         return tuple(out)
-
-    def silu_gate_up(self, gate_up: Array, x: Array) -> Array | None:
-        """``silu(gate) * up`` with the gate/up LoRA terms added inside the activation kernel (``FUSED_SILU``),
-        or None where that path does not apply. gate_up: ``[B, T, 2, M]``; x: ``[B, T, E]``."""
-        if not (FUSED_SILU and self.tiles is not None and "gate_proj" in self.targets and "up_proj" in self.targets):
-            return None
-        from jmlora.lora.routing import _pallas_options
-        from pallas_kernels.lora import lora_silu_gate_up
-
-        B, T, _, M = gate_up.shape
-        g, u = self.targets["gate_proj"], self.targets["up_proj"]
-        out = lora_silu_gate_up(gate_up.reshape(B * T, 2 * M), x.reshape(B * T, -1), (g.a, g.b), (u.a, u.b),
-                                self.tiles, interpret=_pallas_options(self.impl).get("interpret", False))
-        return out.reshape(B, T, M)
 
     def deltas(self, x: Array, shapes: tuple[tuple[int, ...], ...], targets: tuple[str, ...]
                ) -> tuple[Array, ...] | None:
@@ -183,14 +164,9 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer.mlp_norm, eps, offset)
         gate_up = _project(h, layer.w_gate_up, "bte,egm->btgm")                        # [B, T, 2, M]
-        fused = (lora.silu_gate_up(gate_up, h) if cfg.activation == "silu" and layer.b_gate is None
-                 and layer.b_up is None else None)
-        if fused is not None:
-            h = fused
-        else:
-            gate, up = _bias(gate_up[:, :, 0], layer.b_gate), _bias(gate_up[:, :, 1], layer.b_up)
-            gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
-            h = _activation(cfg.activation)(gate) * up
+        gate, up = _bias(gate_up[:, :, 0], layer.b_gate), _bias(gate_up[:, :, 1], layer.b_up)
+        gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
+        h = _activation(cfg.activation)(gate) * up
         x = x + lora(_bias(_project(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")
     return x, k_cache, v_cache
 
