@@ -107,6 +107,21 @@ def max_segment_tiles(num_tokens: int, num_slots: int, block_m: int) -> int:
     return num_tokens // block_m + num_slots
 
 
+def compact_segment_tiles(tiles: SegmentTiles, num_tiles: int) -> SegmentTiles:
+    """The live tiles (length > 0) first, in their order, and only the first ``num_tiles`` kept.
+
+    A batch of T tokens over P distinct slots fills at most T // block_m + P tiles (each slot's last tile may be
+    partial), but the grouping lays out T // block_m + S (S = the bank's slots; ``max_segment_tiles``), and every
+    tile, empty or not, is a program in each segment kernel's grid. For a batch known to hold at most P slots,
+    ``num_tiles = T // block_m + P`` keeps every live tile and drops only empty ones. Cutting below the live
+    count would drop tokens: the caller guarantees the bound.
+    """
+    if num_tiles >= tiles.length.shape[0]:
+        return tiles
+    order = jnp.argsort((tiles.length == 0).astype(jnp.int32), stable=True)[:num_tiles]
+    return SegmentTiles(*(a[order] for a in tiles))
+
+
 def largest_pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two that divides n and is <= cap (1 if n is odd)."""
     d = 1

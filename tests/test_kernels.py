@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import expand, grouping, lora, shrink
-from pallas_kernels._common import max_segment_tiles
+from pallas_kernels._common import compact_segment_tiles, max_segment_tiles
 from pallas_kernels.expand import ref_lora_expand
 from pallas_kernels.shrink import ref_lora_shrink
 
@@ -249,6 +249,28 @@ def test_segment_tiles_cover_every_token_once(slots, block_m, chunk):
                                        interpret=True))(slot_ids, ranks)
     for name, want, got in zip(tiles._fields, tiles, kernel):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_slots=st.integers(1, 4), t=st.integers(1, 48))
+def test_compacted_tiles_keep_every_live_tile(seed, n_slots, t):
+    """A batch over P of a large bank's slots: ``compact_segment_tiles`` to T // block_m + P tiles keeps every
+    live tile (the segment kernels' results unchanged, delta form), and its grid drops the empty ones."""
+    rng = np.random.default_rng(seed)
+    bank_slots, block_m = 20, 16
+    present = rng.choice(bank_slots, n_slots, replace=False)                      # slot 0 among them, or not
+    groups = np.zeros(bank_slots, np.int64)
+    groups[present] = np.bincount(rng.choice(n_slots, t), minlength=n_slots)
+    x, y, a, b, slot_ids, ranks = make_inputs(seed, list(groups), 64, 128, 16, jnp.float32)
+    tiles = lora.segment_tiles_for(slot_ids, ranks, 16, form="segment", backend="triton", interpret=True)
+    cut = compact_segment_tiles(tiles, t // block_m + n_slots)
+    assert cut.length.shape[0] == min(t // block_m + n_slots, tiles.length.shape[0])
+    assert int(jnp.sum(cut.length)) == t                                          # every token, once
+    run = jax.jit(functools.partial(lora.lora_shrink_expand_multi, backend="triton", form="segment", interpret=True,
+                                    delta=True))
+    (full,), (compact,) = run((y,), x, ((a, b),), slot_ids, ranks, tiles=tiles), run((y,), x, ((a, b),), slot_ids,
+                                                                                  ranks, tiles=cut)
+    np.testing.assert_array_equal(np.asarray(compact), np.asarray(full))
 
 
 def test_segment_form_validation():

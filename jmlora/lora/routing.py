@@ -13,6 +13,10 @@ formulations behind one function (``impl``):
 - ``"pallas_decode"``, ``"pallas_segment"``: the same with the GPU form forced (one program per token, or
   tiles of same-adapter tokens); off GPU/TPU the Triton kernels run in the Pallas interpreter (tests).
 
+Not a user choice: ``FEW_SEGMENT_IMPL`` ("pallas_segment_few"), what the engine's runner picks for a decode
+batch it knows holds at most ``FEW_ADAPTERS`` adapters (``decode_impl``): the segment form over only the tiles
+such a batch can fill.
+
 Measured choices are in ``benchmarks/RESULTS.md``; ``default_impl`` holds the winner per shape and platform.
 """
 
@@ -28,7 +32,8 @@ from jmlora.lora.bank import AdapterBank, TargetBank
 Array = jax.Array
 
 LORA_IMPLS = ("gather", "onehot", "ragged", "pallas", "pallas_decode", "pallas_segment")
-_PALLAS_FORMS = {"pallas": "auto", "pallas_decode": "decode", "pallas_segment": "segment"}
+FEW_SEGMENT_IMPL = "pallas_segment_few"
+_PALLAS_FORMS = {"pallas": "auto", "pallas_decode": "decode", "pallas_segment": "segment", FEW_SEGMENT_IMPL: "segment"}
 
 
 def _pallas_options(impl: str) -> dict:
@@ -54,13 +59,18 @@ def default_impl(num_new_tokens: int, batch: int, platform: str) -> str:
     return "pallas" if platform == "gpu" else "onehot"
 
 
-# The GPU decode step's "auto" LoRA form groups tokens by adapter (the segment form) from 128 rows
-# (``pallas_kernels.lora.SEGMENT_MIN_TOKENS``); in the 64-row bucket it also pays when the batch holds few
-# adapters, which only the host knows. Measured on the H200 at batch 64 (benchmarks/RESULTS.md, "Twelfth
-# session"): 8 shared adapters 6.33 -> 5.94 ms per step (192 tokens) and 8.58 -> 8.20 ms (1152); 64 distinct
-# adapters 7.11 -> 7.26 and 9.37 -> 9.50 ms, so the per-token form stays above 8 adapters.
-FEW_ADAPTERS_MIN_BATCH = 64        # rows; "auto" groups every batch from SEGMENT_MIN_TOKENS rows anyway
-FEW_ADAPTERS_PER_ROW = 1 / 8       # at most batch / 8 distinct adapters
+# A GPU decode batch of at least FEW_ADAPTERS_MIN_BATCH rows that holds at most FEW_ADAPTERS distinct adapters
+# (which only the host knows) runs the segment form over compacted tiles (``FEW_SEGMENT_IMPL``). Measured on the
+# H200 (benchmarks/RESULTS.md):
+# - twelfth session, 64 rows: grouping 8 shared adapters paid (6.33 -> 5.94 ms per step at 192 tokens, 8.58 ->
+#   8.20 at 1152), 64 distinct did not (7.11 -> 7.26, 9.37 -> 9.50 ms); "auto" groups every batch from
+#   ``pallas_kernels.lora.SEGMENT_MIN_TOKENS`` (128) rows anyway;
+# - twenty-third session: the grouping lays out T / 16 + 65 tiles at decode (65 bank slots), and each is a
+#   program of every segment kernel, live or empty; a batch over at most 8 adapters fills at most T / 16 + 9.
+#   Only those: 8 shared adapters back to back +12.1-13.1% -> +9.1% over the base step at batch 64 / 192
+#   tokens, +16.8-19.9% -> +13.3% at 128, +8.3-9.1% -> +6.2% and +7.1-7.5% -> +6.1% with 1152 tokens.
+FEW_ADAPTERS_MIN_BATCH = 64        # rows
+FEW_ADAPTERS = 8
 
 
 def count_adapters(slot_ids: np.ndarray) -> int:
@@ -72,17 +82,13 @@ def decode_impl(impl: str, batch: int, num_adapters: int, platform: str, rank: i
     """The LoRA formulation for a decode step whose rows hold ``num_adapters`` distinct adapters (the host
     knows them: the runner picks the step's executable with this).
 
-    "auto" becomes "pallas_segment" on GPU from ``FEW_ADAPTERS_MIN_BATCH`` rows up to where "auto" groups
-    anyway (``pallas_kernels.lora.SEGMENT_MIN_TOKENS``) when the batch holds at most
-    ``batch * FEW_ADAPTERS_PER_ROW`` adapters and the bank's rank ``rank`` suits the segment kernels (a power
-    of two >= 16: one tensor-core dot); anything else is returned unchanged (resolved later by
-    ``resolve_impl``).
+    "auto" becomes ``FEW_SEGMENT_IMPL`` on GPU from ``FEW_ADAPTERS_MIN_BATCH`` rows when the batch holds 1 to
+    ``FEW_ADAPTERS`` adapters and the bank's rank ``rank`` suits the segment kernels (a power of two >= 16: one
+    tensor-core dot); anything else is returned unchanged (resolved later by ``resolve_impl``).
     """
-    from pallas_kernels.lora import SEGMENT_MIN_TOKENS
-
-    if (impl == "auto" and platform == "gpu" and FEW_ADAPTERS_MIN_BATCH <= batch < SEGMENT_MIN_TOKENS
-            and rank >= 16 and rank & (rank - 1) == 0 and 0 < num_adapters <= batch * FEW_ADAPTERS_PER_ROW):
-        return "pallas_segment"
+    if (impl == "auto" and platform == "gpu" and batch >= FEW_ADAPTERS_MIN_BATCH and rank >= 16
+            and rank & (rank - 1) == 0 and 0 < num_adapters <= FEW_ADAPTERS):
+        return FEW_SEGMENT_IMPL
     return impl
 
 
@@ -100,10 +106,11 @@ class LoRABatch:
 
 
 def resolve_impl(impl: str, num_new_tokens: int, batch: int = 1) -> str:
-    """Maps "auto" to the measured default for the shape on this platform (``default_impl``); validates names."""
+    """Maps "auto" to the measured default for the shape on this platform (``default_impl``); validates names.
+    ``FEW_SEGMENT_IMPL`` (from ``decode_impl``) is accepted too."""
     if impl == "auto":
         return default_impl(num_new_tokens, batch, jax.default_backend())
-    if impl not in LORA_IMPLS:
+    if impl not in LORA_IMPLS and impl != FEW_SEGMENT_IMPL:
         raise ValueError(f"lora impl must be 'auto' or one of {LORA_IMPLS}, got {impl!r}")
     return impl
 
@@ -159,14 +166,22 @@ def lora_delta(x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: st
 
 def segment_tiles(lora: LoRABatch, num_new_tokens: int, impl: str):
     """The "pallas*" kernels' segment tiles for this batch (tokens grouped by slot), or None where they run
-    another form. Built once per forward and shared by every layer's LoRA calls (``apply_lora``'s ``tiles``)."""
+    another form. Built once per forward and shared by every layer's LoRA calls (``apply_lora``'s ``tiles``).
+
+    With ``FEW_SEGMENT_IMPL`` the batch holds at most ``FEW_ADAPTERS`` adapters (the runner's guarantee), so at
+    most FEW_ADAPTERS + 1 slots with slot 0: the live tiles are moved to the front and the empty rest dropped
+    (``pallas_kernels._common.compact_segment_tiles``), so the kernels' grids skip them."""
+    from pallas_kernels._common import compact_segment_tiles
     from pallas_kernels.lora import segment_tiles_for
 
     tb = next(iter(lora.bank.layers[0].values()), None) if lora.bank.layers else None
     if impl not in _PALLAS_FORMS or tb is None:
         return None
-    return segment_tiles_for(jnp.repeat(lora.slot_ids, num_new_tokens), lora.bank.ranks, tb.a.shape[2],
-                             **_pallas_options(impl))
+    token_slots = jnp.repeat(lora.slot_ids, num_new_tokens)
+    tiles = segment_tiles_for(token_slots, lora.bank.ranks, tb.a.shape[2], **_pallas_options(impl))
+    if tiles is not None and impl == FEW_SEGMENT_IMPL:
+        tiles = compact_segment_tiles(tiles, token_slots.shape[0] // tiles.tokens.shape[1] + FEW_ADAPTERS + 1)
+    return tiles
 
 
 def apply_lora(y: Array, x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: str,
