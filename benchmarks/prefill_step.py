@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from kernels import measure_ceilings  # noqa: E402
 from throughput import bench_model_config, random_bank  # noqa: E402
 
 from jmlora.config import EngineConfig  # noqa: E402
@@ -44,19 +45,6 @@ from jmlora.model import init_params, make_mesh  # noqa: E402
 from jmlora.model.attention import prefill_attention_impl  # noqa: E402
 
 PAGE = 16
-
-
-def matmul_rate() -> float:
-    """bf16 FLOP/s of an 8192^3 matmul (XLA), median of 10."""
-    a = jnp.ones((8192, 8192), jnp.bfloat16)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * 8192 ** 3 / statistics.median(times)
 
 
 def main():
@@ -77,7 +65,7 @@ def main():
     t0 = time.perf_counter()
     max_tokens = max(T for _, T in shapes)
     cfg = bench_model_config(max_tokens + PAGE, small=args.small, path=args.config)
-    rate = matmul_rate()
+    rate = measure_ceilings(print)["flops"]         # the kernel benchmark's bf16 matmul rate (8192^3)
     mesh = make_mesh()
     params = init_params(cfg, mesh, dtype=jnp.bfloat16)
     pages = max(B * T for B, T in shapes) // PAGE + 1
