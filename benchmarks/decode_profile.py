@@ -45,7 +45,7 @@ from jmlora.config import EngineConfig  # noqa: E402
 from jmlora.engine import model_runner  # noqa: E402
 from jmlora.engine.sampler import SamplingTensors  # noqa: E402
 from jmlora.engine.sampling_params import SamplingParams  # noqa: E402
-from jmlora.lora.routing import LoRABatch  # noqa: E402
+from jmlora.lora.routing import LoRABatch, count_adapters, decode_impl  # noqa: E402
 from jmlora.model import attention, init_params, make_mesh  # noqa: E402
 
 P_WIDTH = 128          # the runner's page-table width for max_model_len 1280 (+ lookahead), page size 16
@@ -338,12 +338,18 @@ def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("au
                     pos = jnp.full(B, ctx, jnp.int32)
                     args = (lora, jnp.full(B, 5, jnp.int32), pos, jnp.ones(B, bool), table,
                             jnp.arange(B, dtype=jnp.int32), st, jnp.zeros(B, jnp.int32))
+                    # the formulation the engine's runner picks for this batch ("auto" may become the
+                    # few-adapter segment form: routing.decode_impl), as throughput.py times it
+                    name = split_knobs(impl)[0]
+                    picked = name if lora is None else decode_impl(
+                        name, B, count_adapters(slots), jax.default_backend(), ecfg.max_lora_rank)
                     with segment_knobs(impl):        # an impl's "+knob" suffix (throughput.segment_knobs)
                         lowered = model_runner._decode_steps.lower(
                             params, cfg, runner.cache, *args, runner.prompt_mask, runner.output_counts,
-                            jnp.zeros(B, bool), pos, num_steps=K, lora_impl=split_knobs(impl)[0],
+                            jnp.zeros(B, bool), pos, num_steps=K, lora_impl=picked,
                             attention_impl=attn, needs_penalties=False, num_logprobs=0)
-                    label = f"{variant} {attn}" + ("" if variant == "base" else f" {impl}")
+                    label = f"{variant} {attn}" + ("" if variant == "base" else f" {impl}") + (
+                        f" ({picked})" if picked != name else "")
                     cases.append((B, label, args, lowered))
     t = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:

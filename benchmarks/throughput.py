@@ -179,6 +179,10 @@ def main():
     parser.add_argument("--lookahead", type=int, default=4)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--max-loras", type=int, default=64)
+    parser.add_argument("--compile-threads", type=int, default=8,
+                        help="threads compiling the decode variants; XLA autotunes each executable's GEMMs on the "
+                             "device while it compiles, so with more than one the timings it picks by overlap "
+                             "(the engine compiles one at a time)")
     parser.add_argument("--config", default="configs/llama3_8b.json")
     parser.add_argument("--out", default=None)
     parser.add_argument("--small", action="store_true", help="tiny model dims (CPU smoke test)")
@@ -309,7 +313,7 @@ def main():
                                          attention_impl=ecfg.attention_impl, needs_penalties=False, num_logprobs=0)
             for mode in modes:
                 lowered[B, kind, impl, mode] = lw
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(args.compile_threads) as pool:
         keys = list(lowered)
         execs = dict(zip(keys, pool.map(
             lambda k: lowered[k].compile(compile_options(k[3])),
