@@ -417,20 +417,22 @@ def test_batches_without_adapters_run_the_base_executable(world):
 
 def test_decode_variants_follow_the_adapter_count(world):
     """One decode executable per LoRA formulation a batch can need, each warmed up: with LoRA enabled a batch
-    without adapters runs the base executable (0 adapters); on GPU a batch of 64 rows or more with at most 8
+    without adapters runs the base executable (0 adapters); on GPU a batch of 32 rows or more with at most 8
     adapters runs the grouped (segment) form over only the tiles it can fill, one with more "auto"; other
     buckets and platforms have one. Users cannot force the few-adapter form."""
     few = FEW_SEGMENT_IMPL
     assert [decode_impl("auto", 64, k, "gpu", 16) for k in (0, 1, 8, 9, 64)] == ["auto", few, few, "auto", "auto"]
     assert [decode_impl("auto", 256, k, "gpu", 16) for k in (1, 8, 9)] == [few, few, "auto"]
+    assert decode_impl("auto", 32, 8, "gpu", 16) == few
     assert decode_impl("pallas_decode", 64, 1, "gpu", 16) == "pallas_decode"   # a forced formulation stays
-    assert decode_impl("auto", 64, 1, "cpu", 16) == decode_impl("auto", 32, 1, "gpu", 16) == "auto"
+    assert decode_impl("auto", 64, 1, "cpu", 16) == decode_impl("auto", 16, 1, "gpu", 16) == "auto"
     assert decode_impl("auto", 64, 1, "gpu", 8) == "auto"          # the segment kernels' dot needs R >= 16
     with pytest.raises(ValueError, match="lora_impl 'pallas_segment_few'"):
         make_llm(world[0], lora_impl=few)
     runner = make_llm(world[0], max_loras=16).llm_engine.runner
     assert runner.decode_variants(64, "gpu") == runner.decode_variants(128, "gpu") == [0, 1, 9]
-    assert runner.decode_variants(32, "gpu") == [0, 1]
+    assert runner.decode_variants(32, "gpu") == [0, 1, 9]
+    assert runner.decode_variants(16, "gpu") == [0, 1]
     assert runner.decode_variants(64, "cpu") == [0, 1]
     assert make_llm(world[0], max_loras=4).llm_engine.runner.decode_variants(64, "gpu") == [0, 1]  # <= 4 adapters
     assert make_llm(world[0], enable_lora=False).llm_engine.runner.decode_variants(64, "gpu") == [0]

@@ -68,8 +68,10 @@ def default_impl(num_new_tokens: int, batch: int, platform: str) -> str:
 # - twenty-third session: the grouping lays out T / 16 + 65 tiles at decode (65 bank slots), and each is a
 #   program of every segment kernel, live or empty; a batch over at most 8 adapters fills at most T / 16 + 9.
 #   Only those: 8 shared adapters back to back +12.1-13.1% -> +9.1% over the base step at batch 64 / 192
-#   tokens, +16.8-19.9% -> +13.3% at 128, +8.3-9.1% -> +6.2% and +7.1-7.5% -> +6.1% with 1152 tokens.
-FEW_ADAPTERS_MIN_BATCH = 64        # rows
+#   tokens, +16.8-19.9% -> +13.3% at 128, +8.3-9.1% -> +6.2% and +7.1-7.5% -> +6.1% with 1152 tokens;
+# - twenty-fourth session, 32 rows (where "auto" is otherwise the per-token form): +10.4% -> +9.3% at 192 tokens,
+#   +7.5% -> +6.5% at 1152 (the per-token form itself, forced, timed again in the same process: +10.6%, +7.1%).
+FEW_ADAPTERS_MIN_BATCH = 32        # rows
 FEW_ADAPTERS = 8
 
 
