@@ -22,8 +22,8 @@ counting-sort kernel, ``grouping.segment_tiles``, one tensor-core dot per tile a
 gathered and scattered by token index) or "auto": the segment form when R >= 16 (the dot's minimum) and
 T >= ``PREFILL_MIN_TOKENS``, or T >= ``SEGMENT_MIN_TOKENS`` for the multi-slice delta op
 (``lora_shrink_expand_multi(..., delta=True)``, the decoder's path, whose tiles the decoder builds once per
-step). Tiles hold ``SEGMENT_BLOCK_M`` tokens below PREFILL_MIN_TOKENS, ``PREFILL_BLOCK_M[R <= 16]`` from
-there (``segment_block_m``).
+forward, a multi-step decode call once per call). Tiles hold ``SEGMENT_BLOCK_M`` tokens below
+PREFILL_MIN_TOKENS, ``PREFILL_BLOCK_M[R <= 16]`` from there (``segment_block_m``).
 
 Every op is a pure function of its (local) arrays with static shapes: it jits, runs inside ``jax.shard_map``
 and has a ``jax.custom_vjp`` (gradients for x, a, b and h; none for slot_ids and ranks) whose backward pass is

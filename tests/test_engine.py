@@ -415,6 +415,19 @@ def test_batches_without_adapters_run_the_base_executable(world):
     assert_idle(llm)
 
 
+def test_segment_kernels_in_multi_step_decode_calls_match_peft(world):
+    """The segment kernels (Pallas interpreter on CPU) through the engine's multi-step decode calls, whose
+    tiles are built once per call and shared by its steps: greedy outputs equal PEFT's."""
+    loras = world[2]
+    llm = make_llm(world[0], lora_impl="pallas_segment", max_loras=3)           # num_lookahead=3 steps a call
+    mix = [loras[1], None, loras[3], loras[1]]
+    prompts = PROMPTS[:4]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=mix, use_tqdm=False)
+    for prompt, lora, out in zip(prompts, mix, outs):
+        assert out.outputs[0].token_ids == reference_greedy(world, prompt, lora), f"adapter {lora}"
+    assert_idle(llm)
+
+
 def test_decode_variants_follow_the_adapter_count(world):
     """One decode executable per LoRA formulation a batch can need, each warmed up: with LoRA enabled a batch
     without adapters runs the base executable (0 adapters); on GPU a batch of 32 rows or more with at most 8

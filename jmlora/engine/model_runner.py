@@ -51,7 +51,7 @@ from jmlora.lora.bank import (
     zero_adapter_arrays,
 )
 from jmlora.lora.peft import LoRAWeights
-from jmlora.lora.routing import LoRABatch, count_adapters, decode_impl
+from jmlora.lora.routing import LoRABatch, count_adapters, decode_impl, prepare_lora, resolve_impl
 from jmlora.model import KVCache, Params, compute_logits, forward, init_kv_cache
 from jmlora.model.attention import prefill_attention_impl
 from jmlora.sharding import filled, logical_sharding
@@ -623,6 +623,9 @@ def _decode_steps(params, cfg, cache, lora, tokens, pos, active, page_table, row
         True, mode="drop")
     output_counts = output_counts.at[rows, jnp.where(record_fed & ~fed_is_prompt, tokens, cfg.vocab_size)].add(
         1, mode="drop")
+
+    # the segment kernels' tiles depend on the slots only: built once for all the steps
+    lora = prepare_lora(lora, 1, resolve_impl(lora_impl, 1, tokens.shape[0]))
 
     def step(carry, k):
         cache, tok, output_counts = carry

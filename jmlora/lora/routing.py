@@ -22,6 +22,8 @@ Measured choices are in ``benchmarks/RESULTS.md``; ``default_impl`` holds the wi
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -101,10 +103,13 @@ class LoRABatch:
     Attributes:
       bank: the adapter bank.
       slot_ids: ``[B]`` int32 slot of each batch row.
+      tiles: ``segment_tiles`` already built for these slots, the forward's token count and its LoRA impl, or
+        None (the forward builds them). A multi-step decode call builds them once for all its steps.
     """
 
     bank: AdapterBank
     slot_ids: Array
+    tiles: Any = None
 
 
 def resolve_impl(impl: str, num_new_tokens: int, batch: int = 1) -> str:
@@ -164,6 +169,15 @@ def lora_delta(x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: st
         y = lora_expand(jnp.zeros((B * T, tb.b.shape[-1]), x.dtype), h, tb.b, token_slots, ranks)
         return y.reshape(B, T, -1).astype(x.dtype)
     raise ValueError(f"unknown lora impl {impl!r}")
+
+
+def prepare_lora(lora: LoRABatch | None, num_new_tokens: int, impl: str) -> LoRABatch | None:
+    """``lora`` with what a forward with LoRA impl ``impl`` (resolved) builds from the slots once, before its
+    layers: the segment tiles (``segment_tiles``). Already built: unchanged, so a multi-step decode call
+    prepares once for all its steps."""
+    if lora is None or lora.tiles is not None:
+        return lora
+    return lora.replace(tiles=segment_tiles(lora, num_new_tokens, impl))
 
 
 def segment_tiles(lora: LoRABatch, num_new_tokens: int, impl: str):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jmlora.config import ModelConfig
-from jmlora.lora.routing import LoRABatch, apply_lora, apply_lora_group, resolve_impl, segment_tiles
+from jmlora.lora.routing import LoRABatch, apply_lora, apply_lora_group, prepare_lora, resolve_impl
 from jmlora.model.attention import (
     KVCache,
     apply_rope,
@@ -272,7 +272,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, n
         x = x * jnp.asarray(cfg.embed_scale, dtype)
     impl = resolve_impl(lora_impl, T, B)
     attn_impl = resolve_attention_impl(attention_impl, T, B, cfg.num_kv_heads)
-    tiles = None if lora is None else segment_tiles(lora, T, impl)  # the segment kernels' sort: once per step
+    lora = prepare_lora(lora, T, impl)     # the segment kernels' tiles: once per forward (or per decode call)
+    tiles = None if lora is None else lora.tiles
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer_{i}"):
