@@ -154,14 +154,12 @@ def test_routing_formulations_agree(setup):
 # "pallas_gpu_fused" takes the LoRA terms of q/k/v as deltas into its kernel (small batches) or adds them to
 # the projection first ("pallas_gpu_fused_xla_add": the larger batches' path, forced here at batch 3);
 # "pallas_decode" and "pallas_segment" run the GPU LoRA kernels of that form (all in the Pallas interpreter on
-# CPU); "pallas_segment_few" and "xla_packed_few", the runner's forms for a batch of few adapters (over
-# compacted tiles; the batch's adapters packed side by side)
+# CPU); "pallas_segment_few", the runner's form for a batch of few adapters, over compacted tiles
 @pytest.mark.parametrize("decode_attention,lora_impl", [("auto", "auto"), ("pallas_gpu_fused", "auto"),
                                                         ("pallas_gpu_fused_xla_add", "auto"),
                                                         ("auto", "pallas_decode"),
                                                         ("pallas_gpu_fused", "pallas_segment"),
-                                                        ("auto", "pallas_segment_few"),
-                                                        ("pallas_gpu_fused", "xla_packed_few")])
+                                                        ("auto", "pallas_segment_few")])
 def test_decode_with_adapters_equals_full_forward(setup, decode_attention, lora_impl, monkeypatch, request):
     if setup.family not in ("llama", "gemma"):
         pytest.skip("decode routing is family-independent; two families suffice")

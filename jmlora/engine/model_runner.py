@@ -624,7 +624,7 @@ def _decode_steps(params, cfg, cache, lora, tokens, pos, active, page_table, row
     output_counts = output_counts.at[rows, jnp.where(record_fed & ~fed_is_prompt, tokens, cfg.vocab_size)].add(
         1, mode="drop")
 
-    # the segment kernels' tiles or the packed bank depend on the slots only: once for all the steps
+    # the segment kernels' tiles depend on the slots only: built once for all the steps
     lora = prepare_lora(lora, 1, resolve_impl(lora_impl, 1, tokens.shape[0]))
 
     def step(carry, k):

@@ -15,9 +15,7 @@ formulations behind one function (``impl``):
 
 Not a user choice: ``FEW_SEGMENT_IMPL`` ("pallas_segment_few"), what the engine's runner picks for a decode
 batch it knows holds at most ``FEW_ADAPTERS`` adapters (``decode_impl``): the segment form over only the tiles
-such a batch can fill. ``PACKED_FEW_IMPL`` ("xla_packed_few"), for such a batch too: its adapters gathered side
-by side (``pack_adapters``), then two plain matmuls per projection, every row against all of them, masked to its
-own.
+such a batch can fill.
 
 Measured choices are in ``benchmarks/RESULTS.md``; ``default_impl`` holds the winner per shape and platform.
 """
@@ -37,8 +35,6 @@ Array = jax.Array
 
 LORA_IMPLS = ("gather", "onehot", "ragged", "pallas", "pallas_decode", "pallas_segment")
 FEW_SEGMENT_IMPL = "pallas_segment_few"
-PACKED_FEW_IMPL = "xla_packed_few"
-_FEW_IMPLS = (FEW_SEGMENT_IMPL, PACKED_FEW_IMPL)   # the runner's forms for batches of few adapters
 _PALLAS_FORMS = {"pallas": "auto", "pallas_decode": "decode", "pallas_segment": "segment", FEW_SEGMENT_IMPL: "segment"}
 
 
@@ -109,22 +105,19 @@ class LoRABatch:
       slot_ids: ``[B]`` int32 slot of each batch row.
       tiles: ``segment_tiles`` already built for these slots, the forward's token count and its LoRA impl, or
         None (the forward builds them). A multi-step decode call builds them once for all its steps.
-      packed: the bank is ``pack_adapters``'s (static): each target's ``a [in, N * R]``, ``b [N * R, out]``
-        and ``slot_ids`` each row's place among the N.
     """
 
     bank: AdapterBank
     slot_ids: Array
     tiles: Any = None
-    packed: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def resolve_impl(impl: str, num_new_tokens: int, batch: int = 1) -> str:
     """Maps "auto" to the measured default for the shape on this platform (``default_impl``); validates names.
-    The runner's few-adapter forms (``decode_impl``) are accepted too."""
+    ``FEW_SEGMENT_IMPL`` (from ``decode_impl``) is accepted too."""
     if impl == "auto":
         return default_impl(num_new_tokens, batch, jax.default_backend())
-    if impl not in LORA_IMPLS and impl not in _FEW_IMPLS:
+    if impl not in LORA_IMPLS and impl != FEW_SEGMENT_IMPL:
         raise ValueError(f"lora impl must be 'auto' or one of {LORA_IMPLS}, got {impl!r}")
     return impl
 
@@ -144,11 +137,6 @@ def lora_delta(x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: st
       does when it runs ``lora_B(lora_A(x))`` in the model's dtype.
     """
     B, T, n_in = x.shape
-    if impl == PACKED_FEW_IMPL:       # tb and slot_ids from pack_adapters: a [in, N * R], b [N * R, out]
-        N = FEW_ADAPTERS + 1
-        h = (x.reshape(B * T, n_in) @ tb.a).reshape(B * T, N, -1)                    # [BT, N, R]
-        own = jax.nn.one_hot(jnp.repeat(slot_ids, T), N, dtype=h.dtype)             # [BT, N]
-        return ((h * own[:, :, None]).reshape(B * T, -1) @ tb.b).reshape(B, T, -1)
     if impl == "gather":
         a = tb.a[slot_ids]                                                              # [B, in, R]
         b = tb.b[slot_ids]                                                              # [B, R, out]
@@ -183,32 +171,13 @@ def lora_delta(x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: st
     raise ValueError(f"unknown lora impl {impl!r}")
 
 
-def pack_adapters(lora: LoRABatch) -> LoRABatch:
-    """For ``PACKED_FEW_IMPL``: the adapters of a batch that holds at most ``FEW_ADAPTERS`` (the runner's
-    guarantee), gathered side by side. N = FEW_ADAPTERS + 1 slots (slot 0, the zero adapter, may be one of them;
-    it also fills the unused places); every target becomes ``a [in, N * R]`` and ``b [N * R, out]``, and
-    ``slot_ids`` each row's place among the N. Built once per forward, or once per multi-step decode call."""
-    N = FEW_ADAPTERS + 1
-    slots = jnp.unique(lora.slot_ids, size=N, fill_value=0)                         # [N]
-    place = jnp.argmax(lora.slot_ids[:, None] == slots[None, :], axis=1).astype(jnp.int32)   # [B] first match
-
-    def pack(tb: TargetBank) -> TargetBank:
-        _, n_in, R = tb.a.shape
-        return TargetBank(a=tb.a[slots].transpose(1, 0, 2).reshape(n_in, N * R), b=tb.b[slots].reshape(N * R, -1))
-
-    layers = tuple({t: pack(tb) for t, tb in layer.items()} for layer in lora.bank.layers)
-    return LoRABatch(AdapterBank(layers, lora.bank.ranks[slots]), place, packed=True)
-
-
 def prepare_lora(lora: LoRABatch | None, num_new_tokens: int, impl: str) -> LoRABatch | None:
-    """What a forward with LoRA impl ``impl`` (resolved) needs built from the slots once, before its layers:
-    the packed bank (``pack_adapters``) or the segment tiles (``segment_tiles``). Already built: unchanged, so a
-    multi-step decode call prepares once for all its steps."""
-    if lora is None:
-        return None
-    if impl == PACKED_FEW_IMPL:
-        return lora if lora.packed else pack_adapters(lora)
-    return lora if lora.tiles is not None else lora.replace(tiles=segment_tiles(lora, num_new_tokens, impl))
+    """``lora`` with what a forward with LoRA impl ``impl`` (resolved) builds from the slots once, before its
+    layers: the segment tiles (``segment_tiles``). Already built: unchanged, so a multi-step decode call
+    prepares once for all its steps."""
+    if lora is None or lora.tiles is not None:
+        return lora
+    return lora.replace(tiles=segment_tiles(lora, num_new_tokens, impl))
 
 
 def segment_tiles(lora: LoRABatch, num_new_tokens: int, impl: str):
@@ -221,8 +190,6 @@ def segment_tiles(lora: LoRABatch, num_new_tokens: int, impl: str):
     from pallas_kernels._common import compact_segment_tiles
     from pallas_kernels.lora import segment_tiles_for
 
-    if lora.tiles is not None:
-        return lora.tiles
     tb = next(iter(lora.bank.layers[0].values()), None) if lora.bank.layers else None
     if impl not in _PALLAS_FORMS or tb is None:
         return None

@@ -272,7 +272,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, n
         x = x * jnp.asarray(cfg.embed_scale, dtype)
     impl = resolve_impl(lora_impl, T, B)
     attn_impl = resolve_attention_impl(attention_impl, T, B, cfg.num_kv_heads)
-    lora = prepare_lora(lora, T, impl)     # the segment kernels' tiles or the packed bank: once per forward
+    lora = prepare_lora(lora, T, impl)     # the segment kernels' tiles: once per forward (or per decode call)
     tiles = None if lora is None else lora.tiles
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
