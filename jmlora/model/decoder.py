@@ -96,16 +96,16 @@ def _project(x: Array, w: Array, spec: str) -> Array:
 class _LayerLoRA:
     """The adapter inputs of one layer: adds each row's LoRA term to a projection's output."""
 
-    def __init__(self, lora: LoRABatch | None, layer: int, impl: str, tiles=None):
+    def __init__(self, lora: LoRABatch | None, layer: int, impl: str):
         self.targets = {} if lora is None else lora.bank.layers[layer]
-        self.lora, self.impl, self.tiles = lora, impl, tiles
+        self.lora, self.impl = lora, impl
 
     def __call__(self, y: Array, x: Array, target: str) -> Array:
         """y: the base projection's output ``[B, T, ...out]``; x: its input ``[B, T, in]``."""
         if target not in self.targets:
             return y
         return apply_lora(y, x, self.targets[target], self.lora.slot_ids, self.lora.bank.ranks, self.impl,
-                          self.tiles)
+                          self.lora.tiles)
 
     def group(self, ys: tuple[Array, ...], x: Array, targets: tuple[str, ...]) -> tuple[Array, ...]:
         """``__call__`` for projections that share the input x (q/k/v, gate/up), applied together."""
@@ -113,7 +113,7 @@ class _LayerLoRA:
         if len(present) < 2:
             return tuple(self(y, x, t) for y, t in zip(ys, targets))
         outs = apply_lora_group(tuple(ys[i] for i in present), x, tuple(self.targets[targets[i]] for i in present),
-                                self.lora.slot_ids, self.lora.bank.ranks, self.impl, self.tiles)
+                                self.lora.slot_ids, self.lora.bank.ranks, self.impl, self.lora.tiles)
         out = list(ys)
         for i, o in zip(present, outs):
             out[i] = o
@@ -273,12 +273,11 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, n
     impl = resolve_impl(lora_impl, T, B)
     attn_impl = resolve_attention_impl(attention_impl, T, B, cfg.num_kv_heads)
     lora = prepare_lora(lora, T, impl)     # the segment kernels' tiles: once per forward (or per decode call)
-    tiles = None if lora is None else lora.tiles
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer_{i}"):
             x, k, v = decoder_layer(cfg, layer, x, positions, cache.k[i], cache.v[i], page_idx, slot_idx,
-                                    page_table, kv_lens, _LayerLoRA(lora, i, impl, tiles), attn_impl)
+                                    page_table, kv_lens, _LayerLoRA(lora, i, impl), attn_impl)
         new_k.append(k)
         new_v.append(v)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)
