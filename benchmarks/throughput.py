@@ -24,7 +24,6 @@ import contextlib
 import functools
 import itertools
 import json
-import re
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -107,12 +106,10 @@ def segment_knobs(impl: str):
     ``pallas_kernels.lora.DECODE_DELTA_BLOCKS`` to (C columns at most per dot, O blocks per program), ``+spN``
     ``pallas_kernels.shrink.SEG_PROGRAMS`` (the programs the shrink's H-split aims at) to N, ``+fdN``
     ``jmlora.model.decoder.FUSED_DELTAS_MAX_BATCH`` to N (q/k/v deltas into the fused attention kernel up to N
-    rows), ``+ipN`` ``decoder.IN_PLACE_MIN_BATCH`` to N (the LoRA terms into the matmuls' outputs in place from N
-    rows), for the groups its letters name if any (q: q/k/v, o, g: gate/up, d: down; ``+ip128od``)."""
+    rows)."""
     from pallas_kernels import lora, shrink
 
-    saved = (lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH,
-             decoder.IN_PLACE_MIN_BATCH, decoder.IN_PLACE_GROUPS)
+    saved = lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH
     jax.clear_caches()          # jit's trace cache would otherwise hand back a trace made with other knobs
     for knob in split_knobs(impl)[1].split("+")[1:]:
         if knob.startswith("fd"):
@@ -121,17 +118,12 @@ def segment_knobs(impl: str):
             lora.DECODE_DELTA_BLOCKS = tuple(int(v) for v in knob[2:].split("x"))
         elif knob.startswith("sp"):
             shrink.SEG_PROGRAMS = int(knob[2:])
-        elif m := re.fullmatch(r"ip(\d+)([qogd]*)", knob):
-            decoder.IN_PLACE_MIN_BATCH = int(m[1])
-            names = {"q": "qkv", "o": "o", "g": "gate_up", "d": "down"}
-            decoder.IN_PLACE_GROUPS = frozenset(names[c] for c in m[2] or "qogd")
         else:
             raise ValueError(f"unknown segment knob {knob!r} in {impl!r}")
     try:
         yield
     finally:
-        (lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH, decoder.IN_PLACE_MIN_BATCH,
-         decoder.IN_PLACE_GROUPS) = saved
+        lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH = saved
         jax.clear_caches()
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -235,19 +234,13 @@ def bgmv_delta_multi(out_dtype, h_partials, b_slices, slot_ids, ranks, *, block_
 
 
 def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, block_m, block_n, o_blocks, starts,
-                      in_place, layouts):
+                      in_place):
     # tok_ref [N, BM], len_ref/tslot_ref/trank_ref [N] (``_common.SegmentTiles``); h_ref [n, n_split, T, R] f32
     # partials; refs: n b_refs [S, R, O_i], then (in place) n y_refs and n aliased o_refs [T, O_i], or (delta)
-    # n fresh outputs d_i [T, O_i], or (``layouts``) one y_ref and one aliased o_ref [T, O] holding every
-    # slice: slice i's O-block j is o_ref's block ``fused_block(layouts[i], j)``. Grid: (tile, group of
-    # o_blocks O-blocks over all slices); slice i owns the groups starts[i] .. starts[i + 1] - 1 (in units of
-    # groups).
+    # n fresh outputs d_i [T, O_i]. Grid: (tile, group of o_blocks O-blocks over all slices); slice i owns the
+    # groups starts[i] .. starts[i + 1] - 1 (in units of groups).
     n_slices = len(starts) - 1
-    b_refs = refs[:n_slices]
-    if layouts is not None:
-        o_refs = (refs[-1],) * n_slices
-    else:
-        o_refs = refs[(2 if in_place else 1) * n_slices:]
+    b_refs, o_refs = refs[:n_slices], refs[(2 if in_place else 1) * n_slices:]
     i, ng = pl.program_id(0), pl.program_id(1)
     r_max = b_refs[0].shape[1]
     hcols = lax.broadcasted_iota(jnp.int32, (block_m, r_max), 1)
@@ -261,17 +254,11 @@ def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, bloc
         for ii in range(n_slices):
             o_ref = o_refs[ii]
 
-            def n0_of(k, ii=ii):  # the block's first column in the slice (B's columns)
+            def n0_of(k, ii=ii):
                 return pl.multiple_of(((ng - starts[ii]) * o_blocks + k) * block_n, block_n)
 
-            def out0_of(k, ii=ii):  # ... and in the output
-                j = (ng - starts[ii]) * o_blocks + k
-                if layouts is not None:
-                    j = fused_block(layouts[ii], j)
-                return pl.multiple_of(j * block_n, block_n)
-
             @pl.when((ng >= starts[ii]) & (ng < starts[ii + 1]) & (rank > 0))
-            def _(ii=ii, o_ref=o_ref, n0_of=n0_of, out0_of=out0_of):
+            def _(ii=ii, o_ref=o_ref, n0_of=n0_of):
                 hv = h_ref[ii, 0, toks, :]  # [BM, R]: the shrink's H-slices summed here (tiny, from L2), once
                 for sp in range(1, h_ref.shape[1]):  # for the program's o_blocks O-blocks
                     hv = hv + h_ref[ii, sp, toks, :]
@@ -280,8 +267,8 @@ def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, bloc
                 def load_b(k, ii=ii, n0_of=n0_of):
                     return plgpu.load(b_refs[ii].at[s, :, pl.ds(n0_of(k), block_n)], mask=brows < rank, other=0)
 
-                def block(k, bv, o_ref=o_ref, out0_of=out0_of):
-                    n0 = out0_of(k)
+                def block(k, bv, ii=ii, o_ref=o_ref, n0_of=n0_of):
+                    n0 = n0_of(k)
                     d = jnp.dot(hv.astype(bv.dtype), bv, preferred_element_type=jnp.float32)
                     if in_place:
                         d = d + o_ref[toks, pl.ds(n0, block_n)].astype(jnp.float32)  # [BM, BN] rows by token
@@ -309,24 +296,12 @@ def _seg_multi_kernel(tok_ref, len_ref, tslot_ref, trank_ref, h_ref, *refs, bloc
                         o_ref[toks, pl.ds(n0_of(k), block_n)] = jnp.zeros((block_m, block_n), o_ref.dtype)
 
 
-def fused_block(layout: tuple[int, int, int], j):
-    """Where a slice's O-block j lies in a fused output of several slices, in blocks: ``layout`` = (per,
-    stride, offset) puts the slice's blocks in runs of ``per``, run r starting at block r * stride + offset.
-    Gate/up in ``[gate | up]``: (1, 1, 0) and (1, 1, M // block_n). q/k/v in the fused ``[K, G + 2, D]``
-    layout, one head per block (block_n = D): q (G, G + 2, 0), k (1, G + 2, G), v (1, G + 2, G + 1)."""
-    per, stride, offset = layout
-    if per == 1:
-        return j * stride + offset
-    return lax.div(j, per) * stride + offset + lax.rem(j, per)
-
-
 def seg_delta_block_n(out_dims: list[int]) -> int:
     """Default O-block of the segment delta: 256 columns, or the largest power of two dividing every O."""
     return min(_common.largest_pow2_divisor(o, 256) for o in out_dims)
 
 
-def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num_warps, num_stages, interpret,
-              layouts=None):
+def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num_warps, num_stages, interpret):
     t = h_partials.shape[2]
     block_m = tiles.tokens.shape[1]
     out_dims = [b.shape[2] for b in b_slices]
@@ -336,26 +311,17 @@ def _seg_call(out_dtype, h_partials, b_slices, ys, tiles, block_n, o_blocks, num
                          f"(O = {out_dims})")
     in_place = ys is not None
     kernel = functools.partial(_seg_multi_kernel, block_m=block_m, block_n=block_n, o_blocks=o_blocks,
-                               starts=tuple(s // o_blocks for s in starts), in_place=in_place, layouts=layouts)
+                               starts=tuple(s // o_blocks for s in starts), in_place=in_place)
     args = _common.match_vma(*tiles, h_partials, *b_slices, *(ys or ()))
     n = len(b_slices)
-    if layouts is not None:  # one fused output, aliasing ys[0]
-        out_shape, aliases, name = (_common.out_struct(ys[0].shape, out_dtype, *args),), {5 + n: 0}, \
-            "lora_seg_expand_fused"
-    elif in_place:
-        out_shape = tuple(_common.out_struct((t, o), out_dtype, *args) for o in out_dims)
-        aliases, name = {5 + n + i: i for i in range(n)}, "lora_seg_expand_multi"
-    else:
-        out_shape = tuple(_common.out_struct((t, o), out_dtype, *args) for o in out_dims)
-        aliases, name = {}, "lora_seg_delta_multi"
     return tuple(pl.pallas_call(
         kernel,
-        out_shape=out_shape,
+        out_shape=tuple(_common.out_struct((t, o), out_dtype, *args) for o in out_dims),
         grid=(tiles.length.shape[0], starts[-1] // o_blocks),
-        input_output_aliases=aliases,
+        input_output_aliases={5 + n + i: i for i in range(n)} if in_place else {},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=name,
+        name="lora_seg_expand_multi" if in_place else "lora_seg_delta_multi",
     )(*args))
 
 
@@ -394,52 +360,3 @@ def seg_expand_multi(ys, h_partials, b_slices, tiles, *, block_n=None, o_blocks=
         raise ValueError(f"the outputs of one segment expand need one dtype, got {sorted(map(str, dtypes))}")
     return _seg_call(ys[0].dtype, h_partials, b_slices, tuple(ys), tiles, block_n, o_blocks, num_warps,
                      num_stages, interpret)
-
-
-def fused_columns(layouts, out_dims: list[int], block_n: int) -> tuple:
-    """The output columns of each slice under ``layouts`` (``fused_block``): one int array [O_i] per slice."""
-    cols = []
-    for layout, o in zip(layouts, out_dims):
-        j = np.arange(o // block_n)
-        per, stride, offset = layout
-        blocks = (j // per) * stride + offset + j % per
-        cols.append((blocks[:, None] * block_n + np.arange(block_n)[None, :]).reshape(-1))
-    return tuple(cols)
-
-
-def check_fused_layouts(layouts, out_dims: list[int], block_n: int, fused_width: int) -> None:
-    """Raises ValueError unless the slices' blocks under ``layouts`` lie in [0, fused_width) and never overlap."""
-    if len(layouts) != len(out_dims):
-        raise ValueError(f"got {len(layouts)} layouts for {len(out_dims)} slices")
-    for layout, o in zip(layouts, out_dims):
-        if len(layout) != 3 or layout[0] < 1 or layout[1] < 0 or layout[2] < 0:
-            raise ValueError(f"a layout is (per >= 1, stride >= 0, offset >= 0), got {layout}")
-        if o % block_n:
-            raise ValueError(f"O={o} must be divisible by block_n={block_n}")
-    cols = np.concatenate(fused_columns(layouts, out_dims, block_n)) if out_dims else np.zeros(0, int)
-    if cols.size and (cols.max() >= fused_width or len(np.unique(cols)) != cols.size):
-        raise ValueError(f"layouts {layouts} with block_n={block_n} put slices of O={out_dims} outside the "
-                         f"fused output's {fused_width} columns or onto each other")
-
-
-def seg_expand_fused(y, h_partials, b_slices, tiles, layouts, *, block_n, o_blocks=1, num_warps=4, num_stages=2,
-                     interpret=False):
-    """Segment-form expand of several slices into one fused output, in place: for slice i, the columns of y that
-    ``layouts[i]`` gives it (``fused_block``) get h_i[t, :rank] @ b_i[slot, :rank] added.
-
-    For projections fused into one matmul (q/k/v, gate/up): the kernel updates the matmul's output itself,
-    where ``seg_delta_multi`` writes deltas for XLA to add afterwards.
-
-    Args:
-      y: [T, O] the fused output (donate it to update in place).
-      h_partials, b_slices, tiles, o_blocks: as in ``seg_delta_multi``.
-      layouts: one (per, stride, offset) per slice, in units of block_n columns (``fused_block``).
-      block_n: columns of O per dot; every slice's O is a multiple.
-
-    Returns:
-      y_out: [T, O] aliasing y. Rows of rank-0 tokens, and columns no slice maps to, are neither read nor written.
-    """
-    out_dims = [b.shape[2] for b in b_slices]
-    check_fused_layouts(layouts, out_dims, block_n, y.shape[1])
-    return _seg_call(y.dtype, h_partials, b_slices, (y,), tiles, block_n, o_blocks, num_warps, num_stages,
-                     interpret, layouts=tuple(tuple(int(v) for v in lay) for lay in layouts))[0]

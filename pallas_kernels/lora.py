@@ -423,55 +423,6 @@ def _multi_core_bwd(backend, form, interpret, delta, res, dys):
 _multi_core.defvjp(_multi_core_fwd, _multi_core_bwd)
 
 
-def _fused_out_forward(y, x, a_slices, b_slices, slot_ids, ranks, tiles, layouts, block_n, backend, form,
-                       interpret):
-    """``lora_shrink_expand_fused``'s forward: (y_out, per-slice h [T, R] float32)."""
-    out_dims = [b.shape[2] for b in b_slices]
-    same_r = len({a.shape[2] for a in a_slices} | {b.shape[1] for b in b_slices}) == 1
-    r_max = a_slices[0].shape[2]
-    if backend == "triton" and same_r and multi_form(form, x.shape[0], r_max, True) == "segment":
-        tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, r_max, interpret)
-        hp = shrink.seg_shrink_partials_multi(x, a_slices, tiles, programs=segment_shrink_programs(x.shape[0], r_max),
-                                              interpret=interpret)
-        hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(a_slices)))
-        if segment_sums_partials(x.shape[0], r_max):
-            hp = jnp.stack(hs)[:, None]
-        out = expand.seg_expand_fused(y, hp, b_slices, tiles, layouts, block_n=block_n, interpret=interpret)
-        return out, hs
-    # Elsewhere: the slices' deltas (any form), placed into their columns by XLA.
-    zeros = tuple(jnp.zeros((x.shape[0], o), y.dtype) for o in out_dims)
-    deltas, hs = _multi_forward(zeros, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, form, interpret,
-                                True)
-    delta = jnp.zeros(y.shape, jnp.float32)
-    for cols, d in zip(expand.fused_columns(layouts, out_dims, block_n), deltas):
-        delta = delta.at[:, cols].set(d.astype(jnp.float32))
-    return (y.astype(jnp.float32) + delta).astype(y.dtype), hs
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _fused_out_core(y, x, a_slices, b_slices, slot_ids, ranks, tiles, layouts, block_n, backend, form, interpret):
-    return _fused_out_forward(y, x, a_slices, b_slices, slot_ids, ranks, tiles, layouts, block_n, backend, form,
-                              interpret)[0]
-
-
-def _fused_out_core_fwd(y, x, a_slices, b_slices, slot_ids, ranks, tiles, layouts, block_n, backend, form,
-                        interpret):
-    out, hs = _fused_out_forward(y, x, a_slices, b_slices, slot_ids, ranks, tiles, layouts, block_n, backend,
-                                 form, interpret)
-    return out, (x, a_slices, b_slices, hs, slot_ids, ranks)
-
-
-def _fused_out_core_bwd(layouts, block_n, backend, form, interpret, res, dy):
-    x, a_slices, b_slices, hs, slot_ids, ranks = res
-    cols = expand.fused_columns(layouts, [b.shape[2] for b in b_slices], block_n)
-    dys = tuple(dy[:, c] for c in cols)
-    _, dx, das, dbs, *_ = _multi_core_bwd(backend, form, interpret, True, res, dys)
-    return dy, dx, das, dbs, None, None, None
-
-
-_fused_out_core.defvjp(_fused_out_core_fwd, _fused_out_core_bwd)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Public API.
 
@@ -593,43 +544,3 @@ def lora_shrink_multi(x, a_slices, slot_ids, ranks, *, backend=None, form="auto"
         lora_shrink(x, a, slot_ids, r, backend=backend, form=form, interpret=interpret)
         for a, r in zip(a_slices, ranks)
     )
-
-
-def lora_shrink_expand_fused(y, x, adapters, layouts, slot_ids, ranks, *, block_n, backend=None, form="auto",
-                             interpret=False, tiles=None):
-    """Multi-slice LoRA into one fused projection output (q/k/v, gate/up), in place where the kernels run.
-
-    ``lora_shrink_expand_multi`` with the outputs as column blocks of one array: slice i's O-block j (block_n
-    columns) is y's block ``expand.fused_block(layouts[i], j)``. The Triton segment form updates y itself (it
-    aliases the output: donate y), one launch for all slices; other backends and forms add the slices' deltas
-    with XLA.
-
-    Args:
-      y: [T, O] fused base output.
-      x: [T, H] shared input.
-      adapters: tuple of (a_i [S, H, R], b_i [S, R, O_i]), one per slice.
-      layouts: one (per, stride, offset) per slice (``expand.fused_block``); the slices' blocks must not overlap.
-      slot_ids: [T] int32; ranks: [S] int32 shared by all slices (an adapter bank).
-      block_n: the layouts' block width; divides every O_i.
-      backend, form, interpret, tiles: as in ``lora_shrink_expand_multi``.
-
-    Returns:
-      y_out: [T, O] in y.dtype; columns no slice maps to are y's.
-    """
-    if len(layouts) != len(adapters):
-        raise ValueError(f"got {len(layouts)} layouts but {len(adapters)} (a, b) pairs")
-    if y.ndim != 2 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"y has shape {tuple(y.shape)}, expected [T, O] with T={x.shape[0]}")
-    layouts = tuple(tuple(int(v) for v in lay) for lay in layouts)
-    expand.check_fused_layouts(layouts, [b.shape[2] for _, b in adapters], block_n, y.shape[1])
-    for a, b in adapters:
-        _common.check_shrink_args(x, a, slot_ids, ranks)
-        _common.check_expand_args(jnp.zeros((x.shape[0], b.shape[2])), jnp.zeros((x.shape[0], a.shape[2])), b,
-                                  slot_ids, ranks)
-    chosen = {_pick(backend, interpret, a.shape[2], (x.shape[1], b.shape[2])) for a, b in adapters}
-    chosen = "reference" if "reference" in chosen else chosen.pop()
-    for a, _ in adapters:
-        _pick_form(form, x.shape[0], a.shape[2])
-    return _fused_out_core(y, x, tuple(a for a, _ in adapters), tuple(b for _, b in adapters),
-                           slot_ids.astype(jnp.int32), ranks.astype(jnp.int32), tiles, layouts, int(block_n), chosen,
-                           form, interpret)

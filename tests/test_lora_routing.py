@@ -154,24 +154,18 @@ def test_routing_formulations_agree(setup):
 # "pallas_gpu_fused" takes the LoRA terms of q/k/v as deltas into its kernel (small batches) or adds them to
 # the projection first ("pallas_gpu_fused_xla_add": the larger batches' path, forced here at batch 3);
 # "pallas_decode" and "pallas_segment" run the GPU LoRA kernels of that form (all in the Pallas interpreter on
-# CPU); "pallas_segment_few", the runner's form for a batch of few adapters, over compacted tiles;
-# "pallas_gpu_fused_in_place": the larger batches' path with every projection group's LoRA terms added into the
-# matmul's output in place (``decoder.IN_PLACE_MIN_BATCH``), forced at batch 3, also on qwen2 (q/k/v biases)
+# CPU); "pallas_segment_few", the runner's form for a batch of few adapters, over compacted tiles
 @pytest.mark.parametrize("decode_attention,lora_impl", [("auto", "auto"), ("pallas_gpu_fused", "auto"),
                                                         ("pallas_gpu_fused_xla_add", "auto"),
                                                         ("auto", "pallas_decode"),
                                                         ("pallas_gpu_fused", "pallas_segment"),
-                                                        ("auto", "pallas_segment_few"),
-                                                        ("pallas_gpu_fused_in_place", "pallas_segment_few")])
+                                                        ("auto", "pallas_segment_few")])
 def test_decode_with_adapters_equals_full_forward(setup, decode_attention, lora_impl, monkeypatch, request):
-    families = ("llama", "qwen2") if decode_attention == "pallas_gpu_fused_in_place" else ("llama", "gemma")
-    if setup.family not in families:
+    if setup.family not in ("llama", "gemma"):
         pytest.skip("decode routing is family-independent; two families suffice")
-    if decode_attention in ("pallas_gpu_fused_xla_add", "pallas_gpu_fused_in_place"):
+    if decode_attention == "pallas_gpu_fused_xla_add":
         monkeypatch.setattr(decoder, "FUSED_DELTAS_MAX_BATCH", 0)
-        if decode_attention == "pallas_gpu_fused_in_place":
-            monkeypatch.setattr(decoder, "IN_PLACE_MIN_BATCH", 1)
-        # the jitted forward's cache does not key on the constants: no trace of either path may be reused
+        # the jitted forward's cache does not key on the constant: no trace of either path may be reused
         jax.clear_caches()
         request.addfinalizer(jax.clear_caches)
         decode_attention = "pallas_gpu_fused"

@@ -246,20 +246,3 @@ def apply_lora_group(ys: tuple[Array, ...], x: Array, tbs: tuple[TargetBank, ...
                                     tuple((tb.a, tb.b) for tb in tbs), jnp.repeat(slot_ids, T), ranks, delta=True,
                                     tiles=tiles, **_pallas_options(impl))
     return tuple(o.reshape(y.shape) for o, y in zip(outs, ys))
-
-
-def apply_lora_fused(y: Array, x: Array, tbs: tuple[TargetBank, ...], layouts, block_n: int, slot_ids: Array,
-                     ranks: Array, impl: str, tiles=None) -> Array:
-    """``apply_lora_group`` for projections whose outputs are one array: y ``[B, T, O]`` (a fused matmul's
-    output), target i's columns given by ``layouts[i]`` in blocks of block_n columns
-    (``pallas_kernels.expand.fused_block``). "pallas*" impls only: the Triton segment kernels add the terms into
-    y in place, after the matmul, where ``apply_lora_group`` writes deltas beside it for XLA to add."""
-    if impl not in _PALLAS_FORMS:
-        raise ValueError(f"apply_lora_fused runs the 'pallas*' impls, got {impl!r}")
-    from pallas_kernels.lora import lora_shrink_expand_fused
-
-    B, T = x.shape[:2]
-    out = lora_shrink_expand_fused(y.reshape(B * T, -1), x.reshape(B * T, -1), tuple((tb.a, tb.b) for tb in tbs),
-                                   layouts, jnp.repeat(slot_ids, T), ranks, block_n=block_n, tiles=tiles,
-                                   **_pallas_options(impl))
-    return out.reshape(y.shape)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jmlora.config import ModelConfig
-from jmlora.lora.routing import LoRABatch, apply_lora, apply_lora_fused, apply_lora_group, prepare_lora, resolve_impl
+from jmlora.lora.routing import LoRABatch, apply_lora, apply_lora_group, prepare_lora, resolve_impl
 from jmlora.model.attention import (
     KVCache,
     apply_rope,
@@ -93,52 +93,12 @@ def _project(x: Array, w: Array, spec: str) -> Array:
     return y.reshape(*lead, *out_shape)
 
 
-# Decode batches of at least this many rows whose LoRA runs the segment kernels add each projection group's LoRA
-# terms into the base matmul's output in place, after it (``apply_lora_fused``), instead of writing deltas
-# beside it for XLA to add in the output's consumer; only the groups in IN_PLACE_GROUPS ("qkv", "o", "gate_up",
-# "down"). None: never.
-IN_PLACE_MIN_BATCH: int | None = None
-IN_PLACE_GROUPS = frozenset({"qkv", "o", "gate_up", "down"})
-
-
-def _single_layout(width: int) -> tuple[int, tuple[tuple[int, int, int], ...]]:
-    """(block_n, layouts) of a projection's output holding one slice (``apply_lora_fused``)."""
-    from pallas_kernels.expand import seg_delta_block_n
-
-    return seg_delta_block_n([width]), ((1, 1, 0),)
-
-
 class _LayerLoRA:
     """The adapter inputs of one layer: adds each row's LoRA term to a projection's output."""
 
     def __init__(self, lora: LoRABatch | None, layer: int, impl: str):
         self.targets = {} if lora is None else lora.bank.layers[layer]
         self.lora, self.impl = lora, impl
-
-    def in_place(self, group: str, x: Array) -> bool:
-        """Whether projection group ``group``'s LoRA terms go into its output in place (``IN_PLACE_MIN_BATCH``):
-        decode (one new token per row) with the segment kernels' tiles built for this forward."""
-        B, T = x.shape[:2]
-        return (IN_PLACE_MIN_BATCH is not None and T == 1 and B >= IN_PLACE_MIN_BATCH and group in IN_PLACE_GROUPS
-                and self.lora is not None and self.lora.tiles is not None)
-
-    def into(self, y: Array, x: Array, targets: tuple[str, ...], layouts, block_n: int) -> Array:
-        """y ``[B, T, O]``: the output of the projections ``targets`` fused into one matmul, slice i in the
-        columns ``layouts[i]`` gives it (``pallas_kernels.expand.fused_block``, blocks of block_n columns),
-        with each present target's LoRA term added in place."""
-        present = [i for i, t in enumerate(targets) if t in self.targets]
-        if not present:
-            return y
-        return apply_lora_fused(y, x, tuple(self.targets[targets[i]] for i in present),
-                                tuple(layouts[i] for i in present), block_n, self.lora.slot_ids,
-                                self.lora.bank.ranks, self.impl, self.lora.tiles)
-
-    def single(self, y: Array, x: Array, target: str, group: str) -> Array:
-        """``__call__`` for a projection of its own (o, down), in place where ``in_place`` says so."""
-        if target in self.targets and self.in_place(group, x):
-            block_n, layouts = _single_layout(y.shape[-1])
-            return self.into(y, x, (target,), layouts, block_n)
-        return self(y, x, target)
 
     def __call__(self, y: Array, x: Array, target: str) -> Array:
         """y: the base projection's output ``[B, T, ...out]``; x: its input ``[B, T, in]``."""
@@ -200,25 +160,14 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
             attn, k_cache, v_cache = _attention(cfg, layer, h, positions, k_cache, v_cache, page_idx, slot_idx,
                                                 page_table, kv_lens, lora, inv_freq, attention_impl)
         B, T = attn.shape[:2]
-        x = x + lora.single(_bias(_project(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1),
-                            "o_proj", "o")
+        x = x + lora(_bias(_project(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1), "o_proj")
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer.mlp_norm, eps, offset)
         gate_up = _project(h, layer.w_gate_up, "bte,egm->btgm")                        # [B, T, 2, M]
-        if lora.in_place("gate_up", h):
-            M = gate_up.shape[-1]
-            if layer.b_gate is not None or layer.b_up is not None:
-                zeros = jnp.zeros((M,), gate_up.dtype)
-                gate_up = gate_up + jnp.stack([_bias(zeros, layer.b_gate), _bias(zeros, layer.b_up)])
-            block_n = _single_layout(M)[0]
-            gate_up = lora.into(gate_up.reshape(B, T, 2 * M), h, ("gate_proj", "up_proj"),
-                                ((1, 1, 0), (1, 1, M // block_n)), block_n).reshape(B, T, 2, M)
-            gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-        else:
-            gate, up = _bias(gate_up[:, :, 0], layer.b_gate), _bias(gate_up[:, :, 1], layer.b_up)
-            gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
+        gate, up = _bias(gate_up[:, :, 0], layer.b_gate), _bias(gate_up[:, :, 1], layer.b_up)
+        gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
         h = _activation(cfg.activation)(gate) * up
-        x = x + lora.single(_bias(_project(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj", "down")
+        x = x + lora(_bias(_project(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")
     return x, k_cache, v_cache
 
 
@@ -272,18 +221,6 @@ def _fused_attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: 
     """
     qkv = _project(h, layer.w_qkv, "bte,ekgd->btkgd")[:, 0]                            # [B, K, G + 2, D]
     B, K, G2, D = qkv.shape
-    if B > FUSED_DELTAS_MAX_BATCH and lora.in_place("qkv", h):
-        biases = (layer.bq, layer.bk, layer.bv)
-        if any(b is not None for b in biases):
-            zq, zkv = jnp.zeros((K, G2 - 2, D), qkv.dtype), jnp.zeros((K, 1, D), qkv.dtype)
-            qkv = qkv + jnp.concatenate([_bias(zq, None if layer.bq is None else layer.bq.reshape(K, G2 - 2, D)),
-                                         _bias(zkv, None if layer.bk is None else layer.bk[:, None]),
-                                         _bias(zkv, None if layer.bv is None else layer.bv[:, None])], axis=1)
-        G = G2 - 2  # one head per block: q's head k * G + g at (k, g), k's and v's head k at (k, G) and (k, G + 1)
-        qkv = lora.into(qkv.reshape(B, 1, -1), h, ("q_proj", "k_proj", "v_proj"),
-                        ((G, G2, 0), (1, G2, G), (1, G2, G + 1)), D).reshape(B, K, G2, D)
-        return fused_paged_decode(qkv, None, k_cache, v_cache, page_table, positions[:, 0], page_idx[:, 0],
-                                  inv_freq)
     shapes = ((B, 1, K * (G2 - 2), D), (B, 1, K, D), (B, 1, K, D))
     deltas = lora.deltas(h, shapes, ("q_proj", "k_proj", "v_proj"))
     biases = (layer.bq, layer.bk, layer.bv)
