@@ -1,5 +1,5 @@
 """Device time of the token-grouping kernel (``grouping.segment_tiles_triton``) under the profiler, over its
-knobs (slot ids read per loop step, warps), against its XLA twin (``ref_segment_tiles``: sort + scatters).
+programs per slot (``parts``), against its XLA twin (``ref_segment_tiles``: sort + scatters).
 
     PYTHONPATH=. python benchmarks/grouping_profile.py
 
@@ -32,11 +32,10 @@ def main():
         slots = jnp.asarray(1 + rng.integers(0, nd, t), jnp.int32)
         want = jax.jit(grouping.ref_segment_tiles, static_argnums=2)(slots, ranks, bm)
         impls = [("xla", functools.partial(grouping.ref_segment_tiles, block_m=bm))]
-        for chunk in (256, 1024, 4096, 8192):
-            for warps in (4, 8, 16):
-                if chunk <= max(256, 2 * t) and (chunk >= 1024 or t <= 256):
-                    impls.append((f"kernel chunk={chunk} warps={warps}", functools.partial(
-                        grouping.segment_tiles_triton, block_m=bm, chunk=chunk, num_warps=warps)))
+        for parts in (1, 2, 4, 8, 16):  # at the default chunk and warps (swept in the seventh session)
+            if parts == 1 or parts * 128 <= t:
+                impls.append((f"kernel parts={parts}", functools.partial(
+                    grouping.segment_tiles_triton, block_m=bm, parts=parts)))
         for name, f in impls:
             g = jax.jit(f)
             got = g(slots, ranks)

@@ -225,8 +225,8 @@ def test_inside_shard_map():
 
 @settings(max_examples=6, deadline=None)
 @given(slots=st.lists(st.integers(0, 6), min_size=1, max_size=300), block_m=st.sampled_from([1, 4, 16, 64]),
-       chunk=st.sampled_from([None, 32]))
-def test_segment_tiles_cover_every_token_once(slots, block_m, chunk):
+       chunk=st.sampled_from([None, 32]), parts=st.sampled_from([None, 1, 3, 8]))
+def test_segment_tiles_cover_every_token_once(slots, block_m, chunk, parts):
     """The jnp grouping's invariants, and the counting-sort kernel (interpret mode) equal to it."""
     ranks = jnp.asarray([0, 4, 16, 8, 0, 16, 1], jnp.int32)
     slot_ids = jnp.asarray(slots, jnp.int32)
@@ -245,10 +245,24 @@ def test_segment_tiles_cover_every_token_once(slots, block_m, chunk):
         order.append((s, toks[0]))
     assert sorted(covered) == list(range(len(slots)))                             # every token exactly once
     assert covered == sorted(covered, key=lambda t: slots[t])                     # by slot, stable inside
-    kernel = jax.jit(functools.partial(grouping.segment_tiles_triton, block_m=block_m, chunk=chunk,
+    kernel = jax.jit(functools.partial(grouping.segment_tiles_triton, block_m=block_m, chunk=chunk, parts=parts,
                                        interpret=True))(slot_ids, ranks)
     for name, want, got in zip(tiles._fields, tiles, kernel):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+
+
+@pytest.mark.parametrize("parts", [None, 2, 3, 8])
+def test_segment_tiles_split_over_parts_equal_the_reference(parts, monkeypatch):
+    """Each slot's scatter split over several programs (``parts``; the default from GROUPING_PART_TOKENS, made
+    small here so it splits): the same tiles as the jnp grouping, every program writing only its share."""
+    monkeypatch.setattr(grouping, "GROUPING_PART_TOKENS", 256)                       # default: 4 parts at T = 1000
+    rng = np.random.default_rng(3)
+    ranks = jnp.asarray([0, 16, 8, 16, 4, 16], jnp.int32)
+    slot_ids = jnp.asarray(rng.integers(0, 6, 1000), jnp.int32)
+    want = grouping.ref_segment_tiles(slot_ids, ranks, 16)
+    got = grouping.segment_tiles_triton(slot_ids, ranks, 16, parts=parts, chunk=256, interpret=True)
+    for name, w, g in zip(want._fields, want, got):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
 
 
 @settings(max_examples=4, deadline=None)
