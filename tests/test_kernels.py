@@ -254,7 +254,7 @@ def test_segment_tiles_cover_every_token_once(slots, block_m, chunk, parts):
 @pytest.mark.parametrize("parts", [None, 2, 3, 8])
 def test_segment_tiles_split_over_parts_equal_the_reference(parts, monkeypatch):
     """Each slot's scatter split over several programs (``parts``; the default from GROUPING_PART_TOKENS, made
-    small here so it splits): the same tiles as the jnp grouping, every program writing only its share."""
+    small here so it splits, and a count that does not divide T): the same tiles as the jnp grouping."""
     monkeypatch.setattr(grouping, "GROUPING_PART_TOKENS", 256)                       # default: 4 parts at T = 1000
     rng = np.random.default_rng(3)
     ranks = jnp.asarray([0, 16, 8, 16, 4, 16], jnp.int32)
