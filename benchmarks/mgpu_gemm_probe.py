@@ -5,11 +5,15 @@ over a few tilings, against ``jnp.dot`` (XLA: cuBLAS or its Triton GEMM), for th
 128 and 256 rows, bf16. Device time per GEMM from the profiler; the weight rotates over enough copies to keep
 it out of the 60 MB L2.
 
-    PYTHONPATH=. python benchmarks/mgpu_gemm_probe.py
+    PYTHONPATH=. python benchmarks/mgpu_gemm_probe.py [--splitk-only]
+
+It also times ``splitk_matmul``, a persistent Mosaic GPU GEMM of our own with split-K, at the o and down
+projections (N = 4096), where the library kernel has too few output tiles.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -36,6 +40,55 @@ def configs():
     return out
 
 
+def splitk_matmul(x, w, *, block_m=64, block_n=128, block_k=64, split_k=2, steps=4, num_sms=132, interpret=False):
+    """x [M, K] @ w [K, N] by a persistent Mosaic GPU kernel of our own with split-K: work items (M-tile,
+    K-split, N-tile), the M-tile fastest so the items that share a weight tile run together; each pipelines
+    its K-split's blocks through shared memory into a wgmma accumulator and stores a float32 partial; XLA sums
+    the partials (in the step that sum would fuse into the consumer). A probe, not a library kernel."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m, k = x.shape
+    n = w.shape[1]
+    tiles_m, tiles_n, k_blocks = m // block_m, n // block_n, k // (block_k * split_k)
+
+    def body(x_gmem, w_gmem, o_gmem):
+        @plgpu.nd_loop((tiles_m * split_k * tiles_n,), collective_axes="sm")
+        def _(info):
+            idx = info.index[0]
+            mi, rest = idx % tiles_m, idx // tiles_m
+            si, ni = rest % split_k, rest // split_k
+
+            def acc_scope(acc_ref):
+                plgpu.emit_pipeline(
+                    lambda _, xs, ws: plgpu.wgmma(acc_ref, xs, ws),
+                    grid=(k_blocks,),
+                    in_specs=[
+                        plgpu.BlockSpec((block_m, block_k), lambda kk: (mi, si * k_blocks + kk), delay_release=1),
+                        plgpu.BlockSpec((block_k, block_n), lambda kk: (si * k_blocks + kk, ni), delay_release=1)],
+                    max_concurrent_steps=steps,
+                )(x_gmem, w_gmem)
+                return acc_ref[...]
+
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n)))
+
+            @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, block_n), jnp.float32))
+            def _(o_smem):
+                o_smem[...] = acc
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(mi * block_m, block_m),
+                                                          pl.ds(ni * block_n, block_n)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((split_k, m, n), jnp.float32), grid=(num_sms,),
+                          grid_names=("sm",), interpret=plgpu.InterpretGPUParams() if interpret else None,
+                          compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    return jnp.sum(kernel(x, w), axis=0).astype(x.dtype)
+
+
+SPLITK_CONFIGS = [dict(split_k=sk, steps=st, block_n=bn) for sk in (2, 4) for st in (4, 6) for bn in (64, 128)]
+
+
 def _blocking(fn, *args):
     return jax.block_until_ready(fn(*args))
 
@@ -48,8 +101,13 @@ def time_gemm(gemm, x, ws):
 
 
 def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--splitk-only", action="store_true", help="only the o and down shapes, only our split-K kernel")
+    args = p.parse_args()
     print(f"device {jax.devices()[0].device_kind}", flush=True)
     for m, k, n in SHAPES:
+        if args.splitk_only and n != 4096:
+            continue
         copies = max(2, -(-240 * 2**20 // (k * n * 2)))
         key = jax.random.key(m + k + n)
         x = jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -64,12 +122,16 @@ def main():
         except Exception as e:  # noqa: BLE001 - a probe: report and go on
             print(f"  mosaic gpu unavailable: {type(e).__name__}: {e}", flush=True)
             continue
-        for cfg in cfgs:
-            name = f"tile {cfg.tile_m}x{cfg.tile_n} wg {cfg.wg_dimension} steps {cfg.max_concurrent_steps}"
+        gemms = [] if args.splitk_only else [
+            (f"tile {c.tile_m}x{c.tile_n} wg {c.wg_dimension} steps {c.max_concurrent_steps}",
+             functools.partial(hm.matmul, c=None, config=c)) for c in cfgs]
+        if n == 4096:  # o and down: too few output tiles without split-K
+            gemms += [(f"ours split-K {c}", functools.partial(splitk_matmul, **c)) for c in SPLITK_CONFIGS]
+        for name, gemm in gemms:
             try:
-                us, got = time_gemm(functools.partial(hm.matmul, c=None, config=cfg), x, ws)
+                us, got = time_gemm(gemm, x, ws)
             except Exception as e:  # noqa: BLE001
-                print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:160]}", flush=True)
+                print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
                 continue
             err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
             print(f"  {name}: {us:.1f} us ({bytes_ / us / 1e6:.2f} TB/s, {xla_us / us:.2f}x XLA), max |diff| "
