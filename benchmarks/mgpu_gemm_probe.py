@@ -5,10 +5,12 @@ over a few tilings, against ``jnp.dot`` (XLA: cuBLAS or its Triton GEMM), for th
 128 and 256 rows, bf16. Device time per GEMM from the profiler; the weight rotates over enough copies to keep
 it out of the 60 MB L2.
 
-    PYTHONPATH=. python benchmarks/mgpu_gemm_probe.py [--splitk-only]
+    PYTHONPATH=. python benchmarks/mgpu_gemm_probe.py [--splitk-only | --lora | --check]
 
 It also times ``splitk_matmul``, a persistent Mosaic GPU GEMM of our own with split-K, at the o and down
-projections (N = 4096), where the library kernel has too few output tiles.
+projections (N = 4096), where the library kernel has too few output tiles; ``--lora`` times it at every
+projection with and without the LoRA expand of 8 rank-16 adapters as extra K-steps; ``--check`` runs it in
+Mosaic GPU's interpreter on the CPU against f32 matmuls.
 """
 
 from __future__ import annotations
@@ -40,19 +42,25 @@ def configs():
     return out
 
 
-def splitk_matmul(x, w, *, block_m=64, block_n=128, block_k=64, split_k=2, steps=4, num_sms=132, interpret=False):
-    """x [M, K] @ w [K, N] by a persistent Mosaic GPU kernel of our own with split-K: work items (M-tile,
-    K-split, N-tile), the M-tile fastest so the items that share a weight tile run together; each pipelines
-    its K-split's blocks through shared memory into a wgmma accumulator and stores a float32 partial; XLA sums
-    the partials (in the step that sum would fuse into the consumer). A probe, not a library kernel."""
+def splitk_matmul(x, w, h=None, b=None, *, block_m=64, block_n=128, block_k=64, split_k=2, steps=4, num_sms=132,
+                  interpret=False):
+    """x [M, K] @ w [K, N] (+ h [M, L] @ b [L, N]) by a persistent Mosaic GPU kernel of our own with split-K:
+    work items (M-tile, K-split, N-tile), the M-tile fastest so the items that share a weight tile run
+    together; each pipelines its K-split's blocks through shared memory into a wgmma accumulator and stores a
+    float32 partial; XLA sums the partials (in the step that sum would fuse into the consumer). With h and b
+    (a batch's few adapters packed side by side: h masked to each row's own adapter's columns, b their B's
+    stacked), the first K-split also runs their L / block_k K-steps into the same accumulator: the LoRA expand
+    as part of the GEMM. A probe, not a library kernel."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     m, k = x.shape
     n = w.shape[1]
     tiles_m, tiles_n, k_blocks = m // block_m, n // block_n, k // (block_k * split_k)
+    lora_blocks = 0 if h is None else h.shape[1] // block_k
 
-    def body(x_gmem, w_gmem, o_gmem):
+    def body(x_gmem, w_gmem, *refs):
+        h_gmem, b_gmem, o_gmem = refs if lora_blocks else (None, None, *refs)
         @plgpu.nd_loop((tiles_m * split_k * tiles_n,), collective_axes="sm")
         def _(info):
             idx = info.index[0]
@@ -68,6 +76,16 @@ def splitk_matmul(x, w, *, block_m=64, block_n=128, block_k=64, split_k=2, steps
                         plgpu.BlockSpec((block_k, block_n), lambda kk: (si * k_blocks + kk, ni), delay_release=1)],
                     max_concurrent_steps=steps,
                 )(x_gmem, w_gmem)
+                if lora_blocks:
+                    @pl.when(si == 0)
+                    def _():
+                        plgpu.emit_pipeline(
+                            lambda _, hs, bs: plgpu.wgmma(acc_ref, hs, bs),
+                            grid=(lora_blocks,),
+                            in_specs=[plgpu.BlockSpec((block_m, block_k), lambda kk: (mi, kk), delay_release=1),
+                                      plgpu.BlockSpec((block_k, block_n), lambda kk: (kk, ni), delay_release=1)],
+                            max_concurrent_steps=min(steps, lora_blocks),
+                        )(h_gmem, b_gmem)
                 return acc_ref[...]
 
             acc = pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n)))
@@ -83,7 +101,8 @@ def splitk_matmul(x, w, *, block_m=64, block_n=128, block_k=64, split_k=2, steps
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((split_k, m, n), jnp.float32), grid=(num_sms,),
                           grid_names=("sm",), interpret=plgpu.InterpretGPUParams() if interpret else None,
                           compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    return jnp.sum(kernel(x, w), axis=0).astype(x.dtype)
+    operands = (x, w) if h is None else (x, w, h, b)
+    return jnp.sum(kernel(*operands), axis=0).astype(x.dtype)
 
 
 SPLITK_CONFIGS = [dict(split_k=sk, steps=st, block_n=bn) for sk in (2, 4) for st in (4, 6) for bn in (64, 128)]
@@ -100,10 +119,46 @@ def time_gemm(gemm, x, ws):
     return max(prof["total_us"], 1e-3) / len(ws), out  # 0 off GPU (no device plane)
 
 
+def check():
+    """``splitk_matmul`` (with and without the LoRA K-steps) against f32 matmuls, in Mosaic GPU's interpreter
+    (runs on the CPU). Small-integer inputs keep every product and sum exact in bf16/f32."""
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    for m, k, n, split_k, lora in ((128, 512, 256, 2, 128), (64, 256, 256, 1, 128), (128, 512, 256, 4, 0)):
+        keys = jax.random.split(jax.random.key(m + k + split_k), 4)
+        x, w, h, b = (jax.random.randint(key, shape, -1, 2).astype(jnp.bfloat16)
+                      for key, shape in zip(keys, ((m, k), (k, n), (m, lora), (lora, n))))
+        want = f32(x) @ f32(w) + (f32(h) @ f32(b) if lora else 0)
+        got = splitk_matmul(x, w, *((h, b) if lora else ()), split_k=split_k, num_sms=3, interpret=True)
+        err = float(jnp.max(jnp.abs(f32(got) - want)))
+        print(f"check M={m} K={k} N={n} split_k={split_k} LoRA K={lora}: max |diff| {err}", flush=True)
+        if err:
+            raise SystemExit("splitk_matmul does not match")
+
+
+def time_lora(m, k, n, x, ws, xla_us, bytes_):
+    """Our GEMM with and without the LoRA K-steps of 8 rank-16 adapters (L = 128) at its best run-7 knobs."""
+    cfg = dict(split_k=2 if n == 4096 else 1, steps=6, block_n=128)
+    key = jax.random.key(n)
+    h = jax.random.normal(key, (m, 128), jnp.float32).astype(jnp.bfloat16)
+    b = (0.02 * jax.random.normal(jax.random.fold_in(key, 1), (128, n), jnp.float32)).astype(jnp.bfloat16)
+    for name, gemm in (("ours", functools.partial(splitk_matmul, **cfg)),
+                       ("ours + LoRA K-steps", functools.partial(splitk_matmul, h=h, b=b, **cfg))):
+        try:
+            us, _ = time_gemm(gemm, x, ws)
+        except Exception as e:  # noqa: BLE001
+            print(f"  {name} {cfg}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
+            continue
+        print(f"  {name} {cfg}: {us:.1f} us ({bytes_ / us / 1e6:.2f} TB/s, {xla_us / us:.2f}x XLA)", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--splitk-only", action="store_true", help="only the o and down shapes, only our split-K kernel")
+    p.add_argument("--lora", action="store_true", help="every shape: our GEMM with and without the LoRA K-steps")
+    p.add_argument("--check", action="store_true", help="only check splitk_matmul in the interpreter (CPU)")
     args = p.parse_args()
+    if args.check:
+        return check()
     print(f"device {jax.devices()[0].device_kind}", flush=True)
     for m, k, n in SHAPES:
         if args.splitk_only and n != 4096:
@@ -116,6 +171,9 @@ def main():
         xla_us, want = time_gemm(jnp.dot, x, ws)
         bytes_ = k * n * 2 + m * (k + n) * 2
         print(f"M={m} K={k} N={n}: XLA {xla_us:.1f} us ({bytes_ / xla_us / 1e6:.2f} TB/s)", flush=True)
+        if args.lora:
+            time_lora(m, k, n, x, ws, xla_us, bytes_)
+            continue
         try:
             from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
             cfgs = configs()
