@@ -105,7 +105,10 @@ def splitk_matmul(x, w, h=None, b=None, *, block_m=64, block_n=128, block_k=64, 
     return jnp.sum(kernel(*operands), axis=0).astype(x.dtype)
 
 
-SPLITK_CONFIGS = [dict(split_k=sk, steps=st, block_n=bn) for sk in (2, 4) for st in (4, 6) for bn in (64, 128)]
+# run 7 swept split 2 / 4, 4 / 6 steps and 64 / 128 columns at 64 rows (best: 2, 6, 128); next: 128-row tiles
+# (one warpgroup, two m64 wgmmas per step: B reused from shared memory) and deeper pipelines
+SPLITK_CONFIGS = [dict(split_k=sk, steps=st, block_n=128, block_m=bm) for sk in (2, 4) for st in (6, 8)
+                  for bm in (64, 128)]
 
 
 def _blocking(fn, *args):
@@ -123,21 +126,24 @@ def check():
     """``splitk_matmul`` (with and without the LoRA K-steps) against f32 matmuls, in Mosaic GPU's interpreter
     (runs on the CPU). Small-integer inputs keep every product and sum exact in bf16/f32."""
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    for m, k, n, split_k, lora in ((128, 512, 256, 2, 128), (64, 256, 256, 1, 128), (128, 512, 256, 4, 0)):
+    for m, k, n, split_k, lora, block_m in ((128, 512, 256, 2, 128, 64), (64, 256, 256, 1, 128, 64),
+                                            (128, 512, 256, 4, 0, 64), (256, 512, 256, 2, 128, 128)):
         keys = jax.random.split(jax.random.key(m + k + split_k), 4)
         x, w, h, b = (jax.random.randint(key, shape, -1, 2).astype(jnp.bfloat16)
                       for key, shape in zip(keys, ((m, k), (k, n), (m, lora), (lora, n))))
         want = f32(x) @ f32(w) + (f32(h) @ f32(b) if lora else 0)
-        got = splitk_matmul(x, w, *((h, b) if lora else ()), split_k=split_k, num_sms=3, interpret=True)
+        got = splitk_matmul(x, w, *((h, b) if lora else ()), split_k=split_k, block_m=block_m, num_sms=3,
+                            interpret=True)
         err = float(jnp.max(jnp.abs(f32(got) - want)))
-        print(f"check M={m} K={k} N={n} split_k={split_k} LoRA K={lora}: max |diff| {err}", flush=True)
+        print(f"check M={m} K={k} N={n} block_m={block_m} split_k={split_k} LoRA K={lora}: max |diff| {err}",
+              flush=True)
         if err:
             raise SystemExit("splitk_matmul does not match")
 
 
 def time_lora(m, k, n, x, ws, xla_us, bytes_):
     """Our GEMM with and without the LoRA K-steps of 8 rank-16 adapters (L = 128) at its best run-7 knobs."""
-    cfg = dict(split_k=2 if n == 4096 else 1, steps=6, block_n=128)
+    cfg = dict(split_k=2 if n == 4096 else 1, steps=6, block_n=128, block_m=128 if m >= 256 else 64)
     key = jax.random.key(n)
     h = jax.random.normal(key, (m, 128), jnp.float32).astype(jnp.bfloat16)
     b = (0.02 * jax.random.normal(jax.random.fold_in(key, 1), (128, n), jnp.float32)).astype(jnp.bfloat16)
