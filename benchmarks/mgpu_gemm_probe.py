@@ -56,8 +56,12 @@ def splitk_matmul(x, w, h=None, b=None, *, block_m=64, block_n=128, block_k=64, 
 
     m, k = x.shape
     n = w.shape[1]
+    lora_k = 0 if h is None else h.shape[1]
+    if m % block_m or n % block_n or k % (block_k * split_k) or lora_k % block_k:
+        raise ValueError(f"tiles ({block_m}, {block_n}, {block_k} x split {split_k}) must divide (M, N, K) = "
+                         f"({m}, {n}, {k}) and block_k the LoRA K = {lora_k}")
     tiles_m, tiles_n, k_blocks = m // block_m, n // block_n, k // (block_k * split_k)
-    lora_blocks = 0 if h is None else h.shape[1] // block_k
+    lora_blocks = lora_k // block_k
 
     def body(x_gmem, w_gmem, *refs):
         h_gmem, b_gmem, o_gmem = refs if lora_blocks else (None, None, *refs)
