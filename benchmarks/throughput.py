@@ -106,10 +106,11 @@ def segment_knobs(impl: str):
     ``pallas_kernels.lora.DECODE_DELTA_BLOCKS`` to (C columns at most per dot, O blocks per program), ``+spN``
     ``pallas_kernels.shrink.SEG_PROGRAMS`` (the programs the shrink's H-split aims at) to N, ``+fdN``
     ``jmlora.model.decoder.FUSED_DELTAS_MAX_BATCH`` to N (q/k/v deltas into the fused attention kernel up to N
-    rows)."""
+    rows), ``+swN`` and ``+ssN`` the decode-size segment shrink's warps and pipeline stages
+    (``pallas_kernels.lora.DECODE_SHRINK_LAUNCH``)."""
     from pallas_kernels import lora, shrink
 
-    saved = lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH
+    saved = lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH, lora.DECODE_SHRINK_LAUNCH
     jax.clear_caches()          # jit's trace cache would otherwise hand back a trace made with other knobs
     for knob in split_knobs(impl)[1].split("+")[1:]:
         if knob.startswith("fd"):
@@ -118,12 +119,17 @@ def segment_knobs(impl: str):
             lora.DECODE_DELTA_BLOCKS = tuple(int(v) for v in knob[2:].split("x"))
         elif knob.startswith("sp"):
             shrink.SEG_PROGRAMS = int(knob[2:])
+        elif knob.startswith("sw"):
+            lora.DECODE_SHRINK_LAUNCH = (int(knob[2:]), lora.DECODE_SHRINK_LAUNCH[1])
+        elif knob.startswith("ss"):
+            lora.DECODE_SHRINK_LAUNCH = (lora.DECODE_SHRINK_LAUNCH[0], int(knob[2:]))
         else:
             raise ValueError(f"unknown segment knob {knob!r} in {impl!r}")
     try:
         yield
     finally:
-        lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH = saved
+        (lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH,
+         lora.DECODE_SHRINK_LAUNCH) = saved
         jax.clear_caches()
 
 

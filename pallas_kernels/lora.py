@@ -71,6 +71,9 @@ PREFILL_DELTA_BLOCKS = ((256, 2), (128, 4))
 # the segment form slower (batch 64-256, 64 distinct or 8 shared adapters: +0.5% to +5.6% back to back): fewer
 # programs do not make the step cheaper.
 DECODE_DELTA_BLOCKS = (256, 1)
+# The segment shrink's (num_warps, num_stages) below PREFILL_MIN_TOKENS (the decode step's grouped calls; None:
+# ``shrink.seg_shrink_stages``).
+DECODE_SHRINK_LAUNCH = (4, None)
 
 
 # Programs the segment shrink aims at (``shrink.seg_block_sizes``) where XLA sums its H-slices' partials
@@ -92,6 +95,15 @@ def segment_sums_partials(num_tokens: int, r_max: int) -> bool:
 def segment_shrink_programs(num_tokens: int, r_max: int) -> int:
     """The programs the segment shrink aims at for T tokens at rank R (``SEGMENT_SUMMED_PROGRAMS``)."""
     return SEGMENT_SUMMED_PROGRAMS if segment_sums_partials(num_tokens, r_max) else shrink.SEG_PROGRAMS
+
+
+def segment_shrink_launch(num_tokens: int) -> dict:
+    """The segment shrink's Triton launch knobs for T tokens (``DECODE_SHRINK_LAUNCH`` below
+    PREFILL_MIN_TOKENS, else the kernel's defaults)."""
+    if num_tokens >= PREFILL_MIN_TOKENS:
+        return {}
+    num_warps, num_stages = DECODE_SHRINK_LAUNCH
+    return dict(num_warps=num_warps, num_stages=num_stages)
 
 
 def segment_delta_blocks(num_tokens: int, r_max: int, out_dims) -> tuple[int, int]:
@@ -195,7 +207,8 @@ def _shrink_partials(x, a, slot_ids, ranks, backend, form, interpret, tiles=None
     if _pick_form(form, x.shape[0], a.shape[2]) == "segment":
         tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, a.shape[2], interpret)
         return shrink.seg_shrink_partials_multi(
-            x, (a,), tiles, programs=segment_shrink_programs(x.shape[0], a.shape[2]), interpret=interpret)[0]
+            x, (a,), tiles, programs=segment_shrink_programs(x.shape[0], a.shape[2]), interpret=interpret,
+            **segment_shrink_launch(x.shape[0]))[0]
     return shrink.bgmv_shrink_partials(x, a, slot_ids, ranks, interpret=interpret)
 
 
@@ -376,7 +389,7 @@ def _multi_forward(ys, x, a_slices, b_slices, slot_ids, ranks, tiles, backend, f
             tiles = tiles if tiles is not None else _tiles(slot_ids, ranks, a_slices[0].shape[2], interpret)
             hp = shrink.seg_shrink_partials_multi(
                 x, a_slices, tiles, programs=segment_shrink_programs(x.shape[0], a_slices[0].shape[2]),
-                interpret=interpret)
+                interpret=interpret, **segment_shrink_launch(x.shape[0]))
             hs = tuple(jnp.sum(hp[i], axis=0) for i in range(len(ys)))
             if delta:
                 if segment_sums_partials(x.shape[0], a_slices[0].shape[2]):  # once, not per O-block
