@@ -9,8 +9,8 @@ it out of the 60 MB L2.
 
 It also times ``splitk_matmul``, a persistent Mosaic GPU GEMM of our own with split-K, at the o and down
 projections (N = 4096), where the library kernel has too few output tiles; ``--lora`` times it at every
-projection with and without the LoRA expand of 8 rank-16 adapters as extra K-steps; ``--check`` runs it in
-Mosaic GPU's interpreter on the CPU against f32 matmuls.
+projection with and without the LoRA expand of 8 rank-16 adapters as extra K-steps (a second pipeline, or
+prefetched); ``--check`` runs it in Mosaic GPU's interpreter on the CPU against f32 matmuls.
 """
 
 from __future__ import annotations
@@ -50,14 +50,17 @@ def configs():
 
 
 def splitk_matmul(x, w, h=None, b=None, *, block_m=64, block_n=128, block_k=64, split_k=2, steps=4, num_sms=132,
-                  interpret=False):
+                  lora_prefetch=False, interpret=False):
     """x [M, K] @ w [K, N] (+ h [M, L] @ b [L, N]) by a persistent Mosaic GPU kernel of our own with split-K:
     work items (M-tile, K-split, N-tile), the M-tile fastest so the items that share a weight tile run
     together; each pipelines its K-split's blocks through shared memory into a wgmma accumulator and stores a
     float32 partial; XLA sums the partials (in the step that sum would fuse into the consumer). With h and b
     (a batch's few adapters packed side by side: h masked to each row's own adapter's columns, b their B's
     stacked), the first K-split also runs their L / block_k K-steps into the same accumulator: the LoRA expand
-    as part of the GEMM. A probe, not a library kernel."""
+    as part of the GEMM. ``lora_prefetch``: instead of a second pipeline after the main one (which drains the
+    first and fills the second in every work item: +18 us at 256 rows' gate/up in run 1), each first-split item
+    starts the TMA copies of its h and B tiles before its main pipeline and runs their wgmmas after it. A probe,
+    not a library kernel."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -72,11 +75,28 @@ def splitk_matmul(x, w, h=None, b=None, *, block_m=64, block_n=128, block_k=64, 
 
     def body(x_gmem, w_gmem, *refs):
         h_gmem, b_gmem, o_gmem = refs if lora_blocks else (None, None, *refs)
+        if lora_blocks and lora_prefetch:
+            pl.run_scoped(functools.partial(items, x_gmem, w_gmem, h_gmem, b_gmem, o_gmem),
+                          plgpu.SMEM((lora_blocks, block_m, block_k), x.dtype),
+                          plgpu.SMEM((lora_blocks, block_k, block_n), w.dtype),
+                          plgpu.Barrier(num_arrivals=2 * lora_blocks))
+        else:
+            items(x_gmem, w_gmem, h_gmem, b_gmem, o_gmem)
+
+    def items(x_gmem, w_gmem, h_gmem, b_gmem, o_gmem, h_smem=None, b_smem=None, lora_barrier=None):
         @plgpu.nd_loop((tiles_m * split_k * tiles_n,), collective_axes="sm")
         def _(info):
             idx = info.index[0]
             mi, rest = idx % tiles_m, idx // tiles_m
             si, ni = rest % split_k, rest // split_k
+            if h_smem is not None:
+                @pl.when(si == 0)
+                def _():
+                    for j in range(lora_blocks):
+                        plgpu.copy_gmem_to_smem(h_gmem.at[pl.ds(mi * block_m, block_m), pl.ds(j * block_k, block_k)],
+                                                h_smem.at[j], lora_barrier)
+                        plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(j * block_k, block_k), pl.ds(ni * block_n, block_n)],
+                                                b_smem.at[j], lora_barrier)
 
             def acc_scope(acc_ref):
                 plgpu.emit_pipeline(
@@ -87,7 +107,13 @@ def splitk_matmul(x, w, h=None, b=None, *, block_m=64, block_n=128, block_k=64, 
                         plgpu.BlockSpec((block_k, block_n), lambda kk: (si * k_blocks + kk, ni), delay_release=1)],
                     max_concurrent_steps=steps,
                 )(x_gmem, w_gmem)
-                if lora_blocks:
+                if h_smem is not None:
+                    @pl.when(si == 0)
+                    def _():
+                        plgpu.barrier_wait(lora_barrier)
+                        for j in range(lora_blocks):
+                            plgpu.wgmma(acc_ref, h_smem.at[j], b_smem.at[j])
+                elif lora_blocks:
                     @pl.when(si == 0)
                     def _():
                         plgpu.emit_pipeline(
@@ -97,7 +123,7 @@ def splitk_matmul(x, w, h=None, b=None, *, block_m=64, block_n=128, block_k=64, 
                                       plgpu.BlockSpec((block_k, block_n), lambda kk: (kk, ni), delay_release=1)],
                             max_concurrent_steps=min(steps, lora_blocks),
                         )(h_gmem, b_gmem)
-                return acc_ref[...]
+                return acc_ref[...]   # waits for the wgmmas: the next item may overwrite h_smem and b_smem
 
             acc = pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n)))
 
@@ -138,45 +164,82 @@ def check():
     """``splitk_matmul`` (with and without the LoRA K-steps) against f32 matmuls, in Mosaic GPU's interpreter
     (runs on the CPU). Small-integer inputs keep every product and sum exact in bf16/f32."""
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    for m, k, n, split_k, lora, block_m in ((128, 512, 256, 2, 128, 64), (64, 256, 256, 1, 128, 64),
-                                            (128, 512, 256, 4, 0, 64), (256, 512, 256, 2, 128, 128)):
+    for m, k, n, split_k, lora, block_m, prefetch in (
+            (128, 512, 256, 2, 128, 64, False), (64, 256, 256, 1, 128, 64, False), (128, 512, 256, 4, 0, 64, False),
+            (256, 512, 256, 2, 128, 128, False), (128, 512, 256, 2, 128, 64, True), (256, 512, 256, 1, 128, 128, True)):
         keys = jax.random.split(jax.random.key(m + k + split_k), 4)
         x, w, h, b = (jax.random.randint(key, shape, -1, 2).astype(jnp.bfloat16)
                       for key, shape in zip(keys, ((m, k), (k, n), (m, lora), (lora, n))))
         want = f32(x) @ f32(w) + (f32(h) @ f32(b) if lora else 0)
         got = splitk_matmul(x, w, *((h, b) if lora else ()), split_k=split_k, block_m=block_m, num_sms=3,
-                            interpret=True)
+                            lora_prefetch=prefetch, interpret=True)
         err = float(jnp.max(jnp.abs(f32(got) - want)))
-        print(f"check M={m} K={k} N={n} block_m={block_m} split_k={split_k} LoRA K={lora}: max |diff| {err}",
-              flush=True)
+        print(f"check M={m} K={k} N={n} block_m={block_m} split_k={split_k} LoRA K={lora}"
+              f"{' prefetched' if prefetch else ''}: max |diff| {err}", flush=True)
         if err:
             raise SystemExit("splitk_matmul does not match")
 
 
-def time_lora(m, k, n, x, ws, xla_us, bytes_):
-    """Our GEMM with and without the LoRA K-steps of 8 rank-16 adapters (L = 128) at its best run-7 knobs."""
+def lora_configs(m, n):
+    """(knobs of our GEMM and of its pipelined LoRA K-steps, knobs with the LoRA tiles prefetched): the best of
+    runs 7 (twenty-fifth session) and 1 (twenty-sixth); prefetching with 128-row tiles leaves shared memory for 5
+    pipeline steps, not 6."""
     cfg = dict(split_k=2 if n == 4096 else 1, steps=6, block_n=128, block_m=128 if m >= 256 else 64)
+    return cfg, dict(cfg, steps=5 if cfg["block_m"] == 128 else cfg["steps"])
+
+
+def lowering_check():
+    """Lowers ``time_lora``'s kernels for CUDA on this (CPU) machine: Mosaic GPU's shared-memory check runs at
+    lowering, so a tiling that cannot run shows up here, not on the GPU's time."""
+    from jax import export
+
+    ok = True
+    for m, k, n in SHAPES:
+        cfg, fetch_cfg = lora_configs(m, n)
+        args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, k), (k, n), (m, 128), (128, n))]
+        for name, c, nargs in (("plain", cfg, 2), ("LoRA K-steps", cfg, 4), ("LoRA prefetched", dict(
+                fetch_cfg, lora_prefetch=True), 4), ("plain", fetch_cfg, 2)):
+            try:
+                export.export(jax.jit(functools.partial(splitk_matmul, **c)), platforms=["cuda"])(*args[:nargs])
+            except Exception as e:  # noqa: BLE001 - report every tiling, then fail
+                ok = False
+                print(f"lowering M={m} K={k} N={n} {name} {c}: FAILED {type(e).__name__}: {str(e)[:300]}")
+    print("lowering check:", "every tiling lowers for CUDA" if ok else "FAILED", flush=True)
+    if not ok:
+        raise SystemExit("a tiling does not lower")
+
+
+def time_lora(m, k, n, x, ws, xla_us, bytes_):
+    """Our GEMM with and without the LoRA K-steps of 8 rank-16 adapters (L = 128): as a second pipeline (run 1
+    of the twenty-sixth session) and prefetched (``lora_prefetch``; with 128-row tiles at 5 pipeline steps, and
+    the plain GEMM again at 5 beside it)."""
+    cfg, fetch_cfg = lora_configs(m, n)
     key = jax.random.key(n)
     h = jax.random.normal(key, (m, 128), jnp.float32).astype(jnp.bfloat16)
     b = (0.02 * jax.random.normal(jax.random.fold_in(key, 1), (128, n), jnp.float32)).astype(jnp.bfloat16)
-    for name, gemm in (("ours", functools.partial(splitk_matmul, **cfg)),
-                       ("ours + LoRA K-steps", functools.partial(splitk_matmul, h=h, b=b, **cfg))):
+    runs = [("ours", cfg, {}), ("ours + LoRA K-steps", cfg, dict(h=h, b=b)),
+            ("ours + LoRA prefetched", fetch_cfg, dict(h=h, b=b, lora_prefetch=True))]
+    if fetch_cfg != cfg:
+        runs.append(("ours", fetch_cfg, {}))
+    for name, c, extra in runs:
         try:
-            us, _ = time_gemm(gemm, x, ws)
+            us, _ = time_gemm(functools.partial(splitk_matmul, **c, **extra), x, ws)
         except Exception as e:  # noqa: BLE001
-            print(f"  {name} {cfg}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
+            print(f"  {name} {c}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
             continue
-        print(f"  {name} {cfg}: {us:.1f} us ({bytes_ / us / 1e6:.2f} TB/s, {xla_us / us:.2f}x XLA)", flush=True)
+        print(f"  {name} {c}: {us:.1f} us ({bytes_ / us / 1e6:.2f} TB/s, {xla_us / us:.2f}x XLA)", flush=True)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--splitk-only", action="store_true", help="only the o and down shapes, only our split-K kernel")
     p.add_argument("--lora", action="store_true", help="every shape: our GEMM with and without the LoRA K-steps")
-    p.add_argument("--check", action="store_true", help="only check splitk_matmul in the interpreter (CPU)")
+    p.add_argument("--check", action="store_true",
+                   help="only check splitk_matmul in the interpreter and lower its tilings for CUDA (CPU)")
     args = p.parse_args()
     if args.check:
-        return check()
+        check()
+        return lowering_check()
     print(f"device {jax.devices()[0].device_kind}", flush=True)
     for m, k, n in SHAPES:
         if args.splitk_only and n != 4096:
