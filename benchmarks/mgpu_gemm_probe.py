@@ -5,12 +5,14 @@ over a few tilings, against ``jnp.dot`` (XLA: cuBLAS or its Triton GEMM), for th
 128 and 256 rows, bf16. Device time per GEMM from the profiler; the weight rotates over enough copies to keep
 it out of the 60 MB L2.
 
-    PYTHONPATH=. python benchmarks/mgpu_gemm_probe.py [--splitk-only | --lora | --check]
+    PYTHONPATH=. python benchmarks/mgpu_gemm_probe.py [--splitk-only | --lora | --ws | --check]
 
 It also times ``splitk_matmul``, a persistent Mosaic GPU GEMM of our own with split-K, at the o and down
 projections (N = 4096), where the library kernel has too few output tiles; ``--lora`` times it at every
 projection with and without the LoRA expand of 8 rank-16 adapters as extra K-steps (a second pipeline, or
-prefetched); ``--check`` runs it in Mosaic GPU's interpreter on the CPU against f32 matmuls.
+prefetched). ``--ws`` times ``ws_splitk_matmul``, the same with a memory warpgroup and two compute warpgroups
+per CTA, at every projection. ``--check`` runs both in Mosaic GPU's interpreter on the CPU against f32 matmuls
+and lowers every timed tiling for CUDA.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_profile import kernel_times  # noqa: E402
@@ -142,6 +145,92 @@ def splitk_matmul(x, w, h=None, b=None, *, block_m=64, block_n=128, block_k=64, 
     return jnp.sum(kernel(*operands), axis=0).astype(x.dtype)
 
 
+def ws_splitk_matmul(x, w, *, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps=4, wg_dim="n", epi=64,
+                     num_sms=132, interpret=False):
+    """x [M, K] @ w [K, N] by a warp-specialized persistent Mosaic GPU kernel of our own with split-K: per CTA
+    one memory warpgroup streams the K-blocks of x and w through shared memory (``steps`` deep) and two compute
+    warpgroups each multiply their half of the CTA's tile (``wg_dim`` "n": side by side, a CTA tile of
+    [tile_m, 2 tile_n]; "m": stacked, [2 tile_m, tile_n]) into their own wgmma accumulator. Work items (M-tile,
+    K-split, N-tile), M fastest, as ``splitk_matmul``; the epilogue stores [epi, epi] chunks through shared
+    memory by TMA: the output in x's dtype (split_k 1) or float32 partials that XLA sums. What JAX's
+    ``hopper_matmul_mgpu`` does for a whole K, with the split-K that the o and down projections need; the step
+    toward a GEMM as fast as cuBLAS at 256 rows, into which the LoRA K-steps would go. A probe."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m, k = x.shape
+    n = w.shape[1]
+    cta_m, cta_n = tile_m * (1 + (wg_dim == "m")), tile_n * (1 + (wg_dim == "n"))
+    if m % cta_m or n % cta_n or k % (tile_k * split_k) or tile_m % epi or tile_n % epi:
+        raise ValueError(f"CTA tile ({cta_m}, {cta_n}), block_k {tile_k} x split {split_k} and epilogue chunk {epi} "
+                         f"must divide (M, N, K) = ({m}, {n}, {k}) and the warpgroup tile ({tile_m}, {tile_n})")
+    tiles_m, tiles_n, k_blocks = m // cta_m, n // cta_n, k // (tile_k * split_k)
+    out_dtype = x.dtype if split_k == 1 else jnp.float32
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_blocks,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+            max_concurrent_steps=steps, compute_context=context,
+            in_specs=[plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), delay_release=1),
+                      plgpu.BlockSpec((tile_k, cta_n), lambda kk: (kk, 0), delay_release=1)])
+
+    def kernel_body(x_gmem, w_gmem, o_gmem):
+        unused = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the bodies
+
+        @functools.partial(pl.run_scoped, allocs=pipeline(unused, unused).get_allocations(x_gmem, w_gmem),
+                           out_smem=plgpu.SMEM((2, epi, epi), out_dtype), collective_axes="wg")
+        def _(allocs, out_smem):
+            wg = lax.axis_index("wg")
+            wg_m = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
+            wg_n = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
+
+            @plgpu.nd_loop((tiles_m * split_k * tiles_n,), collective_axes="sm")
+            def _(info):
+                idx = info.index[0]
+                mi, rest = idx % tiles_m, idx // tiles_m
+                si, ni = rest % split_k, rest // split_k
+                cta_rows, cta_cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+                out = o_gmem.at[cta_rows, cta_cols] if split_k == 1 else o_gmem.at[si, cta_rows, cta_cols]
+
+                def context(run):
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
+                    def _(acc_ref):
+                        run(acc_ref)
+                        acc = acc_ref[...].astype(out_dtype)
+                        for ei in range(tile_m // epi):
+                            for ej in range(tile_n // epi):
+                                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the chunk before is read
+                                out_smem[wg] = acc[ei * epi:(ei + 1) * epi, ej * epi:(ej + 1) * epi]
+                                plgpu.commit_smem()
+                                plgpu.copy_smem_to_gmem(out_smem.at[wg], out.at[wg_m, wg_n].at[
+                                    pl.ds(ei * epi, epi), pl.ds(ej * epi, epi)])
+
+                def mma(_, xs, ws, acc_ref):
+                    plgpu.wgmma(acc_ref, xs.at[wg_m], ws.at[:, wg_n])
+                    plgpu.wgmma_wait(1)  # the step before is done: its buffers go back to the memory warpgroup
+                    return acc_ref
+
+                pipeline(mma, context)(x_gmem.at[cta_rows, pl.ds(si * k_blocks * tile_k, k_blocks * tile_k)],
+                                       w_gmem.at[pl.ds(si * k_blocks * tile_k, k_blocks * tile_k), cta_cols],
+                                       allocations=allocs)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    out_shape = (m, n) if split_k == 1 else (split_k, m, n)
+    kernel = plgpu.kernel(kernel_body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(num_sms,),
+                          grid_names=("sm",), num_threads=3, thread_name="wg",
+                          interpret=plgpu.InterpretGPUParams() if interpret else None,
+                          compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    y = kernel(x, w)
+    return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
+
+
+# For the next device run (``--ws``): two 64- or 128-row warpgroup tiles side by side or stacked, split 1 / 2 / 4.
+# Pipeline steps as shared memory holds them: 128 x 256 CTA tiles 4; 64 x 256 ones 5 with a bf16 epilogue, 4
+# with the float32 partials'; 128 x 128 ones 5 (``--check`` lowers every one of these for CUDA).
+WS_CONFIGS = [dict(tile_m=tm, tile_n=128, split_k=sk, steps=4 if tm == 128 or (d == "n" and sk > 1) else 5,
+                   wg_dim=d) for tm, d in ((64, "n"), (64, "m"), (128, "n")) for sk in (1, 2, 4)]
+
+
 # run 7 (twenty-fifth session) swept split 2 / 4, 4 / 6 steps and 64 / 128 columns at 64 rows (best: 2, 6, 128);
 # the twenty-sixth session's run 1 added 128-row tiles (best at 256 rows: o 18.3, down 47.3 us; 64-row tiles stay
 # best at 128 rows) and 8 steps (only with 64-row tiles: 128-row ones need 262 of 232 KB of shared memory)
@@ -178,6 +267,17 @@ def check():
               f"{' prefetched' if prefetch else ''}: max |diff| {err}", flush=True)
         if err:
             raise SystemExit("splitk_matmul does not match")
+    for m, k, n, cfg in ((128, 512, 256, dict(tile_m=64, split_k=1, wg_dim="n")),
+                         (256, 512, 256, dict(tile_m=64, split_k=2, wg_dim="m")),
+                         (256, 256, 256, dict(tile_m=128, split_k=1, wg_dim="n"))):
+        keys = jax.random.split(jax.random.key(m + k + n), 2)
+        x, w = (jax.random.randint(key, shape, -1, 2).astype(jnp.bfloat16)
+                for key, shape in zip(keys, ((m, k), (k, n))))
+        got = ws_splitk_matmul(x, w, steps=2, num_sms=3, interpret=True, **cfg)
+        err = float(jnp.max(jnp.abs(f32(got) - f32(x) @ f32(w))))
+        print(f"check ws_splitk_matmul M={m} K={k} N={n} {cfg}: max |diff| {err}", flush=True)
+        if err:
+            raise SystemExit("ws_splitk_matmul does not match")
 
 
 def lora_configs(m, n):
@@ -189,8 +289,8 @@ def lora_configs(m, n):
 
 
 def lowering_check():
-    """Lowers ``time_lora``'s kernels for CUDA on this (CPU) machine: Mosaic GPU's shared-memory check runs at
-    lowering, so a tiling that cannot run shows up here, not on the GPU's time."""
+    """Lowers ``time_lora``'s kernels and ``WS_CONFIGS`` for CUDA on this (CPU) machine: Mosaic GPU's
+    shared-memory check runs at lowering, so a tiling that cannot run shows up here, not on the GPU's time."""
     from jax import export
 
     ok = True
@@ -204,6 +304,12 @@ def lowering_check():
             except Exception as e:  # noqa: BLE001 - report every tiling, then fail
                 ok = False
                 print(f"lowering M={m} K={k} N={n} {name} {c}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        for c in WS_CONFIGS:
+            try:
+                export.export(jax.jit(functools.partial(ws_splitk_matmul, **c)), platforms=["cuda"])(*args[:2])
+            except Exception as e:  # noqa: BLE001
+                ok = False
+                print(f"lowering M={m} K={k} N={n} ws {c}: FAILED {type(e).__name__}: {str(e)[:300]}")
     print("lowering check:", "every tiling lowers for CUDA" if ok else "FAILED", flush=True)
     if not ok:
         raise SystemExit("a tiling does not lower")
@@ -234,6 +340,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--splitk-only", action="store_true", help="only the o and down shapes, only our split-K kernel")
     p.add_argument("--lora", action="store_true", help="every shape: our GEMM with and without the LoRA K-steps")
+    p.add_argument("--ws", action="store_true", help="every shape: the warp-specialized split-K GEMM (WS_CONFIGS)")
     p.add_argument("--check", action="store_true",
                    help="only check splitk_matmul in the interpreter and lower its tilings for CUDA (CPU)")
     args = p.parse_args()
@@ -254,6 +361,20 @@ def main():
         print(f"M={m} K={k} N={n}: XLA {xla_us:.1f} us ({bytes_ / xla_us / 1e6:.2f} TB/s)", flush=True)
         if args.lora:
             time_lora(m, k, n, x, ws, xla_us, bytes_)
+            continue
+        if args.ws:
+            for c in WS_CONFIGS:
+                cta_m, cta_n = c["tile_m"] * (1 + (c["wg_dim"] == "m")), c["tile_n"] * (1 + (c["wg_dim"] == "n"))
+                if m % cta_m or n % cta_n:
+                    continue
+                try:
+                    us, got = time_gemm(functools.partial(ws_splitk_matmul, **c), x, ws)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  ws {c}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
+                    continue
+                err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+                print(f"  ws {c}: {us:.1f} us ({bytes_ / us / 1e6:.2f} TB/s, {xla_us / us:.2f}x XLA), max |diff| "
+                      f"{err:.1e}", flush=True)
             continue
         try:
             from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
