@@ -145,8 +145,8 @@ def splitk_matmul(x, w, h=None, b=None, *, block_m=64, block_n=128, block_k=64, 
     return jnp.sum(kernel(*operands), axis=0).astype(x.dtype)
 
 
-def ws_splitk_matmul(x, w, *, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps=4, wg_dim="n", epi=64,
-                     num_sms=132, interpret=False):
+def ws_splitk_matmul(x, w, h=None, b=None, *, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps=4, wg_dim="n",
+                     epi=64, num_sms=132, interpret=False):
     """x [M, K] @ w [K, N] by a warp-specialized persistent Mosaic GPU kernel of our own with split-K: per CTA
     one memory warpgroup streams the K-blocks of x and w through shared memory (``steps`` deep) and two compute
     warpgroups each multiply their half of the CTA's tile (``wg_dim`` "n": side by side, a CTA tile of
@@ -154,16 +154,22 @@ def ws_splitk_matmul(x, w, *, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps
     K-split, N-tile), M fastest, as ``splitk_matmul``; the epilogue stores [epi, epi] chunks through shared
     memory by TMA: the output in x's dtype (split_k 1) or float32 partials that XLA sums. What JAX's
     ``hopper_matmul_mgpu`` does for a whole K, with the split-K that the o and down projections need; the step
-    toward a GEMM as fast as cuBLAS at 256 rows, into which the LoRA K-steps would go. A probe."""
+    toward a GEMM as fast as cuBLAS at 256 rows. With h [M, L] and b [L, N] (as ``splitk_matmul``'s), the memory
+    warpgroup also copies each first-split item's h and B tiles (before that item's pipeline, once the compute
+    warpgroups have released the previous ones) and the compute warpgroups run them as L / tile_k more wgmmas
+    after their pipeline: the LoRA expand inside the GEMM. A probe."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     m, k = x.shape
     n = w.shape[1]
+    lora_blocks = 0 if h is None else h.shape[1] // tile_k
     cta_m, cta_n = tile_m * (1 + (wg_dim == "m")), tile_n * (1 + (wg_dim == "n"))
-    if m % cta_m or n % cta_n or k % (tile_k * split_k) or tile_m % epi or tile_n % epi:
+    if (m % cta_m or n % cta_n or k % (tile_k * split_k) or tile_m % epi or tile_n % epi
+            or (h is not None and h.shape[1] % tile_k)):
         raise ValueError(f"CTA tile ({cta_m}, {cta_n}), block_k {tile_k} x split {split_k} and epilogue chunk {epi} "
-                         f"must divide (M, N, K) = ({m}, {n}, {k}) and the warpgroup tile ({tile_m}, {tile_n})")
+                         f"must divide (M, N, K) = ({m}, {n}, {k}) and the warpgroup tile ({tile_m}, {tile_n}), and "
+                         f"block_k the LoRA K")
     tiles_m, tiles_n, k_blocks = m // cta_m, n // cta_n, k // (tile_k * split_k)
     out_dtype = x.dtype if split_k == 1 else jnp.float32
 
@@ -174,15 +180,26 @@ def ws_splitk_matmul(x, w, *, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps
             in_specs=[plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), delay_release=1),
                       plgpu.BlockSpec((tile_k, cta_n), lambda kk: (kk, 0), delay_release=1)])
 
-    def kernel_body(x_gmem, w_gmem, o_gmem):
+    def kernel_body(x_gmem, w_gmem, *refs):
+        h_gmem, b_gmem, o_gmem = refs if lora_blocks else (None, None, *refs)
         unused = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the bodies
+        lora_scratch = dict(
+            h_smem=plgpu.SMEM((lora_blocks, cta_m, tile_k), x.dtype),
+            b_smem=plgpu.SMEM((lora_blocks, tile_k, cta_n), w.dtype),
+            ready=plgpu.Barrier(num_arrivals=2 * lora_blocks),           # the copies of one item's LoRA tiles
+            free=plgpu.Barrier(num_arrivals=2, orders_tensor_core=True),  # both compute warpgroups done with them
+        ) if lora_blocks else {}
 
         @functools.partial(pl.run_scoped, allocs=pipeline(unused, unused).get_allocations(x_gmem, w_gmem),
-                           out_smem=plgpu.SMEM((2, epi, epi), out_dtype), collective_axes="wg")
-        def _(allocs, out_smem):
+                           out_smem=plgpu.SMEM((2, epi, epi), out_dtype), **lora_scratch, collective_axes="wg")
+        def _(allocs, out_smem, h_smem=None, b_smem=None, ready=None, free=None):
             wg = lax.axis_index("wg")
             wg_m = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
             wg_n = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
+            if lora_blocks:
+                @pl.when(wg < 2)
+                def _():
+                    plgpu.barrier_arrive(free)  # nothing to release before the first item
 
             @plgpu.nd_loop((tiles_m * split_k * tiles_n,), collective_axes="sm")
             def _(info):
@@ -191,11 +208,28 @@ def ws_splitk_matmul(x, w, *, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps
                 si, ni = rest % split_k, rest // split_k
                 cta_rows, cta_cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
                 out = o_gmem.at[cta_rows, cta_cols] if split_k == 1 else o_gmem.at[si, cta_rows, cta_cols]
+                if lora_blocks:
+                    @pl.when(jnp.logical_and(wg == 2, si == 0))   # the memory warpgroup
+                    def _():
+                        plgpu.barrier_wait(free)
+                        for j in range(lora_blocks):
+                            plgpu.copy_gmem_to_smem(h_gmem.at[cta_rows, pl.ds(j * tile_k, tile_k)], h_smem.at[j],
+                                                    ready)
+                            plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(j * tile_k, tile_k), cta_cols], b_smem.at[j],
+                                                    ready)
 
                 def context(run):
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
                     def _(acc_ref):
                         run(acc_ref)
+                        if lora_blocks:
+                            @pl.when(si == 0)
+                            def _():
+                                plgpu.barrier_wait(ready)
+                                for j in range(lora_blocks):
+                                    plgpu.wgmma(acc_ref, h_smem.at[j].at[wg_m], b_smem.at[j].at[:, wg_n])
+                                plgpu.wgmma_wait(0)
+                                plgpu.barrier_arrive(free)
                         acc = acc_ref[...].astype(out_dtype)
                         for ei in range(tile_m // epi):
                             for ej in range(tile_n // epi):
@@ -213,6 +247,11 @@ def ws_splitk_matmul(x, w, *, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps
                 pipeline(mma, context)(x_gmem.at[cta_rows, pl.ds(si * k_blocks * tile_k, k_blocks * tile_k)],
                                        w_gmem.at[pl.ds(si * k_blocks * tile_k, k_blocks * tile_k), cta_cols],
                                        allocations=allocs)
+
+            if lora_blocks:
+                @pl.when(wg == 2)
+                def _():
+                    plgpu.barrier_wait(free)  # the last item's release, before the scratch goes away
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     out_shape = (m, n) if split_k == 1 else (split_k, m, n)
@@ -220,11 +259,21 @@ def ws_splitk_matmul(x, w, *, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps
                           grid_names=("sm",), num_threads=3, thread_name="wg",
                           interpret=plgpu.InterpretGPUParams() if interpret else None,
                           compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    y = kernel(x, w)
+    y = kernel(x, w) if h is None else kernel(x, w, h, b)
     return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
 
 
 # For the next device run (``--ws``): two 64- or 128-row warpgroup tiles side by side or stacked, split 1 / 2 / 4.
+def ws_steps_that_fit(cfg, lora_k=0, tile_k=64, epi=64, smem=232448):
+    """The deepest pipeline, at most ``cfg["steps"]``, whose shared memory (x and w blocks per step, the
+    epilogue's chunks, the LoRA tiles) fits the H200's 227 KB (Mosaic GPU adds ~100 bytes of barriers)."""
+    cta_m = cfg["tile_m"] * (1 + (cfg["wg_dim"] == "m"))
+    cta_n = cfg["tile_n"] * (1 + (cfg["wg_dim"] == "n"))
+    block = (cta_m + cta_n) * tile_k * 2
+    fixed = 2 * epi * epi * (2 if cfg["split_k"] == 1 else 4) + (lora_k // tile_k) * block + 256
+    return min(cfg["steps"], (smem - fixed) // block)
+
+
 # Pipeline steps as shared memory holds them: 128 x 256 CTA tiles 4; 64 x 256 ones 5 with a bf16 epilogue, 4
 # with the float32 partials'; 128 x 128 ones 5 (``--check`` lowers every one of these for CUDA).
 WS_CONFIGS = [dict(tile_m=tm, tile_n=128, split_k=sk, steps=4 if tm == 128 or (d == "n" and sk > 1) else 5,
@@ -269,15 +318,20 @@ def check():
             raise SystemExit("splitk_matmul does not match")
     for m, k, n, cfg in ((128, 512, 256, dict(tile_m=64, split_k=1, wg_dim="n")),
                          (256, 512, 256, dict(tile_m=64, split_k=2, wg_dim="m")),
+                         (128, 512, 512, dict(tile_m=64, split_k=2, wg_dim="n")),
                          (256, 256, 256, dict(tile_m=128, split_k=1, wg_dim="n"))):
         keys = jax.random.split(jax.random.key(m + k + n), 2)
         x, w = (jax.random.randint(key, shape, -1, 2).astype(jnp.bfloat16)
                 for key, shape in zip(keys, ((m, k), (k, n))))
-        got = ws_splitk_matmul(x, w, steps=2, num_sms=3, interpret=True, **cfg)
-        err = float(jnp.max(jnp.abs(f32(got) - f32(x) @ f32(w))))
-        print(f"check ws_splitk_matmul M={m} K={k} N={n} {cfg}: max |diff| {err}", flush=True)
-        if err:
-            raise SystemExit("ws_splitk_matmul does not match")
+        h, b = (jax.random.randint(jax.random.fold_in(keys[0], i), shape, -1, 2).astype(jnp.bfloat16)
+                for i, shape in enumerate(((m, 128), (128, n))))
+        for lora in (False, True):
+            got = ws_splitk_matmul(x, w, *((h, b) if lora else ()), steps=2, num_sms=3, interpret=True, **cfg)
+            err = float(jnp.max(jnp.abs(f32(got) - f32(x) @ f32(w) - (f32(h) @ f32(b) if lora else 0))))
+            print(f"check ws_splitk_matmul M={m} K={k} N={n} {cfg}{' LoRA K=128' if lora else ''}: max |diff| {err}",
+                  flush=True)
+            if err:
+                raise SystemExit("ws_splitk_matmul does not match")
 
 
 def lora_configs(m, n):
@@ -304,36 +358,66 @@ def lowering_check():
             except Exception as e:  # noqa: BLE001 - report every tiling, then fail
                 ok = False
                 print(f"lowering M={m} K={k} N={n} {name} {c}: FAILED {type(e).__name__}: {str(e)[:300]}")
-        for c in WS_CONFIGS:
+        for c, nargs in [(c, 2) for c in WS_CONFIGS] + [(dict(c, steps=ws_steps_that_fit(c, 128)), 4)
+                                                        for c in WS_CONFIGS]:
             try:
-                export.export(jax.jit(functools.partial(ws_splitk_matmul, **c)), platforms=["cuda"])(*args[:2])
+                export.export(jax.jit(functools.partial(ws_splitk_matmul, **c)), platforms=["cuda"])(*args[:nargs])
             except Exception as e:  # noqa: BLE001
                 ok = False
-                print(f"lowering M={m} K={k} N={n} ws {c}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                print(f"lowering M={m} K={k} N={n} ws {c}{' LoRA' if nargs == 4 else ''}: FAILED "
+                      f"{type(e).__name__}: {str(e)[:300]}")
     print("lowering check:", "every tiling lowers for CUDA" if ok else "FAILED", flush=True)
     if not ok:
         raise SystemExit("a tiling does not lower")
 
 
-def time_lora(m, k, n, x, ws, xla_us, bytes_):
+def report(name, gemm, x, ws, xla_us, bytes_, want=None):
+    """Times one GEMM (``time_gemm``) and prints it against XLA's, with its largest difference from ``want``
+    when given; a failure is printed, not raised (a probe goes on to the next tiling)."""
+    try:
+        us, got = time_gemm(gemm, x, ws)
+    except Exception as e:  # noqa: BLE001
+        print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
+        return
+    err = "" if want is None else \
+        f", max |diff| {float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)))):.1e}"
+    print(f"  {name}: {us:.1f} us ({bytes_ / us / 1e6:.2f} TB/s, {xla_us / us:.2f}x XLA){err}", flush=True)
+
+
+def lora_operands(m, n, key):
+    """h [m, 128] and b [128, n]: the packed h and B of 8 rank-16 adapters."""
+    h = jax.random.normal(jax.random.fold_in(key, 1_000_001), (m, 128), jnp.float32).astype(jnp.bfloat16)
+    b = (0.02 * jax.random.normal(jax.random.fold_in(key, 1_000_002), (128, n), jnp.float32)).astype(jnp.bfloat16)
+    return dict(h=h, b=b)
+
+
+def time_lora(m, n, x, ws, xla_us, bytes_, key):
     """Our GEMM with and without the LoRA K-steps of 8 rank-16 adapters (L = 128): as a second pipeline (run 1
     of the twenty-sixth session) and prefetched (``lora_prefetch``; with 128-row tiles at 5 pipeline steps, and
     the plain GEMM again at 5 beside it)."""
     cfg, fetch_cfg = lora_configs(m, n)
-    key = jax.random.key(n)
-    h = jax.random.normal(key, (m, 128), jnp.float32).astype(jnp.bfloat16)
-    b = (0.02 * jax.random.normal(jax.random.fold_in(key, 1), (128, n), jnp.float32)).astype(jnp.bfloat16)
-    runs = [("ours", cfg, {}), ("ours + LoRA K-steps", cfg, dict(h=h, b=b)),
-            ("ours + LoRA prefetched", fetch_cfg, dict(h=h, b=b, lora_prefetch=True))]
+    hb = lora_operands(m, n, key)
+    runs = [("ours", cfg, {}), ("ours + LoRA K-steps", cfg, hb),
+            ("ours + LoRA prefetched", fetch_cfg, dict(hb, lora_prefetch=True))]
     if fetch_cfg != cfg:
         runs.append(("ours", fetch_cfg, {}))
     for name, c, extra in runs:
-        try:
-            us, _ = time_gemm(functools.partial(splitk_matmul, **c, **extra), x, ws)
-        except Exception as e:  # noqa: BLE001
-            print(f"  {name} {c}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
+        report(f"{name} {c}", functools.partial(splitk_matmul, **c, **extra), x, ws, xla_us, bytes_)
+
+
+def time_ws(m, n, x, ws, xla_us, bytes_, key, want):
+    """``ws_splitk_matmul`` over ``WS_CONFIGS``, each with and without the LoRA K-steps (at the pipeline depth
+    shared memory leaves them, and without them again at that depth where it is shallower)."""
+    hb = lora_operands(m, n, key)
+    for c in WS_CONFIGS:
+        if m % (c["tile_m"] * (1 + (c["wg_dim"] == "m"))) or n % (c["tile_n"] * (1 + (c["wg_dim"] == "n"))):
             continue
-        print(f"  {name} {c}: {us:.1f} us ({bytes_ / us / 1e6:.2f} TB/s, {xla_us / us:.2f}x XLA)", flush=True)
+        lora_c = dict(c, steps=ws_steps_that_fit(c, 128))
+        runs = [("ws", c, {}, want), ("ws + LoRA K-steps", lora_c, hb, None)]
+        if lora_c != c:
+            runs.append(("ws", lora_c, {}, want))
+        for name, cc, extra, w in runs:
+            report(f"{name} {cc}", functools.partial(ws_splitk_matmul, **cc, **extra), x, ws, xla_us, bytes_, w)
 
 
 def main():
@@ -342,7 +426,7 @@ def main():
     p.add_argument("--lora", action="store_true", help="every shape: our GEMM with and without the LoRA K-steps")
     p.add_argument("--ws", action="store_true", help="every shape: the warp-specialized split-K GEMM (WS_CONFIGS)")
     p.add_argument("--check", action="store_true",
-                   help="only check splitk_matmul in the interpreter and lower its tilings for CUDA (CPU)")
+                   help="only check our kernels in the interpreter and lower their tilings for CUDA (CPU)")
     args = p.parse_args()
     if args.check:
         check()
@@ -360,21 +444,10 @@ def main():
         bytes_ = k * n * 2 + m * (k + n) * 2
         print(f"M={m} K={k} N={n}: XLA {xla_us:.1f} us ({bytes_ / xla_us / 1e6:.2f} TB/s)", flush=True)
         if args.lora:
-            time_lora(m, k, n, x, ws, xla_us, bytes_)
+            time_lora(m, n, x, ws, xla_us, bytes_, key)
             continue
         if args.ws:
-            for c in WS_CONFIGS:
-                cta_m, cta_n = c["tile_m"] * (1 + (c["wg_dim"] == "m")), c["tile_n"] * (1 + (c["wg_dim"] == "n"))
-                if m % cta_m or n % cta_n:
-                    continue
-                try:
-                    us, got = time_gemm(functools.partial(ws_splitk_matmul, **c), x, ws)
-                except Exception as e:  # noqa: BLE001
-                    print(f"  ws {c}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
-                    continue
-                err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
-                print(f"  ws {c}: {us:.1f} us ({bytes_ / us / 1e6:.2f} TB/s, {xla_us / us:.2f}x XLA), max |diff| "
-                      f"{err:.1e}", flush=True)
+            time_ws(m, n, x, ws, xla_us, bytes_, key, want)
             continue
         try:
             from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
@@ -389,14 +462,7 @@ def main():
         if n == 4096:  # o and down: too few output tiles without split-K
             gemms += [(f"ours split-K {c}", functools.partial(splitk_matmul, **c)) for c in SPLITK_CONFIGS]
         for name, gemm in gemms:
-            try:
-                us, got = time_gemm(gemm, x, ws)
-            except Exception as e:  # noqa: BLE001
-                print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
-                continue
-            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
-            print(f"  {name}: {us:.1f} us ({bytes_ / us / 1e6:.2f} TB/s, {xla_us / us:.2f}x XLA), max |diff| "
-                  f"{err:.1e}", flush=True)
+            report(name, gemm, x, ws, xla_us, bytes_, want)
 
 
 if __name__ == "__main__":
