@@ -74,7 +74,7 @@ DECODE_DELTA_BLOCKS = (256, 1)
 # The segment shrink's (num_warps, num_stages) below PREFILL_MIN_TOKENS (the decode step's grouped calls; None:
 # ``shrink.seg_shrink_stages``). H200, twenty-sixth session (benchmarks/RESULTS.md): alone
 # (``benchmarks/decode_lora_probe.py``), 2 warps against 4 took 0.8-4.5 us off each shrink of 64 distinct
-# adapters at 128-256 rows and 0.2-0.5 us off 8 adapters' (3 stages 0.2-1.8 us there); in the decode step, back
+# adapters at 128-256 rows and 0.2-0.5 us off 8 adapters' (3 stages 0.5-1.8 us there); in the decode step, back
 # to back against the base step, 2 warps took 1.2-2.5 points off every batch-128 cell (distinct and 8 shared
 # adapters, 192 and 1152 tokens) and 0.8-1.8 off distinct batch 256, and left 8 shared adapters at batch 32,
 # 64 and 256 within 0.4 points; 3 stages, alone or with 2 warps, gained less at batch 128.
