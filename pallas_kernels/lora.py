@@ -71,13 +71,14 @@ PREFILL_DELTA_BLOCKS = ((256, 2), (128, 4))
 # the segment form slower (batch 64-256, 64 distinct or 8 shared adapters: +0.5% to +5.6% back to back): fewer
 # programs do not make the step cheaper.
 DECODE_DELTA_BLOCKS = (256, 1)
-# The segment shrink's (num_warps, num_stages) below PREFILL_MIN_TOKENS (the decode step's grouped calls; None:
-# ``shrink.seg_shrink_stages``). H200, twenty-sixth session (benchmarks/RESULTS.md): alone
-# (``benchmarks/decode_lora_probe.py``), 2 warps against 4 took 0.8-4.5 us off each shrink of 64 distinct
-# adapters at 128-256 rows and 0.2-0.5 us off 8 adapters' (3 stages 0.5-1.8 us there); in the decode step, back
-# to back against the base step, 2 warps took 1.2-2.5 points off every batch-128 cell (distinct and 8 shared
-# adapters, 192 and 1152 tokens) and 0.8-1.8 off distinct batch 256, and left 8 shared adapters at batch 32,
-# 64 and 256 within 0.4 points; 3 stages, alone or with 2 warps, gained less at batch 128.
+# The segment shrink's (num_warps, num_stages) below PREFILL_MIN_TOKENS (16-row tiles: the decode step's
+# grouped calls, and prefill chunks that short; None: ``shrink.seg_shrink_stages``). H200, twenty-sixth
+# session (benchmarks/RESULTS.md): alone (``benchmarks/decode_lora_probe.py``), 2 warps against 4 took
+# 0.8-4.5 us off each shrink of 64 distinct adapters at 128-256 rows and 0.2-0.5 us off 8 adapters' (3 stages
+# 0.5-1.8 us there); in the decode step, back to back against the base step, 2 warps took 1.2-2.5 points off
+# every batch-128 cell (distinct and 8 shared adapters, 192 and 1152 tokens) and 0.8-1.8 off distinct batch
+# 256, and left 8 shared adapters at batch 32, 64 and 256 within 0.4 points; 3 stages, alone or with 2 warps,
+# gained less at batch 128.
 DECODE_SHRINK_LAUNCH = (2, None)
 
 
