@@ -351,20 +351,16 @@ def lowering_check():
     for m, k, n in SHAPES:
         cfg, fetch_cfg = lora_configs(m, n)
         args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, k), (k, n), (m, 128), (128, n))]
-        for name, c, nargs in (("plain", cfg, 2), ("LoRA K-steps", cfg, 4), ("LoRA prefetched", dict(
-                fetch_cfg, lora_prefetch=True), 4), ("plain", fetch_cfg, 2)):
+        tilings = [(splitk_matmul, c, nargs) for c, nargs in (
+            (cfg, 2), (cfg, 4), (dict(fetch_cfg, lora_prefetch=True), 4), (fetch_cfg, 2))]
+        tilings += [(ws_splitk_matmul, c, 2) for c in WS_CONFIGS]
+        tilings += [(ws_splitk_matmul, dict(c, steps=ws_steps_that_fit(c, 128)), 4) for c in WS_CONFIGS]
+        for fn, c, nargs in tilings:  # nargs 4: with the LoRA operands h and b
             try:
-                export.export(jax.jit(functools.partial(splitk_matmul, **c)), platforms=["cuda"])(*args[:nargs])
+                export.export(jax.jit(functools.partial(fn, **c)), platforms=["cuda"])(*args[:nargs])
             except Exception as e:  # noqa: BLE001 - report every tiling, then fail
                 ok = False
-                print(f"lowering M={m} K={k} N={n} {name} {c}: FAILED {type(e).__name__}: {str(e)[:300]}")
-        for c, nargs in [(c, 2) for c in WS_CONFIGS] + [(dict(c, steps=ws_steps_that_fit(c, 128)), 4)
-                                                        for c in WS_CONFIGS]:
-            try:
-                export.export(jax.jit(functools.partial(ws_splitk_matmul, **c)), platforms=["cuda"])(*args[:nargs])
-            except Exception as e:  # noqa: BLE001
-                ok = False
-                print(f"lowering M={m} K={k} N={n} ws {c}{' LoRA' if nargs == 4 else ''}: FAILED "
+                print(f"lowering M={m} K={k} N={n} {fn.__name__} {c}{' LoRA' if nargs == 4 else ''}: FAILED "
                       f"{type(e).__name__}: {str(e)[:300]}")
     print("lowering check:", "every tiling lowers for CUDA" if ok else "FAILED", flush=True)
     if not ok:
