@@ -24,10 +24,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_profile import kernel_times  # noqa: E402
+
+from pallas_kernels.ws_gemm import WsGemmConfig, ws_gemm  # noqa: E402
+from pallas_kernels.ws_gemm import ws_steps_that_fit as _ws_steps_that_fit  # noqa: E402
 
 SHAPES = [(m, k, n) for m in (128, 256) for k, n in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))]
 
@@ -145,133 +147,16 @@ def splitk_matmul(x, w, h=None, b=None, *, block_m=64, block_n=128, block_k=64, 
     return jnp.sum(kernel(*operands), axis=0).astype(x.dtype)
 
 
-def ws_splitk_matmul(x, w, h=None, b=None, *, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps=4, wg_dim="n",
-                     epi=64, num_sms=132, interpret=False):
-    """x [M, K] @ w [K, N] by a warp-specialized persistent Mosaic GPU kernel of our own with split-K: per CTA
-    one memory warpgroup streams the K-blocks of x and w through shared memory (``steps`` deep) and two compute
-    warpgroups each multiply their half of the CTA's tile (``wg_dim`` "n": side by side, a CTA tile of
-    [tile_m, 2 tile_n]; "m": stacked, [2 tile_m, tile_n]) into their own wgmma accumulator. Work items (M-tile,
-    K-split, N-tile), M fastest, as ``splitk_matmul``; the epilogue stores [epi, epi] chunks through shared
-    memory by TMA: the output in x's dtype (split_k 1) or float32 partials that XLA sums. What JAX's
-    ``hopper_matmul_mgpu`` does for a whole K, with the split-K that the o and down projections need; the step
-    toward a GEMM as fast as cuBLAS at 256 rows. With h [M, L] and b [L, N] (as ``splitk_matmul``'s), the memory
-    warpgroup also copies each first-split item's h and B tiles (before that item's pipeline, once the compute
-    warpgroups have released the previous ones) and the compute warpgroups run them as L / tile_k more wgmmas
-    after their pipeline: the LoRA expand inside the GEMM. A probe."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    m, k = x.shape
-    n = w.shape[1]
-    lora_blocks = 0 if h is None else h.shape[1] // tile_k
-    cta_m, cta_n = tile_m * (1 + (wg_dim == "m")), tile_n * (1 + (wg_dim == "n"))
-    if (m % cta_m or n % cta_n or k % (tile_k * split_k) or tile_m % epi or tile_n % epi
-            or (h is not None and h.shape[1] % tile_k)):
-        raise ValueError(f"CTA tile ({cta_m}, {cta_n}), block_k {tile_k} x split {split_k} and epilogue chunk {epi} "
-                         f"must divide (M, N, K) = ({m}, {n}, {k}) and the warpgroup tile ({tile_m}, {tile_n}), and "
-                         f"block_k the LoRA K")
-    tiles_m, tiles_n, k_blocks = m // cta_m, n // cta_n, k // (tile_k * split_k)
-    out_dtype = x.dtype if split_k == 1 else jnp.float32
-
-    def pipeline(body, context):
-        return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(k_blocks,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-            max_concurrent_steps=steps, compute_context=context,
-            in_specs=[plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), delay_release=1),
-                      plgpu.BlockSpec((tile_k, cta_n), lambda kk: (kk, 0), delay_release=1)])
-
-    def kernel_body(x_gmem, w_gmem, *refs):
-        h_gmem, b_gmem, o_gmem = refs if lora_blocks else (None, None, *refs)
-        unused = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the bodies
-        lora_scratch = dict(
-            h_smem=plgpu.SMEM((lora_blocks, cta_m, tile_k), x.dtype),
-            b_smem=plgpu.SMEM((lora_blocks, tile_k, cta_n), w.dtype),
-            ready=plgpu.Barrier(num_arrivals=2 * lora_blocks),           # the copies of one item's LoRA tiles
-            free=plgpu.Barrier(num_arrivals=2, orders_tensor_core=True),  # both compute warpgroups done with them
-        ) if lora_blocks else {}
-
-        @functools.partial(pl.run_scoped, allocs=pipeline(unused, unused).get_allocations(x_gmem, w_gmem),
-                           out_smem=plgpu.SMEM((2, epi, epi), out_dtype), **lora_scratch, collective_axes="wg")
-        def _(allocs, out_smem, h_smem=None, b_smem=None, ready=None, free=None):
-            wg = lax.axis_index("wg")
-            wg_m = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
-            wg_n = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
-            if lora_blocks:
-                @pl.when(wg < 2)
-                def _():
-                    plgpu.barrier_arrive(free)  # nothing to release before the first item
-
-            @plgpu.nd_loop((tiles_m * split_k * tiles_n,), collective_axes="sm")
-            def _(info):
-                idx = info.index[0]
-                mi, rest = idx % tiles_m, idx // tiles_m
-                si, ni = rest % split_k, rest // split_k
-                cta_rows, cta_cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
-                out = o_gmem.at[cta_rows, cta_cols] if split_k == 1 else o_gmem.at[si, cta_rows, cta_cols]
-                if lora_blocks:
-                    @pl.when(jnp.logical_and(wg == 2, si == 0))   # the memory warpgroup
-                    def _():
-                        plgpu.barrier_wait(free)
-                        for j in range(lora_blocks):
-                            plgpu.copy_gmem_to_smem(h_gmem.at[cta_rows, pl.ds(j * tile_k, tile_k)], h_smem.at[j],
-                                                    ready)
-                            plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(j * tile_k, tile_k), cta_cols], b_smem.at[j],
-                                                    ready)
-
-                def context(run):
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
-                    def _(acc_ref):
-                        run(acc_ref)
-                        if lora_blocks:
-                            @pl.when(si == 0)
-                            def _():
-                                plgpu.barrier_wait(ready)
-                                for j in range(lora_blocks):
-                                    plgpu.wgmma(acc_ref, h_smem.at[j].at[wg_m], b_smem.at[j].at[:, wg_n])
-                                plgpu.wgmma_wait(0)
-                                plgpu.barrier_arrive(free)
-                        acc = acc_ref[...].astype(out_dtype)
-                        for ei in range(tile_m // epi):
-                            for ej in range(tile_n // epi):
-                                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the chunk before is read
-                                out_smem[wg] = acc[ei * epi:(ei + 1) * epi, ej * epi:(ej + 1) * epi]
-                                plgpu.commit_smem()
-                                plgpu.copy_smem_to_gmem(out_smem.at[wg], out.at[wg_m, wg_n].at[
-                                    pl.ds(ei * epi, epi), pl.ds(ej * epi, epi)])
-
-                def mma(_, xs, ws, acc_ref):
-                    plgpu.wgmma(acc_ref, xs.at[wg_m], ws.at[:, wg_n])
-                    plgpu.wgmma_wait(1)  # the step before is done: its buffers go back to the memory warpgroup
-                    return acc_ref
-
-                pipeline(mma, context)(x_gmem.at[cta_rows, pl.ds(si * k_blocks * tile_k, k_blocks * tile_k)],
-                                       w_gmem.at[pl.ds(si * k_blocks * tile_k, k_blocks * tile_k), cta_cols],
-                                       allocations=allocs)
-
-            if lora_blocks:
-                @pl.when(wg == 2)
-                def _():
-                    plgpu.barrier_wait(free)  # the last item's release, before the scratch goes away
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    out_shape = (m, n) if split_k == 1 else (split_k, m, n)
-    kernel = plgpu.kernel(kernel_body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(num_sms,),
-                          grid_names=("sm",), num_threads=3, thread_name="wg",
-                          interpret=plgpu.InterpretGPUParams() if interpret else None,
-                          compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    y = kernel(x, w) if h is None else kernel(x, w, h, b)
-    return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
+def ws_splitk_matmul(x, w, h=None, b=None, *, num_sms=132, interpret=False, **knobs):
+    """``pallas_kernels.ws_gemm.ws_gemm`` (the warp-specialized split-K GEMM, moved into the library in the
+    twenty-seventh session) with its tiling as keywords: tile_m, tile_n, split_k, steps, wg_dim."""
+    return ws_gemm(x, w, h, b, config=WsGemmConfig(**knobs), num_sms=num_sms, interpret=interpret)
 
 
-# For the next device run (``--ws``): two 64- or 128-row warpgroup tiles side by side or stacked, split 1 / 2 / 4.
-def ws_steps_that_fit(cfg, lora_k=0, tile_k=64, epi=64, smem=232448):
-    """The deepest pipeline, at most ``cfg["steps"]``, whose shared memory (x and w blocks per step, the
-    epilogue's chunks, the LoRA tiles) fits the H200's 227 KB (Mosaic GPU adds ~100 bytes of barriers)."""
-    cta_m = cfg["tile_m"] * (1 + (cfg["wg_dim"] == "m"))
-    cta_n = cfg["tile_n"] * (1 + (cfg["wg_dim"] == "n"))
-    block = (cta_m + cta_n) * tile_k * 2
-    fixed = 2 * epi * epi * (2 if cfg["split_k"] == 1 else 4) + (lora_k // tile_k) * block + 256
-    return min(cfg["steps"], (smem - fixed) // block)
+# ``--ws`` (twenty-seventh session, runs 1-2): two 64- or 128-row warpgroup tiles side by side or stacked,
+# split 1 / 2 / 4.
+def ws_steps_that_fit(cfg, lora_k=0):
+    return _ws_steps_that_fit(WsGemmConfig(**cfg), lora_k)
 
 
 # Pipeline steps as shared memory holds them: 128 x 256 CTA tiles 4; 64 x 256 ones 5 with a bf16 epilogue, 4
@@ -421,6 +306,7 @@ def main():
     p.add_argument("--splitk-only", action="store_true", help="only the o and down shapes, only our split-K kernel")
     p.add_argument("--lora", action="store_true", help="every shape: our GEMM with and without the LoRA K-steps")
     p.add_argument("--ws", action="store_true", help="every shape: the warp-specialized split-K GEMM (WS_CONFIGS)")
+    p.add_argument("--rows", type=int, default=None, help="only the shapes of this many rows (128 or 256)")
     p.add_argument("--check", action="store_true",
                    help="only check our kernels in the interpreter and lower their tilings for CUDA (CPU)")
     args = p.parse_args()
@@ -429,7 +315,7 @@ def main():
         return lowering_check()
     print(f"device {jax.devices()[0].device_kind}", flush=True)
     for m, k, n in SHAPES:
-        if args.splitk_only and n != 4096:
+        if (args.splitk_only and n != 4096) or (args.rows and m != args.rows):
             continue
         copies = max(2, -(-240 * 2**20 // (k * n * 2)))
         key = jax.random.key(m + k + n)

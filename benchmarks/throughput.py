@@ -223,9 +223,10 @@ def main():
                         help="also time the LoRA executable on a batch whose rows all have no adapter (slot 0)")
     parser.add_argument("--host", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the host time per step at the largest batch (compiles one more executable)")
-    parser.add_argument("--decode-gemm", default="auto", choices=("auto", "xla"),
+    parser.add_argument("--decode-gemm", default="auto", choices=("auto", "xla", "mgpu"),
                         help="jmlora.model.decoder.DECODE_GEMM_IMPL: the decode projections on the Pallas skinny GEMM "
-                             "where its table has the shape (auto) or all on XLA's GEMM (xla)")
+                             "where its table has the shape (auto), all on XLA's GEMM (xla), or first on the Mosaic "
+                             "GPU GEMM where pallas_kernels.ws_gemm's table has the shape (mgpu)")
     parser.add_argument("--tune-attention", action="store_true",
                         help="first time the decode-attention kernels per batch and use the fastest (the table "
                              "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")

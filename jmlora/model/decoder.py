@@ -66,7 +66,9 @@ def _dense(x: Array, w: Array, spec: str) -> Array:
 # Decode projections run the Pallas skinny GEMM (``pallas_kernels.gemm``) where its table holds the shape and the
 # backend is one GPU: "auto" (a pallas_call is not partitioned, so with several devices the weights' sharded XLA
 # GEMM stays). "xla" keeps XLA's GEMM everywhere (benchmarks' A/B); "pallas" also runs the table's shapes off
-# GPU, in the Pallas interpreter (tests). Read while tracing.
+# GPU, in the Pallas interpreter (tests). "mgpu" is "pallas" with the shapes of ``pallas_kernels.ws_gemm``'s
+# table on that Mosaic GPU GEMM first (an A/B knob of benchmarks/throughput.py, Hopper only; off GPU its
+# interpreter). Read while tracing.
 DECODE_GEMM_IMPL = "auto"
 
 
@@ -75,6 +77,7 @@ def _project(x: Array, w: Array, spec: str) -> Array:
     (``"bte,ekgd->btkgd"``, ``"bthd,hde->bte"``, ...): by the Pallas skinny GEMM where ``DECODE_GEMM_IMPL``
     and the kernel's table say so, else by XLA."""
     from pallas_kernels.gemm import decode_gemm_config, gemm
+    from pallas_kernels.ws_gemm import ws_gemm, ws_gemm_config
 
     x_dims, rest = spec.split(",")
     w_dims, out_dims = rest.split("->")
@@ -86,7 +89,11 @@ def _project(x: Array, w: Array, spec: str) -> Array:
         return _dense(x, w, spec)
     lead, out_shape = x.shape[:2], w.shape[len(contracted):]
     k = math.prod(x.shape[2:])
-    config = decode_gemm_config(math.prod(lead), k, math.prod(out_shape))
+    m, n = math.prod(lead), math.prod(out_shape)
+    if DECODE_GEMM_IMPL == "mgpu" and (ws_config := ws_gemm_config(m, k, n)) is not None:
+        y = ws_gemm(x.reshape(-1, k), w.reshape(k, -1), config=ws_config, interpret=not on_gpu)
+        return y.reshape(*lead, *out_shape)
+    config = decode_gemm_config(m, k, n)
     if config is None:
         return _dense(x, w, spec)
     y = gemm(x.reshape(-1, k), w.reshape(k, -1), config, interpret=not on_gpu)
