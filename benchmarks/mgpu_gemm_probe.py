@@ -5,14 +5,18 @@ over a few tilings, against ``jnp.dot`` (XLA: cuBLAS or its Triton GEMM), for th
 128 and 256 rows, bf16. Device time per GEMM from the profiler; the weight rotates over enough copies to keep
 it out of the 60 MB L2.
 
-    PYTHONPATH=. python benchmarks/mgpu_gemm_probe.py [--splitk-only | --lora | --ws | --check]
+    PYTHONPATH=. python benchmarks/mgpu_gemm_probe.py [--splitk-only | --lora | --ws | --streamed | --check]
+        [--rows 128|256]
 
 It also times ``splitk_matmul``, a persistent Mosaic GPU GEMM of our own with split-K, at the o and down
 projections (N = 4096), where the library kernel has too few output tiles; ``--lora`` times it at every
 projection with and without the LoRA expand of 8 rank-16 adapters as extra K-steps (a second pipeline, or
 prefetched). ``--ws`` times ``ws_splitk_matmul``, the same with a memory warpgroup and two compute warpgroups
-per CTA, at every projection. ``--check`` runs both in Mosaic GPU's interpreter on the CPU against f32 matmuls
-and lowers every timed tiling for CUDA.
+per CTA (now ``pallas_kernels.ws_gemm``), at every projection. ``--streamed`` times ``ws_streamed_matmul``, that
+kernel on a pipeline of our own that streams the LoRA tiles through the x and w buffers, beside it. ``--check``
+runs them all in Mosaic GPU's interpreter on the CPU against f32 matmuls and lowers every timed tiling for CUDA
+(Mosaic GPU's shared-memory check runs there; the passes after it, which reject ops the target lacks, run only
+in the CUDA plugin on the GPU).
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_profile import kernel_times  # noqa: E402
 
-from pallas_kernels.ws_gemm import WsGemmConfig, ws_gemm  # noqa: E402
+from pallas_kernels.ws_gemm import WsGemmConfig, check_ws_gemm, ws_gemm  # noqa: E402
 from pallas_kernels.ws_gemm import ws_steps_that_fit as _ws_steps_that_fit  # noqa: E402
 
 SHAPES = [(m, k, n) for m in (128, 256) for k, n in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))]
@@ -153,6 +158,137 @@ def ws_splitk_matmul(x, w, h=None, b=None, *, num_sms=132, interpret=False, **kn
     return ws_gemm(x, w, h, b, config=WsGemmConfig(**knobs), num_sms=num_sms, interpret=interpret)
 
 
+def ws_streamed_matmul(x, w, h=None, b=None, *, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps=4, wg_dim="n",
+                       epi=64, num_sms=132, interpret=False):
+    """``ws_gemm`` with a pipeline of our own instead of ``emit_pipeline_warp_specialized``, for the LoRA
+    K-steps: the memory warpgroup streams the h and B tiles of each first-split item through the same ``steps``
+    shared-memory buffers as x and w, as L / tile_k more K-steps, so they cost no pipeline depth (``ws_gemm``'s
+    own LoRA tiles take 2 of the 4 steps of a 128 x 256 CTA tile: gate/up +20 us at 256 rows, twenty-seventh
+    session). The pipeline also runs on from one work item into the next without draining: the memory
+    warpgroup fetches the next item's first blocks while the compute warpgroups finish the current one and
+    store it. A global step count (carried through the work items, the same in all three warpgroups) picks
+    each step's buffer; "full" barriers (the two TMA copies of a step) and "empty" ones (both compute
+    warpgroups done with it) pair the warpgroups. Not timed yet: ``--ws`` times it beside ``ws_gemm``."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    cfg = WsGemmConfig(tile_m, tile_n, wg_dim, split_k, steps, tile_k, epi)
+    check_ws_gemm(x, w, None, None, cfg)  # shapes, tiles and shared memory: the LoRA tiles take none of their own
+    (m, k), n = x.shape, w.shape[1]
+    lora_blocks = 0 if h is None else h.shape[1] // tile_k
+    if h is not None and (h.shape != (m, lora_blocks * tile_k) or b.shape != (h.shape[1], n)):
+        raise ValueError(f"h [M, L] and b [L, N] with L a multiple of {tile_k}, got {h.shape} and {b.shape}")
+    cta_m, cta_n = cfg.cta_tile
+    tiles_m, tiles_n, k_blocks = m // cta_m, n // cta_n, k // (tile_k * split_k)
+    n_items = tiles_m * split_k * tiles_n
+    out_dtype = x.dtype if split_k == 1 else jnp.float32
+
+    def coords(idx):  # work item -> (M-tile, K-split, N-tile), M fastest, as ws_gemm
+        rest = idx // tiles_m
+        return idx % tiles_m, rest % split_k, rest // split_k
+
+    def item_steps(si):
+        return k_blocks + jnp.where(si == 0, lora_blocks, 0)
+
+    def body(x_gmem, w_gmem, *refs):
+        h_gmem, b_gmem, o_gmem = refs if lora_blocks else (None, None, *refs)
+
+        @functools.partial(pl.run_scoped, x_smem=plgpu.SMEM((steps, cta_m, tile_k), x.dtype),
+                           w_smem=plgpu.SMEM((steps, tile_k, cta_n), w.dtype),
+                           out_smem=plgpu.SMEM((2, epi, epi), out_dtype),
+                           full=plgpu.Barrier(num_arrivals=2, num_barriers=steps),
+                           empty=plgpu.Barrier(num_arrivals=2, num_barriers=steps), collective_axes="wg")
+        def _(x_smem, w_smem, out_smem, full, empty):
+            wg = lax.axis_index("wg")
+
+            @pl.when(wg == 2)
+            def _memory():
+                plgpu.set_max_registers(40, action="decrease")
+
+                @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
+                def total(info, carry):
+                    mi, si, ni = coords(info.index[0])
+                    rows, cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+
+                    def step(s, g):
+                        slot = g % steps
+
+                        @pl.when(g >= steps)  # the first round of buffers is free
+                        def _():
+                            plgpu.barrier_wait(empty.at[slot])
+
+                        @pl.when(s < k_blocks)
+                        def _():
+                            kk = pl.ds((si * k_blocks + s) * tile_k, tile_k)
+                            plgpu.copy_gmem_to_smem(x_gmem.at[rows, kk], x_smem.at[slot], full.at[slot])
+                            plgpu.copy_gmem_to_smem(w_gmem.at[kk, cols], w_smem.at[slot], full.at[slot])
+
+                        if lora_blocks:
+                            @pl.when(s >= k_blocks)
+                            def _():
+                                ll = pl.ds((s - k_blocks) * tile_k, tile_k)
+                                plgpu.copy_gmem_to_smem(h_gmem.at[rows, ll], x_smem.at[slot], full.at[slot])
+                                plgpu.copy_gmem_to_smem(b_gmem.at[ll, cols], w_smem.at[slot], full.at[slot])
+                        return g + 1
+
+                    return lax.fori_loop(0, item_steps(si), step, carry)
+
+                last = jnp.minimum(total, steps)  # the compute warpgroups' last releases, awaited once each
+
+                def drain(j, _):
+                    plgpu.barrier_wait(empty.at[(total - last + j) % steps])
+                    return _
+                lax.fori_loop(0, last, drain, None)
+
+            @pl.when(wg < 2)
+            def _compute():
+                plgpu.set_max_registers(232, action="increase")
+                wg_m = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
+                wg_n = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
+
+                @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
+                def _(info, carry):
+                    mi, si, ni = coords(info.index[0])
+                    rows, cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+                    out = o_gmem.at[rows, cols] if split_k == 1 else o_gmem.at[si, rows, cols]
+
+                    def run(acc_ref):
+                        def step(s, g):
+                            slot = g % steps
+                            plgpu.barrier_wait(full.at[slot])
+                            plgpu.wgmma(acc_ref, x_smem.at[slot].at[wg_m], w_smem.at[slot].at[:, wg_n])
+                            plgpu.wgmma_wait(1)  # the step before is done: its buffer goes back
+
+                            @pl.when(s > 0)
+                            def _():
+                                plgpu.barrier_arrive(empty.at[(g - 1) % steps])
+                            return g + 1
+
+                        g = lax.fori_loop(0, item_steps(si), step, carry)
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(empty.at[(g - 1) % steps])
+                        acc = acc_ref[...].astype(out_dtype)
+                        for ei in range(tile_m // epi):
+                            for ej in range(tile_n // epi):
+                                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the chunk before is read
+                                out_smem[wg] = acc[ei * epi:(ei + 1) * epi, ej * epi:(ej + 1) * epi]
+                                plgpu.commit_smem()
+                                plgpu.copy_smem_to_gmem(out_smem.at[wg], out.at[wg_m, wg_n].at[
+                                    pl.ds(ei * epi, epi), pl.ds(ej * epi, epi)])
+                        return g
+
+                    return pl.run_scoped(run, plgpu.ACC((tile_m, tile_n), jnp.float32))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    out_shape = (m, n) if split_k == 1 else (split_k, m, n)
+    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(num_sms,),
+                          grid_names=("sm",), num_threads=3, thread_name="wg",
+                          interpret=plgpu.InterpretGPUParams() if interpret else None,
+                          compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    y = kernel(x, w) if h is None else kernel(x, w, h, b)
+    return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
+
+
 # ``--ws`` (twenty-seventh session, runs 1-2): two 64- or 128-row warpgroup tiles side by side or stacked,
 # split 1 / 2 / 4.
 def ws_steps_that_fit(cfg, lora_k=0):
@@ -217,6 +353,22 @@ def check():
                   flush=True)
             if err:
                 raise SystemExit("ws_splitk_matmul does not match")
+    # the streamed pipeline: one CTA runs every work item back to back (the pipeline carried across items and
+    # K-splits), 3 leave some with one item, 8 some with none
+    for m, k, n, cfg, lora, sms in ((128, 512, 256, dict(tile_m=64, split_k=2, steps=3, wg_dim="m"), 128, 3),
+                                    (256, 256, 512, dict(tile_m=128, split_k=1, steps=2, wg_dim="n"), 64, 3),
+                                    (128, 512, 512, dict(tile_m=64, split_k=2, steps=4, wg_dim="n"), 128, 1),
+                                    (128, 256, 256, dict(tile_m=64, split_k=1, steps=2, wg_dim="n"), 128, 8),
+                                    (128, 512, 128, dict(tile_m=64, tile_n=64, split_k=4, steps=2, wg_dim="n"), 0, 3)):
+        keys = jax.random.split(jax.random.key(m + k + n + lora), 4)
+        x, w, h, b = (jax.random.randint(key, shape, -2, 3).astype(jnp.bfloat16)
+                      for key, shape in zip(keys, ((m, k), (k, n), (m, lora), (lora, n))))
+        got = ws_streamed_matmul(x, w, *((h, b) if lora else ()), num_sms=sms, interpret=True, **cfg)
+        err = float(jnp.max(jnp.abs(f32(got) - f32(x) @ f32(w) - (f32(h) @ f32(b) if lora else 0))))
+        print(f"check ws_streamed_matmul M={m} K={k} N={n} {cfg} LoRA K={lora} on {sms} CTAs: max |diff| {err}",
+              flush=True)
+        if err:
+            raise SystemExit("ws_streamed_matmul does not match")
 
 
 def lora_configs(m, n):
@@ -240,6 +392,7 @@ def lowering_check():
             (cfg, 2), (cfg, 4), (dict(fetch_cfg, lora_prefetch=True), 4), (fetch_cfg, 2))]
         tilings += [(ws_splitk_matmul, c, 2) for c in WS_CONFIGS]
         tilings += [(ws_splitk_matmul, dict(c, steps=ws_steps_that_fit(c, 128)), 4) for c in WS_CONFIGS]
+        tilings += [(ws_streamed_matmul, c, nargs) for c in streamed_configs(m, k, n) for nargs in (2, 4)]
         for fn, c, nargs in tilings:  # nargs 4: with the LoRA operands h and b
             try:
                 export.export(jax.jit(functools.partial(fn, **c)), platforms=["cuda"])(*args[:nargs])
@@ -286,6 +439,36 @@ def time_lora(m, n, x, ws, xla_us, bytes_, key):
         report(f"{name} {c}", functools.partial(splitk_matmul, **c, **extra), x, ws, xla_us, bytes_)
 
 
+# (rows, K, N) -> the two best (tile_m, wg_dim, split_k) of runs 1-2 (twenty-seventh session) per projection
+STREAMED_TILINGS = {
+    (128, 4096, 6144): [(64, "m", 2), (64, "n", 2)], (128, 4096, 4096): [(64, "m", 4), (64, "n", 4)],
+    (128, 4096, 28672): [(64, "n", 1), (64, "m", 1)], (128, 14336, 4096): [(64, "m", 4), (64, "n", 4)],
+    (256, 4096, 6144): [(64, "m", 1), (64, "n", 1)], (256, 4096, 4096): [(64, "m", 2), (128, "n", 4)],
+    (256, 4096, 28672): [(128, "n", 1), (64, "m", 1)], (256, 14336, 4096): [(64, "m", 2), (128, "n", 4)],
+}
+
+
+def streamed_configs(m, k, n):
+    """The tilings ``--streamed`` times, each at the deepest pipeline that fits, up to 6 steps (the streamed
+    LoRA tiles need no shared memory of their own)."""
+    out = []
+    for tile_m, wg_dim, split_k in STREAMED_TILINGS[(m, k, n)]:
+        c = dict(tile_m=tile_m, tile_n=128, split_k=split_k, wg_dim=wg_dim, steps=6)
+        out.append(dict(c, steps=ws_steps_that_fit(c)))
+    return out
+
+
+def time_streamed(m, k, n, x, ws, xla_us, bytes_, key, want):
+    """``ws_gemm`` (the library's pipeline) against ``ws_streamed_matmul`` at the same tiling, and the latter
+    with the LoRA K-steps of 8 rank-16 adapters streamed through its buffers."""
+    hb = lora_operands(m, n, key)
+    for c in streamed_configs(m, k, n):
+        report(f"ws {c}", functools.partial(ws_splitk_matmul, **c), x, ws, xla_us, bytes_, want)
+        report(f"streamed {c}", functools.partial(ws_streamed_matmul, **c), x, ws, xla_us, bytes_, want)
+        report(f"streamed + LoRA K-steps {c}", functools.partial(ws_streamed_matmul, **c, **hb), x, ws, xla_us,
+               bytes_)
+
+
 def time_ws(m, n, x, ws, xla_us, bytes_, key, want):
     """``ws_splitk_matmul`` over ``WS_CONFIGS``, each with and without the LoRA K-steps (at the pipeline depth
     shared memory leaves them, and without them again at that depth where it is shallower)."""
@@ -306,6 +489,8 @@ def main():
     p.add_argument("--splitk-only", action="store_true", help="only the o and down shapes, only our split-K kernel")
     p.add_argument("--lora", action="store_true", help="every shape: our GEMM with and without the LoRA K-steps")
     p.add_argument("--ws", action="store_true", help="every shape: the warp-specialized split-K GEMM (WS_CONFIGS)")
+    p.add_argument("--streamed", action="store_true",
+                   help="every shape: ws_gemm against ws_streamed_matmul, the latter with and without LoRA K-steps")
     p.add_argument("--rows", type=int, default=None, help="only the shapes of this many rows (128 or 256)")
     p.add_argument("--check", action="store_true",
                    help="only check our kernels in the interpreter and lower their tilings for CUDA (CPU)")
@@ -327,6 +512,9 @@ def main():
         print(f"M={m} K={k} N={n}: XLA {xla_us:.1f} us ({bytes_ / xla_us / 1e6:.2f} TB/s)", flush=True)
         if args.lora:
             time_lora(m, n, x, ws, xla_us, bytes_, key)
+            continue
+        if args.streamed:
+            time_streamed(m, k, n, x, ws, xla_us, bytes_, key, want)
             continue
         if args.ws:
             time_ws(m, n, x, ws, xla_us, bytes_, key, want)

@@ -104,7 +104,8 @@ def _num_sms() -> int:
     return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-def _check(x, w, h, b, config: WsGemmConfig) -> None:
+def check_ws_gemm(x, w, h, b, config: WsGemmConfig) -> None:
+    """Raises ValueError naming what in the operands or the tiling ``ws_gemm`` cannot run."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"ws_gemm needs x [M, K] and w [K, N], got x {tuple(x.shape)} and w {tuple(w.shape)}")
     if (h is None) != (b is None):
@@ -145,7 +146,7 @@ def ws_gemm(x, w, h=None, b=None, *, config: WsGemmConfig, num_sms: int | None =
     Returns:
       y: [M, N] in x's dtype, accumulated in float32 (split-K partials summed in float32 by XLA).
     """
-    _check(x, w, h, b, config)
+    check_ws_gemm(x, w, h, b, config)
     c = config
     tile_m, tile_n, tile_k, split_k, steps, wg_dim, epi = (c.tile_m, c.tile_n, c.tile_k, c.split_k, c.steps,
                                                            c.wg_dim, c.epi)
