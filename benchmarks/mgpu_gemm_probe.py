@@ -13,7 +13,9 @@ projections (N = 4096), where the library kernel has too few output tiles; ``--l
 projection with and without the LoRA expand of 8 rank-16 adapters as extra K-steps (a second pipeline, or
 prefetched). ``--ws`` times ``ws_splitk_matmul``, the same with a memory warpgroup and two compute warpgroups
 per CTA (now ``pallas_kernels.ws_gemm``), at every projection. ``--streamed`` times ``ws_streamed_matmul``, that
-kernel on a pipeline of our own that streams the LoRA tiles through the x and w buffers, beside it. ``--check``
+kernel on a pipeline of our own that streams the LoRA tiles through the x and w buffers, beside it, and
+``ws_lora_gemm``, which also computes the shrink of 8 packed adapters inside the same kernel (extra work items
+that signal global semaphores). ``--check``
 runs them all in Mosaic GPU's interpreter on the CPU against f32 matmuls and lowers every timed tiling for CUDA
 (Mosaic GPU's shared-memory check runs there; the passes after it, which reject ops the target lacks, run only
 in the CUDA plugin on the GPU).
@@ -33,7 +35,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_profile import kernel_times  # noqa: E402
 
-from pallas_kernels.ws_gemm import WsGemmConfig, check_ws_gemm, ws_gemm  # noqa: E402
+from pallas_kernels.ws_gemm import SMEM_BYTES, WsGemmConfig, check_ws_gemm, ws_gemm  # noqa: E402
 from pallas_kernels.ws_gemm import ws_steps_that_fit as _ws_steps_that_fit  # noqa: E402
 
 SHAPES = [(m, k, n) for m in (128, 256) for k, n in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))]
@@ -289,6 +291,184 @@ def ws_streamed_matmul(x, w, h=None, b=None, *, tile_m=64, tile_n=128, tile_k=64
     return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
 
 
+def ws_lora_gemm(x, w, a, b, pos, *, rank=16, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps=4, wg_dim="m",
+                 epi=64, num_sms=132, sync=True, interpret=False):
+    """y = x @ w + mask(x @ a) @ b in one persistent kernel: the GEMM, the LoRA shrink of a batch's packed
+    adapters and their expand, with no LoRA kernel beside it or before it (KERNELS_NOTES, "Open").
+
+    x [M, K], w [K, N]; a [K, L] and b [L, N] the packed A and B of at most L / rank adapters side by side; pos
+    [M] int32 each row's adapter position in them (-1: none). ``ws_streamed_matmul``'s pipeline with
+    ``tiles_m`` more work items, scheduled first: shrink item ``mi`` runs x's rows ``mi`` against ``a`` (padded
+    with zero columns to the CTA tile's width) over the whole K, keeps in each row only its own adapter's
+    ``rank`` columns, and stores h by TMA into a second output; its two compute warpgroups then each signal
+    M-tile ``mi``'s global semaphore by ``tiles_n``. The first-split items of M-tile ``mi`` run their K-blocks
+    first; before their L / tile_k LoRA K-steps (h and b streamed through the same buffers) the memory
+    warpgroup waits for 2 on that semaphore and takes it, so every launch leaves the semaphores at 0, as
+    ``pl.get_global`` needs (it persists across launches). The shrink items are the first items of CTAs 0 to
+    tiles_m - 1, dispatched first, so a waiting CTA never holds up the item it waits for.
+
+    ``sync=False`` drops the semaphores: correct only when one CTA runs every item in order (``num_sms=1``),
+    which is how Mosaic GPU's interpreter checks the rest (it cannot run global semaphores). Not timed yet."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    cfg = WsGemmConfig(tile_m, tile_n, wg_dim, split_k, steps, tile_k, epi)
+    check_ws_gemm(x, w, None, None, cfg)
+    (m, k), n = x.shape, w.shape[1]
+    cta_m, cta_n = cfg.cta_tile
+    lora = a.shape[1]
+    if (a.shape != (k, lora) or b.shape != (lora, n) or pos.shape != (m,) or lora % tile_k or lora > cta_n
+            or lora % rank):
+        raise ValueError(f"a [K, L], b [L, N], pos [M] with L a multiple of {tile_k} and of rank {rank}, at most "
+                         f"the CTA tile's {cta_n} columns; got a {a.shape}, b {b.shape}, pos {pos.shape}")
+    if not sync and num_sms != 1:
+        raise ValueError("sync=False is only correct on one CTA (num_sms=1)")
+    a_pad = jnp.pad(a, ((0, 0), (0, cta_n - lora)))
+    tiles_m, tiles_n, k_blocks = m // cta_m, n // cta_n, k // (tile_k * split_k)
+    lora_blocks, shrink_blocks = lora // tile_k, k // tile_k
+    n_items = tiles_m + tiles_m * split_k * tiles_n
+    out_dtype = x.dtype if split_k == 1 else jnp.float32
+
+    def coords(idx):  # (shrink item?, M-tile, K-split, N-tile); the tiles_m shrink items first
+        j = jnp.maximum(idx - tiles_m, 0)
+        rest = j // tiles_m
+        return idx < tiles_m, jnp.where(idx < tiles_m, idx, j % tiles_m), rest % split_k, rest // split_k
+
+    def item_steps(shrink, si):
+        return jnp.where(shrink, shrink_blocks, k_blocks + jnp.where(si == 0, lora_blocks, 0))
+
+    def body(x_gmem, w_gmem, a_gmem, b_gmem, pos_gmem, o_gmem, h_gmem):
+        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((tiles_m,))) if sync else None
+
+        @functools.partial(pl.run_scoped, x_smem=plgpu.SMEM((steps, cta_m, tile_k), x.dtype),
+                           w_smem=plgpu.SMEM((steps, tile_k, cta_n), w.dtype),
+                           out_smem=plgpu.SMEM((2, epi, epi), out_dtype), h_out_smem=plgpu.SMEM((2, epi, epi), x.dtype),
+                           pos_smem=plgpu.SMEM((2, tile_m), jnp.int32),
+                           full=plgpu.Barrier(num_arrivals=2, num_barriers=steps),
+                           empty=plgpu.Barrier(num_arrivals=2, num_barriers=steps),
+                           pos_ready=plgpu.Barrier(num_barriers=2), collective_axes="wg")
+        def _(x_smem, w_smem, out_smem, h_out_smem, pos_smem, full, empty, pos_ready):
+            wg = lax.axis_index("wg")
+
+            @pl.when(wg == 2)
+            def _memory():
+                plgpu.set_max_registers(40, action="decrease")
+
+                @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
+                def total(info, carry):
+                    shrink, mi, si, ni = coords(info.index[0])
+                    rows, cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+
+                    def step(s, g):
+                        slot = g % steps
+
+                        @pl.when(g >= steps)
+                        def _():
+                            plgpu.barrier_wait(empty.at[slot])
+
+                        @pl.when(shrink)
+                        def _():
+                            kk = pl.ds(s * tile_k, tile_k)
+                            plgpu.copy_gmem_to_smem(x_gmem.at[rows, kk], x_smem.at[slot], full.at[slot])
+                            plgpu.copy_gmem_to_smem(a_gmem.at[kk], w_smem.at[slot], full.at[slot])
+
+                        @pl.when(jnp.logical_and(~shrink, s < k_blocks))
+                        def _():
+                            kk = pl.ds((si * k_blocks + s) * tile_k, tile_k)
+                            plgpu.copy_gmem_to_smem(x_gmem.at[rows, kk], x_smem.at[slot], full.at[slot])
+                            plgpu.copy_gmem_to_smem(w_gmem.at[kk, cols], w_smem.at[slot], full.at[slot])
+
+                        @pl.when(jnp.logical_and(~shrink, s >= k_blocks))
+                        def _():
+                            if sync:
+                                @pl.when(s == k_blocks)  # this M-tile's h is stored: both warpgroups signalled
+                                def _():
+                                    plgpu.semaphore_wait(sems.at[mi], 2, memory_scope="gpu")
+                            ll = pl.ds((s - k_blocks) * tile_k, tile_k)
+                            plgpu.copy_gmem_to_smem(h_gmem.at[rows, ll], x_smem.at[slot], full.at[slot])
+                            plgpu.copy_gmem_to_smem(b_gmem.at[ll, cols], w_smem.at[slot], full.at[slot])
+                        return g + 1
+
+                    return lax.fori_loop(0, item_steps(shrink, si), step, carry)
+
+                last = jnp.minimum(total, steps)
+
+                def drain(j, _):
+                    plgpu.barrier_wait(empty.at[(total - last + j) % steps])
+                    return _
+                lax.fori_loop(0, last, drain, None)
+
+            @pl.when(wg < 2)
+            def _compute():
+                plgpu.set_max_registers(232, action="increase")
+                wg_m = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
+                wg_n = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
+                col0 = wg * tile_n if wg_dim == "n" else 0
+
+                def store(acc, dst, smem):  # [tile_m, tile_n] by [epi, epi] TMA chunks through shared memory
+                    for ei in range(tile_m // epi):
+                        for ej in range(tile_n // epi):
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the chunk before is read
+                            smem[wg] = acc[ei * epi:(ei + 1) * epi, ej * epi:(ej + 1) * epi]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(smem.at[wg], dst.at[pl.ds(ei * epi, epi), pl.ds(ej * epi, epi)])
+
+                @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
+                def _(info, carry):
+                    shrink, mi, si, ni = coords(info.index[0])
+                    rows, cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+
+                    def run(acc_ref):
+                        def step(s, g):
+                            slot = g % steps
+                            plgpu.barrier_wait(full.at[slot])
+                            plgpu.wgmma(acc_ref, x_smem.at[slot].at[wg_m], w_smem.at[slot].at[:, wg_n])
+                            plgpu.wgmma_wait(1)
+
+                            @pl.when(s > 0)
+                            def _():
+                                plgpu.barrier_arrive(empty.at[(g - 1) % steps])
+                            return g + 1
+
+                        g = lax.fori_loop(0, item_steps(shrink, si), step, carry)
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(empty.at[(g - 1) % steps])
+                        acc = acc_ref[...]
+
+                        @pl.when(shrink)
+                        def _():
+                            wg_row0 = mi * cta_m + (wg * tile_m if wg_dim == "m" else 0)
+                            plgpu.copy_gmem_to_smem(pos_gmem.at[pl.ds(wg_row0, tile_m)], pos_smem.at[wg],
+                                                    pos_ready.at[wg])
+                            plgpu.barrier_wait(pos_ready.at[wg])
+                            row_pos = plgpu.load(pos_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                            col = plgpu.broadcasted_iota(jnp.int32, (tile_m, tile_n), 1, layout=plgpu.Layout.WGMMA)
+                            keep = (col + col0) // rank == row_pos[:, None]
+                            store(jnp.where(keep, acc, 0.0).astype(x.dtype), h_gmem.at[rows, :].at[wg_m, wg_n],
+                                  h_out_smem)
+                            if sync:
+                                plgpu.wait_smem_to_gmem(0)  # h is in global memory before the signal
+                                plgpu.semaphore_signal(sems.at[mi], tiles_n, memory_scope="gpu")
+
+                        @pl.when(~shrink)
+                        def _():
+                            out = o_gmem.at[rows, cols] if split_k == 1 else o_gmem.at[si, rows, cols]
+                            store(acc.astype(out_dtype), out.at[wg_m, wg_n], out_smem)
+                        return g
+
+                    return pl.run_scoped(run, plgpu.ACC((tile_m, tile_n), jnp.float32))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    out_shape = (m, n) if split_k == 1 else (split_k, m, n)
+    kernel = plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct(out_shape, out_dtype),
+                                          jax.ShapeDtypeStruct((m, cta_n), x.dtype)),
+                          grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+                          interpret=plgpu.InterpretGPUParams() if interpret else None,
+                          compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    y, _ = kernel(x, w, a_pad, b, pos.astype(jnp.int32))
+    return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
+
+
 # ``--ws`` (twenty-seventh session, runs 1-2): two 64- or 128-row warpgroup tiles side by side or stacked,
 # split 1 / 2 / 4.
 def ws_steps_that_fit(cfg, lora_k=0):
@@ -369,6 +549,23 @@ def check():
               flush=True)
         if err:
             raise SystemExit("ws_streamed_matmul does not match")
+    # the one-kernel form on one CTA without its semaphores (the interpreter cannot run global ones; one CTA
+    # runs the shrink items first): entries in {-1, 0, 1} keep h and y exact in bf16; rows without an adapter
+    # (-1); 128 packed columns over two 64-column warpgroup tiles (each warpgroup masks its own columns)
+    for m, k, n, cfg, lora in ((128, 256, 256, dict(tile_m=64, split_k=1, steps=2, wg_dim="m"), 128),
+                               (128, 512, 512, dict(tile_m=64, split_k=2, steps=3, wg_dim="n"), 128),
+                               (256, 256, 256, dict(tile_m=64, split_k=1, steps=2, wg_dim="m"), 64),
+                               (128, 256, 256, dict(tile_m=64, tile_n=64, split_k=1, steps=2, wg_dim="n"), 128)):
+        keys = jax.random.split(jax.random.key(m + n + lora), 5)
+        x, w, a, b = (jax.random.randint(key, shape, -1, 2).astype(jnp.bfloat16)
+                      for key, shape in zip(keys, ((m, k), (k, n), (k, lora), (lora, n))))
+        pos = jax.random.randint(keys[4], (m,), -1, lora // 16).at[0].set(0)
+        got = ws_lora_gemm(x, w, a, b, pos, num_sms=1, sync=False, interpret=True, **cfg)
+        keep = (jnp.arange(lora)[None, :] // 16) == pos[:, None]
+        err = float(jnp.max(jnp.abs(f32(got) - f32(x) @ f32(w) - jnp.where(keep, f32(x) @ f32(a), 0) @ f32(b))))
+        print(f"check ws_lora_gemm M={m} K={k} N={n} {cfg} L={lora}: max |diff| {err}", flush=True)
+        if err:
+            raise SystemExit("ws_lora_gemm does not match")
 
 
 def lora_configs(m, n):
@@ -388,17 +585,21 @@ def lowering_check():
     for m, k, n in SHAPES:
         cfg, fetch_cfg = lora_configs(m, n)
         args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, k), (k, n), (m, 128), (128, n))]
+        onekernel_args = [args[0], args[1], jax.ShapeDtypeStruct((k, 128), jnp.bfloat16), args[3],
+                          jax.ShapeDtypeStruct((m,), jnp.int32)]
         tilings = [(splitk_matmul, c, nargs) for c, nargs in (
             (cfg, 2), (cfg, 4), (dict(fetch_cfg, lora_prefetch=True), 4), (fetch_cfg, 2))]
         tilings += [(ws_splitk_matmul, c, 2) for c in WS_CONFIGS]
         tilings += [(ws_splitk_matmul, dict(c, steps=ws_steps_that_fit(c, 128)), 4) for c in WS_CONFIGS]
         tilings += [(ws_streamed_matmul, c, nargs) for c in streamed_configs(m, k, n) for nargs in (2, 4)]
+        tilings += [(ws_lora_gemm, dict(c, steps=onekernel_steps(c)), 5) for c in streamed_configs(m, k, n)]
         for fn, c, nargs in tilings:  # nargs 4: with the LoRA operands h and b
             try:
-                export.export(jax.jit(functools.partial(fn, **c)), platforms=["cuda"])(*args[:nargs])
+                export.export(jax.jit(functools.partial(fn, **c)), platforms=["cuda"])(
+                    *(onekernel_args if nargs == 5 else args[:nargs]))
             except Exception as e:  # noqa: BLE001 - report every tiling, then fail
                 ok = False
-                print(f"lowering M={m} K={k} N={n} {fn.__name__} {c}{' LoRA' if nargs == 4 else ''}: FAILED "
+                print(f"lowering M={m} K={k} N={n} {fn.__name__} {c}{' LoRA' if nargs >= 4 else ''}: FAILED "
                       f"{type(e).__name__}: {str(e)[:300]}")
     print("lowering check:", "every tiling lowers for CUDA" if ok else "FAILED", flush=True)
     if not ok:
@@ -462,11 +663,32 @@ def time_streamed(m, k, n, x, ws, xla_us, bytes_, key, want):
     """``ws_gemm`` (the library's pipeline) against ``ws_streamed_matmul`` at the same tiling, and the latter
     with the LoRA K-steps of 8 rank-16 adapters streamed through its buffers."""
     hb = lora_operands(m, n, key)
+    packed = packed_adapters(m, k, n, key)
     for c in streamed_configs(m, k, n):
         report(f"ws {c}", functools.partial(ws_splitk_matmul, **c), x, ws, xla_us, bytes_, want)
         report(f"streamed {c}", functools.partial(ws_streamed_matmul, **c), x, ws, xla_us, bytes_, want)
         report(f"streamed + LoRA K-steps {c}", functools.partial(ws_streamed_matmul, **c, **hb), x, ws, xla_us,
                bytes_)
+        one = dict(c, steps=onekernel_steps(c))
+        report(f"one kernel: GEMM + shrink + expand {one}", functools.partial(ws_lora_gemm, **one, **packed), x, ws,
+               xla_us, bytes_)
+
+
+def packed_adapters(m, k, n, key):
+    """The packed A [k, 128] and B [128, n] of 8 rank-16 adapters and each row's adapter (rows round-robin)."""
+    a = (0.02 * jax.random.normal(jax.random.fold_in(key, 1_000_003), (k, 128), jnp.float32)).astype(jnp.bfloat16)
+    b = lora_operands(m, n, key)["b"]
+    return dict(a=a, b=b, pos=jnp.arange(m, dtype=jnp.int32) % 8)
+
+
+def onekernel_steps(c, smem=SMEM_BYTES):
+    """``ws_lora_gemm``'s deepest pipeline, up to c["steps"]: ``ws_streamed_matmul``'s shared memory plus the h
+    epilogue's two bf16 chunks and the rows' adapter positions."""
+    cta_m = c["tile_m"] * (1 + (c["wg_dim"] == "m"))
+    cta_n = c.get("tile_n", 128) * (1 + (c["wg_dim"] == "n"))
+    block = (cta_m + cta_n) * 64 * 2
+    fixed = 64 * 64 * (4 if c["split_k"] == 1 else 8) + 2 * 64 * 64 * 2 + 2 * c["tile_m"] * 4 + 512
+    return min(c["steps"], (smem - fixed) // block)
 
 
 def time_ws(m, n, x, ws, xla_us, bytes_, key, want):
