@@ -35,7 +35,14 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_profile import kernel_times  # noqa: E402
 
-from pallas_kernels.ws_gemm import SMEM_BYTES, WsGemmConfig, check_ws_gemm, ws_gemm  # noqa: E402
+from pallas_kernels.ws_gemm import (  # noqa: E402
+    SMEM_BYTES,
+    WsGemmConfig,
+    check_ws_gemm,
+    persistent_kernel,
+    store_tile,
+    ws_gemm,
+)
 from pallas_kernels.ws_gemm import ws_steps_that_fit as _ws_steps_that_fit  # noqa: E402
 
 SHAPES = [(m, k, n) for m in (128, 256) for k, n in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))]
@@ -160,6 +167,19 @@ def ws_splitk_matmul(x, w, h=None, b=None, *, num_sms=132, interpret=False, **kn
     return ws_gemm(x, w, h, b, config=WsGemmConfig(**knobs), num_sms=num_sms, interpret=interpret)
 
 
+def await_last_releases(empty, total, steps):
+    """The memory warpgroup's last waits: the compute warpgroups' releases of the last min(total, steps) of the
+    ``total`` pipeline steps, each awaited once, so no barrier is left mid-phase when the scratch goes away."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    last = jnp.minimum(total, steps)
+
+    def drain(j, carry):
+        plgpu.barrier_wait(empty.at[(total - last + j) % steps])
+        return carry
+    lax.fori_loop(0, last, drain, None)
+
+
 def ws_streamed_matmul(x, w, h=None, b=None, *, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps=4, wg_dim="n",
                        epi=64, num_sms=132, interpret=False):
     """``ws_gemm`` with a pipeline of our own instead of ``emit_pipeline_warp_specialized``, for the LoRA
@@ -235,12 +255,7 @@ def ws_streamed_matmul(x, w, h=None, b=None, *, tile_m=64, tile_n=128, tile_k=64
 
                     return lax.fori_loop(0, item_steps(si), step, carry)
 
-                last = jnp.minimum(total, steps)  # the compute warpgroups' last releases, awaited once each
-
-                def drain(j, _):
-                    plgpu.barrier_wait(empty.at[(total - last + j) % steps])
-                    return _
-                lax.fori_loop(0, last, drain, None)
+                await_last_releases(empty, total, steps)
 
             @pl.when(wg < 2)
             def _compute():
@@ -269,24 +284,14 @@ def ws_streamed_matmul(x, w, h=None, b=None, *, tile_m=64, tile_n=128, tile_k=64
                         g = lax.fori_loop(0, item_steps(si), step, carry)
                         plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(empty.at[(g - 1) % steps])
-                        acc = acc_ref[...].astype(out_dtype)
-                        for ei in range(tile_m // epi):
-                            for ej in range(tile_n // epi):
-                                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the chunk before is read
-                                out_smem[wg] = acc[ei * epi:(ei + 1) * epi, ej * epi:(ej + 1) * epi]
-                                plgpu.commit_smem()
-                                plgpu.copy_smem_to_gmem(out_smem.at[wg], out.at[wg_m, wg_n].at[
-                                    pl.ds(ei * epi, epi), pl.ds(ej * epi, epi)])
+                        store_tile(acc_ref[...].astype(out_dtype), out.at[wg_m, wg_n], out_smem.at[wg], epi)
                         return g
 
                     return pl.run_scoped(run, plgpu.ACC((tile_m, tile_n), jnp.float32))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     out_shape = (m, n) if split_k == 1 else (split_k, m, n)
-    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(num_sms,),
-                          grid_names=("sm",), num_threads=3, thread_name="wg",
-                          interpret=plgpu.InterpretGPUParams() if interpret else None,
-                          compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    kernel = persistent_kernel(body, jax.ShapeDtypeStruct(out_shape, out_dtype), num_sms, interpret)
     y = kernel(x, w) if h is None else kernel(x, w, h, b)
     return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
 
@@ -391,12 +396,7 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, tile_m=64, tile_n=128, tile_k=64, 
 
                     return lax.fori_loop(0, item_steps(shrink, si), step, carry)
 
-                last = jnp.minimum(total, steps)
-
-                def drain(j, _):
-                    plgpu.barrier_wait(empty.at[(total - last + j) % steps])
-                    return _
-                lax.fori_loop(0, last, drain, None)
+                await_last_releases(empty, total, steps)
 
             @pl.when(wg < 2)
             def _compute():
@@ -404,14 +404,6 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, tile_m=64, tile_n=128, tile_k=64, 
                 wg_m = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
                 wg_n = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
                 col0 = wg * tile_n if wg_dim == "n" else 0
-
-                def store(acc, dst, smem):  # [tile_m, tile_n] by [epi, epi] TMA chunks through shared memory
-                    for ei in range(tile_m // epi):
-                        for ej in range(tile_n // epi):
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the chunk before is read
-                            smem[wg] = acc[ei * epi:(ei + 1) * epi, ej * epi:(ej + 1) * epi]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(smem.at[wg], dst.at[pl.ds(ei * epi, epi), pl.ds(ej * epi, epi)])
 
                 @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
                 def _(info, carry):
@@ -444,8 +436,8 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, tile_m=64, tile_n=128, tile_k=64, 
                             row_pos = plgpu.load(pos_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                             col = plgpu.broadcasted_iota(jnp.int32, (tile_m, tile_n), 1, layout=plgpu.Layout.WGMMA)
                             keep = (col + col0) // rank == row_pos[:, None]
-                            store(jnp.where(keep, acc, 0.0).astype(x.dtype), h_gmem.at[rows, :].at[wg_m, wg_n],
-                                  h_out_smem)
+                            store_tile(jnp.where(keep, acc, 0.0).astype(x.dtype), h_gmem.at[rows, :].at[wg_m, wg_n],
+                                       h_out_smem.at[wg], epi)
                             if sync:
                                 plgpu.wait_smem_to_gmem(0)  # h is in global memory before the signal
                                 plgpu.semaphore_signal(sems.at[mi], tiles_n, memory_scope="gpu")
@@ -453,18 +445,15 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, tile_m=64, tile_n=128, tile_k=64, 
                         @pl.when(~shrink)
                         def _():
                             out = o_gmem.at[rows, cols] if split_k == 1 else o_gmem.at[si, rows, cols]
-                            store(acc.astype(out_dtype), out.at[wg_m, wg_n], out_smem)
+                            store_tile(acc.astype(out_dtype), out.at[wg_m, wg_n], out_smem.at[wg], epi)
                         return g
 
                     return pl.run_scoped(run, plgpu.ACC((tile_m, tile_n), jnp.float32))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     out_shape = (m, n) if split_k == 1 else (split_k, m, n)
-    kernel = plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct(out_shape, out_dtype),
-                                          jax.ShapeDtypeStruct((m, cta_n), x.dtype)),
-                          grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
-                          interpret=plgpu.InterpretGPUParams() if interpret else None,
-                          compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    kernel = persistent_kernel(body, (jax.ShapeDtypeStruct(out_shape, out_dtype),
+                                      jax.ShapeDtypeStruct((m, cta_n), x.dtype)), num_sms, interpret)
     y, _ = kernel(x, w, a_pad, b, pos.astype(jnp.int32))
     return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
 

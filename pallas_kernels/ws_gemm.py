@@ -214,14 +214,7 @@ def ws_gemm(x, w, h=None, b=None, *, config: WsGemmConfig, num_sms: int | None =
                                     plgpu.wgmma(acc_ref, h_smem.at[j].at[wg_m], b_smem.at[j].at[:, wg_n])
                                 plgpu.wgmma_wait(0)
                                 plgpu.barrier_arrive(free)
-                        acc = acc_ref[...].astype(out_dtype)
-                        for ei in range(tile_m // epi):
-                            for ej in range(tile_n // epi):
-                                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the chunk before is read
-                                out_smem[wg] = acc[ei * epi:(ei + 1) * epi, ej * epi:(ej + 1) * epi]
-                                plgpu.commit_smem()
-                                plgpu.copy_smem_to_gmem(out_smem.at[wg], out.at[wg_m, wg_n].at[
-                                    pl.ds(ei * epi, epi), pl.ds(ej * epi, epi)])
+                        store_tile(acc_ref[...].astype(out_dtype), out.at[wg_m, wg_n], out_smem.at[wg], epi)
 
                 def mma(_, xs, ws, acc_ref):
                     plgpu.wgmma(acc_ref, xs.at[wg_m], ws.at[:, wg_n])
@@ -239,11 +232,28 @@ def ws_gemm(x, w, h=None, b=None, *, config: WsGemmConfig, num_sms: int | None =
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     out_shape = (m, n) if split_k == 1 else (split_k, m, n)
-    kernel = plgpu.kernel(kernel_body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(num_sms,),
-                          grid_names=("sm",), num_threads=3, thread_name="wg",
-                          interpret=plgpu.InterpretGPUParams() if interpret else None,
-                          compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    kernel = persistent_kernel(kernel_body, jax.ShapeDtypeStruct(out_shape, out_dtype), num_sms, interpret)
     y = kernel(x, w) if h is None else kernel(x, w, h, b)
     return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
+
+
+def store_tile(acc, dst, smem, epi: int):
+    """One compute warpgroup's epilogue: its output tile ``acc`` into ``dst`` (global memory) by TMA, in
+    [epi, epi] chunks through ``smem`` (waiting before each chunk until the one before has been read)."""
+    tile_m, tile_n = acc.shape
+    for ei in range(tile_m // epi):
+        for ej in range(tile_n // epi):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            smem[...] = acc[ei * epi:(ei + 1) * epi, ej * epi:(ej + 1) * epi]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(smem, dst.at[pl.ds(ei * epi, epi), pl.ds(ej * epi, epi)])
+
+
+def persistent_kernel(body, out_type, num_sms: int, interpret: bool):
+    """``body`` as a Mosaic GPU kernel of one CTA per SM (``"sm"``) and three warpgroups (``"wg"``: 0 and 1
+    compute, 2 memory), in warpgroup semantics; in the interpreter when ``interpret``."""
+    return plgpu.kernel(body, out_type=out_type, grid=(num_sms,), grid_names=("sm",), num_threads=3,
+                        thread_name="wg", interpret=plgpu.InterpretGPUParams() if interpret else None,
+                        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
 
 
