@@ -15,7 +15,9 @@ have released the previous item's, and the compute warpgroups run them as L / ti
 pipeline. Not yet used by the decoder: the shrinks would then have to finish before each GEMM.
 
 ``decoder.DECODE_GEMM_IMPL = "mgpu"`` runs the decode projections listed in ``WS_GEMM_TABLE`` on it (an A/B
-knob of ``benchmarks/throughput.py``, off by default). Off GPU, ``interpret=True`` runs it in Mosaic GPU's
+knob of ``benchmarks/throughput.py``, off by default: in the step it tied cuBLAS at 256 rows with 1152 tokens
+of context, and at 128 rows it slowed the LoRA kernels beside it, since its CTAs hold every SM's shared
+memory; benchmarks/RESULTS.md, "Twenty-seventh session"). Off GPU, ``interpret=True`` runs it in Mosaic GPU's
 interpreter (TMA, barriers and wgmma simulated on the CPU), which the tests use; ``ref_ws_gemm`` is its jnp twin.
 """
 
@@ -58,7 +60,7 @@ class WsGemmConfig:
 
 
 # (rows, K, N) -> the fastest tiling on the H200 where it came within 10% of XLA's GEMM in the same harness
-# (benchmarks/mgpu_gemm_probe.py --ws; benchmarks/RESULTS.md, "Twenty-seventh session", run 2). Device time per
+# (benchmarks/mgpu_gemm_probe.py --ws; benchmarks/RESULTS.md, "Twenty-seventh session", runs 1-2). Device time per
 # GEMM, this kernel against XLA's there: 256 rows q/k/v 24.6 / 35.4, o 18.8 / 22.7, gate/up 94.1 / 96.4, down
 # 48.5 / 47.0 us; 128 rows gate/up 63.4 / 61.0, down 36.6 / 37.6 us (XLA's GEMM at 128 rows' q/k/v and o is
 # beaten by ``pallas_kernels.gemm`` already).
