@@ -75,9 +75,9 @@ DECODE_GEMM_IMPL = "auto"
 def _project(x: Array, w: Array, spec: str) -> Array:
     """``_dense`` for a projection whose einsum contracts all of x's dims after (b, t) with w's leading dims
     (``"bte,ekgd->btkgd"``, ``"bthd,hde->bte"``, ...): by the Pallas skinny GEMM where ``DECODE_GEMM_IMPL``
-    and the kernel's table say so, else by XLA."""
+    and the kernel's table say so (with "mgpu", first by the Mosaic GPU GEMM where its table does), else by
+    XLA."""
     from pallas_kernels.gemm import decode_gemm_config, gemm
-    from pallas_kernels.ws_gemm import ws_gemm, ws_gemm_config
 
     x_dims, rest = spec.split(",")
     w_dims, out_dims = rest.split("->")
@@ -90,9 +90,12 @@ def _project(x: Array, w: Array, spec: str) -> Array:
     lead, out_shape = x.shape[:2], w.shape[len(contracted):]
     k = math.prod(x.shape[2:])
     m, n = math.prod(lead), math.prod(out_shape)
-    if DECODE_GEMM_IMPL == "mgpu" and (ws_config := ws_gemm_config(m, k, n)) is not None:
-        y = ws_gemm(x.reshape(-1, k), w.reshape(k, -1), config=ws_config, interpret=not on_gpu)
-        return y.reshape(*lead, *out_shape)
+    if DECODE_GEMM_IMPL == "mgpu":
+        from pallas_kernels.ws_gemm import ws_gemm, ws_gemm_config  # Mosaic GPU: imported only when asked for
+
+        if (ws_config := ws_gemm_config(m, k, n)) is not None:
+            y = ws_gemm(x.reshape(-1, k), w.reshape(k, -1), config=ws_config, interpret=not on_gpu)
+            return y.reshape(*lead, *out_shape)
     config = decode_gemm_config(m, k, n)
     if config is None:
         return _dense(x, w, spec)
