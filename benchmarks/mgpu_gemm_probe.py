@@ -5,20 +5,19 @@ over a few tilings, against ``jnp.dot`` (XLA: cuBLAS or its Triton GEMM), for th
 128 and 256 rows, bf16. Device time per GEMM from the profiler; the weight rotates over enough copies to keep
 it out of the 60 MB L2.
 
-    PYTHONPATH=. python benchmarks/mgpu_gemm_probe.py [--splitk-only | --lora | --ws | --streamed | --check]
-        [--rows 128|256]
+    PYTHONPATH=. python benchmarks/mgpu_gemm_probe.py
+        [--splitk-only | --lora | --ws | --streamed | --onekernel | --check] [--rows 128|256]
 
 It also times ``splitk_matmul``, a persistent Mosaic GPU GEMM of our own with split-K, at the o and down
 projections (N = 4096), where the library kernel has too few output tiles; ``--lora`` times it at every
 projection with and without the LoRA expand of 8 rank-16 adapters as extra K-steps (a second pipeline, or
 prefetched). ``--ws`` times ``ws_splitk_matmul``, the same with a memory warpgroup and two compute warpgroups
 per CTA (now ``pallas_kernels.ws_gemm``), at every projection. ``--streamed`` times ``ws_streamed_matmul``, that
-kernel on a pipeline of our own that streams the LoRA tiles through the x and w buffers, beside it, and
-``ws_lora_gemm``, which also computes the shrink of 8 packed adapters inside the same kernel (extra work items
-that signal global semaphores). ``--check``
-runs them all in Mosaic GPU's interpreter on the CPU against f32 matmuls and lowers every timed tiling for CUDA
-(Mosaic GPU's shared-memory check runs there; the passes after it, which reject ops the target lacks, run only
-in the CUDA plugin on the GPU).
+kernel on a pipeline of our own that streams the LoRA tiles through the x and w buffers, beside it.
+``--onekernel`` times ``ws_lora_gemm``, which also computes the shrink of 8 packed adapters inside the same
+kernel (extra work items that signal global semaphores). ``--check`` runs them all in Mosaic GPU's interpreter
+on the CPU against f32 matmuls and lowers every timed tiling for CUDA (Mosaic GPU's shared-memory check runs
+there; the passes after it, which reject ops the target lacks, run only in the CUDA plugin on the GPU).
 """
 
 from __future__ import annotations
@@ -652,13 +651,21 @@ def time_streamed(m, k, n, x, ws, xla_us, bytes_, key, want):
     """``ws_gemm`` (the library's pipeline) against ``ws_streamed_matmul`` at the same tiling, and the latter
     with the LoRA K-steps of 8 rank-16 adapters streamed through its buffers."""
     hb = lora_operands(m, n, key)
-    packed = packed_adapters(m, k, n, key)
     for c in streamed_configs(m, k, n):
         report(f"ws {c}", functools.partial(ws_splitk_matmul, **c), x, ws, xla_us, bytes_, want)
         report(f"streamed {c}", functools.partial(ws_streamed_matmul, **c), x, ws, xla_us, bytes_, want)
         report(f"streamed + LoRA K-steps {c}", functools.partial(ws_streamed_matmul, **c, **hb), x, ws, xla_us,
                bytes_)
+
+
+def time_onekernel(m, k, n, x, ws, xla_us, bytes_, key, want):
+    """``ws_lora_gemm`` (GEMM, shrink and expand of 8 packed adapters in one launch) at ``streamed_configs``'s
+    tilings, against the plain ``ws_streamed_matmul``. A run of its own: a semaphore mistake hangs the kernel,
+    and ``timeout`` should then cost no other numbers."""
+    packed = packed_adapters(m, k, n, key)
+    for c in streamed_configs(m, k, n):
         one = dict(c, steps=onekernel_steps(c))
+        report(f"streamed {one}", functools.partial(ws_streamed_matmul, **one), x, ws, xla_us, bytes_, want)
         report(f"one kernel: GEMM + shrink + expand {one}", functools.partial(ws_lora_gemm, **one, **packed), x, ws,
                xla_us, bytes_)
 
@@ -702,6 +709,8 @@ def main():
     p.add_argument("--ws", action="store_true", help="every shape: the warp-specialized split-K GEMM (WS_CONFIGS)")
     p.add_argument("--streamed", action="store_true",
                    help="every shape: ws_gemm against ws_streamed_matmul, the latter with and without LoRA K-steps")
+    p.add_argument("--onekernel", action="store_true",
+                   help="every shape: ws_lora_gemm (GEMM + shrink + expand of 8 adapters) against the plain GEMM")
     p.add_argument("--rows", type=int, default=None, help="only the shapes of this many rows (128 or 256)")
     p.add_argument("--check", action="store_true",
                    help="only check our kernels in the interpreter and lower their tilings for CUDA (CPU)")
@@ -724,8 +733,8 @@ def main():
         if args.lora:
             time_lora(m, n, x, ws, xla_us, bytes_, key)
             continue
-        if args.streamed:
-            time_streamed(m, k, n, x, ws, xla_us, bytes_, key, want)
+        if args.streamed or args.onekernel:
+            (time_streamed if args.streamed else time_onekernel)(m, k, n, x, ws, xla_us, bytes_, key, want)
             continue
         if args.ws:
             time_ws(m, n, x, ws, xla_us, bytes_, key, want)
