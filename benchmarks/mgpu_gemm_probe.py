@@ -179,8 +179,7 @@ def await_last_releases(empty, total, steps):
     lax.fori_loop(0, last, drain, None)
 
 
-def ws_streamed_matmul(x, w, h=None, b=None, *, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps=4, wg_dim="n",
-                       epi=64, num_sms=132, interpret=False):
+def ws_streamed_matmul(x, w, h=None, b=None, *, num_sms=132, interpret=False, **knobs):
     """``ws_gemm`` with a pipeline of our own instead of ``emit_pipeline_warp_specialized``, for the LoRA
     K-steps: the memory warpgroup streams the h and B tiles of each first-split item through the same ``steps``
     shared-memory buffers as x and w, as L / tile_k more K-steps, so they cost no pipeline depth (``ws_gemm``'s
@@ -189,114 +188,17 @@ def ws_streamed_matmul(x, w, h=None, b=None, *, tile_m=64, tile_n=128, tile_k=64
     warpgroup fetches the next item's first blocks while the compute warpgroups finish the current one and
     store it. A global step count (carried through the work items, the same in all three warpgroups) picks
     each step's buffer; "full" barriers (the two TMA copies of a step) and "empty" ones (both compute
-    warpgroups done with it) pair the warpgroups. Not timed yet: ``--ws`` times it beside ``ws_gemm``."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    cfg = WsGemmConfig(tile_m, tile_n, wg_dim, split_k, steps, tile_k, epi)
-    check_ws_gemm(x, w, None, None, cfg)  # shapes, tiles and shared memory: the LoRA tiles take none of their own
-    (m, k), n = x.shape, w.shape[1]
-    lora_blocks = 0 if h is None else h.shape[1] // tile_k
-    if h is not None and (h.shape != (m, lora_blocks * tile_k) or b.shape != (h.shape[1], n)):
-        raise ValueError(f"h [M, L] and b [L, N] with L a multiple of {tile_k}, got {h.shape} and {b.shape}")
-    cta_m, cta_n = cfg.cta_tile
-    tiles_m, tiles_n, k_blocks = m // cta_m, n // cta_n, k // (tile_k * split_k)
-    n_items = tiles_m * split_k * tiles_n
-    out_dtype = x.dtype if split_k == 1 else jnp.float32
-
-    def coords(idx):  # work item -> (M-tile, K-split, N-tile), M fastest, as ws_gemm
-        rest = idx // tiles_m
-        return idx % tiles_m, rest % split_k, rest // split_k
-
-    def item_steps(si):
-        return k_blocks + jnp.where(si == 0, lora_blocks, 0)
-
-    def body(x_gmem, w_gmem, *refs):
-        h_gmem, b_gmem, o_gmem = refs if lora_blocks else (None, None, *refs)
-
-        @functools.partial(pl.run_scoped, x_smem=plgpu.SMEM((steps, cta_m, tile_k), x.dtype),
-                           w_smem=plgpu.SMEM((steps, tile_k, cta_n), w.dtype),
-                           out_smem=plgpu.SMEM((2, epi, epi), out_dtype),
-                           full=plgpu.Barrier(num_arrivals=2, num_barriers=steps),
-                           empty=plgpu.Barrier(num_arrivals=2, num_barriers=steps), collective_axes="wg")
-        def _(x_smem, w_smem, out_smem, full, empty):
-            wg = lax.axis_index("wg")
-
-            @pl.when(wg == 2)
-            def _memory():
-                plgpu.set_max_registers(40, action="decrease")
-
-                @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
-                def total(info, carry):
-                    mi, si, ni = coords(info.index[0])
-                    rows, cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
-
-                    def step(s, g):
-                        slot = g % steps
-
-                        @pl.when(g >= steps)  # the first round of buffers is free
-                        def _():
-                            plgpu.barrier_wait(empty.at[slot])
-
-                        @pl.when(s < k_blocks)
-                        def _():
-                            kk = pl.ds((si * k_blocks + s) * tile_k, tile_k)
-                            plgpu.copy_gmem_to_smem(x_gmem.at[rows, kk], x_smem.at[slot], full.at[slot])
-                            plgpu.copy_gmem_to_smem(w_gmem.at[kk, cols], w_smem.at[slot], full.at[slot])
-
-                        if lora_blocks:
-                            @pl.when(s >= k_blocks)
-                            def _():
-                                ll = pl.ds((s - k_blocks) * tile_k, tile_k)
-                                plgpu.copy_gmem_to_smem(h_gmem.at[rows, ll], x_smem.at[slot], full.at[slot])
-                                plgpu.copy_gmem_to_smem(b_gmem.at[ll, cols], w_smem.at[slot], full.at[slot])
-                        return g + 1
-
-                    return lax.fori_loop(0, item_steps(si), step, carry)
-
-                await_last_releases(empty, total, steps)
-
-            @pl.when(wg < 2)
-            def _compute():
-                plgpu.set_max_registers(232, action="increase")
-                wg_m = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
-                wg_n = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
-
-                @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
-                def _(info, carry):
-                    mi, si, ni = coords(info.index[0])
-                    rows, cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
-                    out = o_gmem.at[rows, cols] if split_k == 1 else o_gmem.at[si, rows, cols]
-
-                    def run(acc_ref):
-                        def step(s, g):
-                            slot = g % steps
-                            plgpu.barrier_wait(full.at[slot])
-                            plgpu.wgmma(acc_ref, x_smem.at[slot].at[wg_m], w_smem.at[slot].at[:, wg_n])
-                            plgpu.wgmma_wait(1)  # the step before is done: its buffer goes back
-
-                            @pl.when(s > 0)
-                            def _():
-                                plgpu.barrier_arrive(empty.at[(g - 1) % steps])
-                            return g + 1
-
-                        g = lax.fori_loop(0, item_steps(si), step, carry)
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(empty.at[(g - 1) % steps])
-                        store_tile(acc_ref[...].astype(out_dtype), out.at[wg_m, wg_n], out_smem.at[wg], epi)
-                        return g
-
-                    return pl.run_scoped(run, plgpu.ACC((tile_m, tile_n), jnp.float32))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    out_shape = (m, n) if split_k == 1 else (split_k, m, n)
-    kernel = persistent_kernel(body, jax.ShapeDtypeStruct(out_shape, out_dtype), num_sms, interpret)
-    y = kernel(x, w) if h is None else kernel(x, w, h, b)
-    return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
+    warpgroups done with it) pair the warpgroups. Knobs as ``ws_splitk_matmul``'s. Not timed yet
+    (``--streamed``)."""
+    tile_k = knobs.get("tile_k", 64)
+    if (h is None) != (b is None) or (h is not None and (h.shape != (x.shape[0], h.shape[1]) or h.shape[1] % tile_k
+                                                         or b.shape != (h.shape[1], w.shape[1]))):
+        raise ValueError(f"h [M, L] and b [L, N] together, L a multiple of {tile_k}, got "
+                         f"{getattr(h, 'shape', None)} and {getattr(b, 'shape', None)}")
+    return _ws_pipelined(x, w, b, h=h, num_sms=num_sms, interpret=interpret, **knobs)
 
 
-def ws_lora_gemm(x, w, a, b, pos, *, rank=16, tile_m=64, tile_n=128, tile_k=64, split_k=1, steps=4, wg_dim="m",
-                 epi=64, num_sms=132, sync=True, interpret=False):
+def ws_lora_gemm(x, w, a, b, pos, *, rank=16, wg_dim="m", num_sms=132, sync=True, interpret=False, **knobs):
     """y = x @ w + mask(x @ a) @ b in one persistent kernel: the GEMM, the LoRA shrink of a batch's packed
     adapters and their expand, with no LoRA kernel beside it or before it (KERNELS_NOTES, "Open").
 
@@ -313,45 +215,71 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, tile_m=64, tile_n=128, tile_k=64, 
 
     ``sync=False`` drops the semaphores: correct only when one CTA runs every item in order (``num_sms=1``),
     which is how Mosaic GPU's interpreter checks the rest (it cannot run global semaphores). Not timed yet."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    cfg = WsGemmConfig(tile_m, tile_n, wg_dim, split_k, steps, tile_k, epi)
-    check_ws_gemm(x, w, None, None, cfg)
-    (m, k), n = x.shape, w.shape[1]
-    cta_m, cta_n = cfg.cta_tile
-    lora = a.shape[1]
+    cta_n = WsGemmConfig(wg_dim=wg_dim, **{k: v for k, v in knobs.items() if k in ("tile_m", "tile_n")}).cta_tile[1]
+    (m, k), n, lora = x.shape, w.shape[1], a.shape[1]
+    tile_k = knobs.get("tile_k", 64)
     if (a.shape != (k, lora) or b.shape != (lora, n) or pos.shape != (m,) or lora % tile_k or lora > cta_n
             or lora % rank):
         raise ValueError(f"a [K, L], b [L, N], pos [M] with L a multiple of {tile_k} and of rank {rank}, at most "
                          f"the CTA tile's {cta_n} columns; got a {a.shape}, b {b.shape}, pos {pos.shape}")
     if not sync and num_sms != 1:
         raise ValueError("sync=False is only correct on one CTA (num_sms=1)")
-    a_pad = jnp.pad(a, ((0, 0), (0, cta_n - lora)))
+    return _ws_pipelined(x, w, b, a=jnp.pad(a, ((0, 0), (0, cta_n - lora))), pos=pos.astype(jnp.int32), lora=lora,
+                         rank=rank, sync=sync, wg_dim=wg_dim, num_sms=num_sms, interpret=interpret, **knobs)
+
+
+def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16, sync=True, tile_m=64, tile_n=128,
+                  tile_k=64, split_k=1, steps=4, wg_dim="n", epi=64, num_sms=132, interpret=False):
+    """The kernel of ``ws_streamed_matmul`` (b with h given, or neither) and of ``ws_lora_gemm`` (b with a, its
+    columns padded to the CTA tile's, and pos: h made inside, into a second output, by ``tiles_m`` shrink work
+    items scheduled first)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    cfg = WsGemmConfig(tile_m, tile_n, wg_dim, split_k, steps, tile_k, epi)
+    check_ws_gemm(x, w, None, None, cfg)  # shapes, tiles and shared memory: the LoRA tiles take none of their own
+    (m, k), n = x.shape, w.shape[1]
+    cta_m, cta_n = cfg.cta_tile
+    shrinking = a is not None
+    lora_blocks = 0 if b is None else (lora if shrinking else b.shape[0]) // tile_k
     tiles_m, tiles_n, k_blocks = m // cta_m, n // cta_n, k // (tile_k * split_k)
-    lora_blocks, shrink_blocks = lora // tile_k, k // tile_k
-    n_items = tiles_m + tiles_m * split_k * tiles_n
+    n_shrink = tiles_m if shrinking else 0
+    n_items = n_shrink + tiles_m * split_k * tiles_n
     out_dtype = x.dtype if split_k == 1 else jnp.float32
 
-    def coords(idx):  # (shrink item?, M-tile, K-split, N-tile); the tiles_m shrink items first
-        j = jnp.maximum(idx - tiles_m, 0)
+    def coords(idx):  # (shrink item?, M-tile, K-split, N-tile): the shrink items first, then M fastest
+        if not shrinking:
+            rest = idx // tiles_m
+            return None, idx % tiles_m, rest % split_k, rest // split_k
+        j = jnp.maximum(idx - n_shrink, 0)
         rest = j // tiles_m
-        return idx < tiles_m, jnp.where(idx < tiles_m, idx, j % tiles_m), rest % split_k, rest // split_k
+        shrink = idx < n_shrink
+        return shrink, jnp.where(shrink, idx, j % tiles_m), rest % split_k, rest // split_k
+
+    def gemm_item(shrink, cond=True):  # cond, and a GEMM item (not a shrink one); static without shrink items
+        return jnp.logical_and(~shrink, cond) if shrinking else cond
 
     def item_steps(shrink, si):
-        return jnp.where(shrink, shrink_blocks, k_blocks + jnp.where(si == 0, lora_blocks, 0))
+        steps_ = k_blocks + jnp.where(si == 0, lora_blocks, 0)
+        return jnp.where(shrink, k // tile_k, steps_) if shrinking else steps_
 
-    def body(x_gmem, w_gmem, a_gmem, b_gmem, pos_gmem, o_gmem, h_gmem):
-        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((tiles_m,))) if sync else None
+    def body(*refs):
+        if shrinking:
+            x_gmem, w_gmem, a_gmem, b_gmem, pos_gmem, o_gmem, h_gmem = refs
+        else:
+            x_gmem, w_gmem, h_gmem, b_gmem, o_gmem = refs if lora_blocks else (*refs[:2], None, None, refs[2])
+        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((tiles_m,))) if shrinking and sync else None
+        shrink_scratch = dict(h_out_smem=plgpu.SMEM((2, epi, epi), x.dtype),
+                              pos_smem=plgpu.SMEM((2, tile_m), jnp.int32),
+                              pos_ready=plgpu.Barrier(num_barriers=2)) if shrinking else {}
 
         @functools.partial(pl.run_scoped, x_smem=plgpu.SMEM((steps, cta_m, tile_k), x.dtype),
                            w_smem=plgpu.SMEM((steps, tile_k, cta_n), w.dtype),
-                           out_smem=plgpu.SMEM((2, epi, epi), out_dtype), h_out_smem=plgpu.SMEM((2, epi, epi), x.dtype),
-                           pos_smem=plgpu.SMEM((2, tile_m), jnp.int32),
+                           out_smem=plgpu.SMEM((2, epi, epi), out_dtype),
                            full=plgpu.Barrier(num_arrivals=2, num_barriers=steps),
-                           empty=plgpu.Barrier(num_arrivals=2, num_barriers=steps),
-                           pos_ready=plgpu.Barrier(num_barriers=2), collective_axes="wg")
-        def _(x_smem, w_smem, out_smem, h_out_smem, pos_smem, full, empty, pos_ready):
+                           empty=plgpu.Barrier(num_arrivals=2, num_barriers=steps), **shrink_scratch,
+                           collective_axes="wg")
+        def _(x_smem, w_smem, out_smem, full, empty, h_out_smem=None, pos_smem=None, pos_ready=None):
             wg = lax.axis_index("wg")
 
             @pl.when(wg == 2)
@@ -366,31 +294,33 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, tile_m=64, tile_n=128, tile_k=64, 
                     def step(s, g):
                         slot = g % steps
 
-                        @pl.when(g >= steps)
+                        @pl.when(g >= steps)  # the first round of buffers is free
                         def _():
                             plgpu.barrier_wait(empty.at[slot])
 
-                        @pl.when(shrink)
-                        def _():
-                            kk = pl.ds(s * tile_k, tile_k)
-                            plgpu.copy_gmem_to_smem(x_gmem.at[rows, kk], x_smem.at[slot], full.at[slot])
-                            plgpu.copy_gmem_to_smem(a_gmem.at[kk], w_smem.at[slot], full.at[slot])
+                        if shrinking:
+                            @pl.when(shrink)
+                            def _():
+                                kk = pl.ds(s * tile_k, tile_k)
+                                plgpu.copy_gmem_to_smem(x_gmem.at[rows, kk], x_smem.at[slot], full.at[slot])
+                                plgpu.copy_gmem_to_smem(a_gmem.at[kk], w_smem.at[slot], full.at[slot])
 
-                        @pl.when(jnp.logical_and(~shrink, s < k_blocks))
+                        @pl.when(gemm_item(shrink, s < k_blocks))
                         def _():
                             kk = pl.ds((si * k_blocks + s) * tile_k, tile_k)
                             plgpu.copy_gmem_to_smem(x_gmem.at[rows, kk], x_smem.at[slot], full.at[slot])
                             plgpu.copy_gmem_to_smem(w_gmem.at[kk, cols], w_smem.at[slot], full.at[slot])
 
-                        @pl.when(jnp.logical_and(~shrink, s >= k_blocks))
-                        def _():
-                            if sync:
-                                @pl.when(s == k_blocks)  # this M-tile's h is stored: both warpgroups signalled
-                                def _():
-                                    plgpu.semaphore_wait(sems.at[mi], 2, memory_scope="gpu")
-                            ll = pl.ds((s - k_blocks) * tile_k, tile_k)
-                            plgpu.copy_gmem_to_smem(h_gmem.at[rows, ll], x_smem.at[slot], full.at[slot])
-                            plgpu.copy_gmem_to_smem(b_gmem.at[ll, cols], w_smem.at[slot], full.at[slot])
+                        if lora_blocks:
+                            @pl.when(gemm_item(shrink, s >= k_blocks))
+                            def _():
+                                if sems is not None:
+                                    @pl.when(s == k_blocks)  # this M-tile's h is stored: both warpgroups signalled
+                                    def _():
+                                        plgpu.semaphore_wait(sems.at[mi], 2, memory_scope="gpu")
+                                ll = pl.ds((s - k_blocks) * tile_k, tile_k)
+                                plgpu.copy_gmem_to_smem(h_gmem.at[rows, ll], x_smem.at[slot], full.at[slot])
+                                plgpu.copy_gmem_to_smem(b_gmem.at[ll, cols], w_smem.at[slot], full.at[slot])
                         return g + 1
 
                     return lax.fori_loop(0, item_steps(shrink, si), step, carry)
@@ -402,7 +332,6 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, tile_m=64, tile_n=128, tile_k=64, 
                 plgpu.set_max_registers(232, action="increase")
                 wg_m = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
                 wg_n = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
-                col0 = wg * tile_n if wg_dim == "n" else 0
 
                 @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
                 def _(info, carry):
@@ -414,7 +343,7 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, tile_m=64, tile_n=128, tile_k=64, 
                             slot = g % steps
                             plgpu.barrier_wait(full.at[slot])
                             plgpu.wgmma(acc_ref, x_smem.at[slot].at[wg_m], w_smem.at[slot].at[:, wg_n])
-                            plgpu.wgmma_wait(1)
+                            plgpu.wgmma_wait(1)  # the step before is done: its buffer goes back
 
                             @pl.when(s > 0)
                             def _():
@@ -426,34 +355,42 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, tile_m=64, tile_n=128, tile_k=64, 
                         plgpu.barrier_arrive(empty.at[(g - 1) % steps])
                         acc = acc_ref[...]
 
-                        @pl.when(shrink)
-                        def _():
-                            wg_row0 = mi * cta_m + (wg * tile_m if wg_dim == "m" else 0)
-                            plgpu.copy_gmem_to_smem(pos_gmem.at[pl.ds(wg_row0, tile_m)], pos_smem.at[wg],
-                                                    pos_ready.at[wg])
-                            plgpu.barrier_wait(pos_ready.at[wg])
-                            row_pos = plgpu.load(pos_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-                            col = plgpu.broadcasted_iota(jnp.int32, (tile_m, tile_n), 1, layout=plgpu.Layout.WGMMA)
-                            keep = (col + col0) // rank == row_pos[:, None]
-                            store_tile(jnp.where(keep, acc, 0.0).astype(x.dtype), h_gmem.at[rows, :].at[wg_m, wg_n],
-                                       h_out_smem.at[wg], epi)
-                            if sync:
-                                plgpu.wait_smem_to_gmem(0)  # h is in global memory before the signal
-                                plgpu.semaphore_signal(sems.at[mi], tiles_n, memory_scope="gpu")
+                        if shrinking:
+                            @pl.when(shrink)
+                            def _():
+                                wg_row0 = mi * cta_m + (wg * tile_m if wg_dim == "m" else 0)
+                                plgpu.copy_gmem_to_smem(pos_gmem.at[pl.ds(wg_row0, tile_m)], pos_smem.at[wg],
+                                                        pos_ready.at[wg])
+                                plgpu.barrier_wait(pos_ready.at[wg])
+                                row_pos = plgpu.load(pos_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                                col = plgpu.broadcasted_iota(jnp.int32, (tile_m, tile_n), 1, layout=plgpu.Layout.WGMMA)
+                                col0 = wg * tile_n if wg_dim == "n" else 0
+                                keep = (col + col0) // rank == row_pos[:, None]
+                                store_tile(jnp.where(keep, acc, 0.0).astype(x.dtype),
+                                           h_gmem.at[rows, :].at[wg_m, wg_n], h_out_smem.at[wg], epi)
+                                if sems is not None:
+                                    plgpu.wait_smem_to_gmem(0)  # h is in global memory before the signal
+                                    plgpu.semaphore_signal(sems.at[mi], tiles_n, memory_scope="gpu")
 
-                        @pl.when(~shrink)
-                        def _():
+                        def store_out():
                             out = o_gmem.at[rows, cols] if split_k == 1 else o_gmem.at[si, rows, cols]
                             store_tile(acc.astype(out_dtype), out.at[wg_m, wg_n], out_smem.at[wg], epi)
+                        if shrinking:
+                            pl.when(~shrink)(store_out)
+                        else:
+                            store_out()
                         return g
 
                     return pl.run_scoped(run, plgpu.ACC((tile_m, tile_n), jnp.float32))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    out_shape = (m, n) if split_k == 1 else (split_k, m, n)
-    kernel = persistent_kernel(body, (jax.ShapeDtypeStruct(out_shape, out_dtype),
-                                      jax.ShapeDtypeStruct((m, cta_n), x.dtype)), num_sms, interpret)
-    y, _ = kernel(x, w, a_pad, b, pos.astype(jnp.int32))
+    y_type = jax.ShapeDtypeStruct((m, n) if split_k == 1 else (split_k, m, n), out_dtype)
+    if shrinking:
+        kernel = persistent_kernel(body, (y_type, jax.ShapeDtypeStruct((m, cta_n), x.dtype)), num_sms, interpret)
+        y, _ = kernel(x, w, a, b, pos)
+    else:
+        kernel = persistent_kernel(body, y_type, num_sms, interpret)
+        y = kernel(x, w) if h is None else kernel(x, w, h, b)
     return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
 
 
