@@ -600,11 +600,30 @@ def time_onekernel(m, k, n, x, ws, xla_us, bytes_, key, want):
     tilings, against the plain ``ws_streamed_matmul``. A run of its own: a semaphore mistake hangs the kernel,
     and ``timeout`` should then cost no other numbers."""
     packed = packed_adapters(m, k, n, key)
+    want_lora = ref_onekernel(x, ws[0], **packed)
+    # a second x, run once: a semaphore that lets an expand read h before its shrink stored it shows here even
+    # where the timed launches' h buffer still holds the previous launch's (equal) h
+    x2 = jax.random.normal(jax.random.fold_in(key, 7), x.shape, jnp.float32).astype(jnp.bfloat16)
     for c in streamed_configs(m, k, n):
         one = dict(c, steps=onekernel_steps(c))
         report(f"streamed {one}", functools.partial(ws_streamed_matmul, **one), x, ws, xla_us, bytes_, want)
-        report(f"one kernel: GEMM + shrink + expand {one}", functools.partial(ws_lora_gemm, **one, **packed), x, ws,
-               xla_us, bytes_)
+        gemm = functools.partial(ws_lora_gemm, **one, **packed)
+        report(f"one kernel: GEMM + shrink + expand {one}", gemm, x, ws, xla_us, bytes_, want_lora)
+        try:
+            got, ref = jax.jit(gemm)(x2, ws[1]).astype(jnp.float32), ref_onekernel(x2, ws[1], **packed)
+            lora_term = ref - x2.astype(jnp.float32) @ ws[1].astype(jnp.float32)
+            print(f"    fresh x: max |diff| {float(jnp.max(jnp.abs(got - ref))):.1e} (the LoRA term up to "
+                  f"{float(jnp.max(jnp.abs(lora_term))):.1e})", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"    fresh x: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def ref_onekernel(x, w, a, b, pos, rank=16):
+    """f32 x @ w + mask(x @ a) @ b, h rounded to bf16 as the kernel stores it."""
+    f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+    keep = (jnp.arange(a.shape[1])[None, :] // rank) == pos[:, None]
+    h = jnp.where(keep, f32(x) @ f32(a), 0).astype(jnp.bfloat16)
+    return f32(x) @ f32(w) + f32(h) @ f32(b)
 
 
 def packed_adapters(m, k, n, key):
