@@ -198,7 +198,8 @@ def ws_streamed_matmul(x, w, h=None, b=None, *, num_sms=132, interpret=False, **
     return _ws_pipelined(x, w, b, h=h, num_sms=num_sms, interpret=interpret, **knobs)
 
 
-def ws_lora_gemm(x, w, a, b, pos, *, rank=16, wg_dim="m", num_sms=132, sync=True, interpret=False, **knobs):
+def ws_lora_gemm(x, w, a, b, pos, *, rank=16, wg_dim="m", chunks=1, num_sms=132, sync=True, interpret=False,
+                 **knobs):
     """y = x @ w + mask(x @ a) @ b in one persistent kernel: the GEMM, the LoRA shrink of a batch's packed
     adapters and their expand, with no LoRA kernel beside it or before it (KERNELS_NOTES, "Open").
 
@@ -214,7 +215,13 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, wg_dim="m", num_sms=132, sync=True
     tiles_m - 1, dispatched first, so a waiting CTA never holds up the item it waits for.
 
     ``sync=False`` drops the semaphores: correct only when one CTA runs every item in order (``num_sms=1``),
-    which is how Mosaic GPU's interpreter checks the rest (it cannot run global semaphores). Not timed yet."""
+    which is how Mosaic GPU's interpreter checks the rest (it cannot run global semaphores).
+
+    ``chunks`` > 1 splits each M-tile's shrink over that many K-chunks, ``tiles_m * chunks`` shrink items (one
+    CTA's bandwidth made the whole-K shrink item 20-100 us long: twenty-eighth session, run 1). Chunk 0 stores
+    its masked partial h; the others wait for that store (a second set of semaphores, one per M-tile and
+    warpgroup) and add theirs to it by TMA reduction in bf16. The expand waits for all ``2 * chunks``
+    signals. Device only: the interpreter has neither semaphores nor TMA reductions."""
     cta_n = WsGemmConfig(wg_dim=wg_dim, **{k: v for k, v in knobs.items() if k in ("tile_m", "tile_n")}).cta_tile[1]
     (m, k), n, lora = x.shape, w.shape[1], a.shape[1]
     tile_k = knobs.get("tile_k", 64)
@@ -222,14 +229,17 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, wg_dim="m", num_sms=132, sync=True
             or lora % rank):
         raise ValueError(f"a [K, L], b [L, N], pos [M] with L a multiple of {tile_k} and of rank {rank}, at most "
                          f"the CTA tile's {cta_n} columns; got a {a.shape}, b {b.shape}, pos {pos.shape}")
-    if not sync and num_sms != 1:
-        raise ValueError("sync=False is only correct on one CTA (num_sms=1)")
+    if not sync and (num_sms != 1 or chunks != 1):
+        raise ValueError("sync=False is only correct on one CTA (num_sms=1) and one shrink chunk")
+    if (k // tile_k) % chunks:
+        raise ValueError(f"chunks must divide K's {k // tile_k} blocks of {tile_k}, got {chunks}")
     return _ws_pipelined(x, w, b, a=jnp.pad(a, ((0, 0), (0, cta_n - lora))), pos=pos.astype(jnp.int32), lora=lora,
-                         rank=rank, sync=sync, wg_dim=wg_dim, num_sms=num_sms, interpret=interpret, **knobs)
+                         rank=rank, chunks=chunks, sync=sync, wg_dim=wg_dim, num_sms=num_sms, interpret=interpret,
+                         **knobs)
 
 
-def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16, sync=True, tile_m=64, tile_n=128,
-                  tile_k=64, split_k=1, steps=4, wg_dim="n", epi=64, num_sms=132, interpret=False):
+def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16, chunks=1, sync=True, tile_m=64,
+                  tile_n=128, tile_k=64, split_k=1, steps=4, wg_dim="n", epi=64, num_sms=132, interpret=False):
     """The kernel of ``ws_streamed_matmul`` (b with h given, or neither) and of ``ws_lora_gemm`` (b with a, its
     columns padded to the CTA tile's, and pos: h made inside, into a second output, by ``tiles_m`` shrink work
     items scheduled first)."""
@@ -243,32 +253,34 @@ def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16,
     shrinking = a is not None
     lora_blocks = 0 if b is None else (lora if shrinking else b.shape[0]) // tile_k
     tiles_m, tiles_n, k_blocks = m // cta_m, n // cta_n, k // (tile_k * split_k)
-    n_shrink = tiles_m if shrinking else 0
+    n_shrink = tiles_m * chunks if shrinking else 0
     n_items = n_shrink + tiles_m * split_k * tiles_n
     out_dtype = x.dtype if split_k == 1 else jnp.float32
 
-    def coords(idx):  # (shrink item?, M-tile, K-split, N-tile): the shrink items first, then M fastest
+    def coords(idx):  # (shrink item?, M-tile, K-split or shrink chunk, N-tile): the shrink items first, M fastest
         if not shrinking:
             rest = idx // tiles_m
             return None, idx % tiles_m, rest % split_k, rest // split_k
         j = jnp.maximum(idx - n_shrink, 0)
         rest = j // tiles_m
         shrink = idx < n_shrink
-        return shrink, jnp.where(shrink, idx, j % tiles_m), rest % split_k, rest // split_k
+        return (shrink, jnp.where(shrink, idx % tiles_m, j % tiles_m),
+                jnp.where(shrink, idx // tiles_m, rest % split_k), rest // split_k)
 
     def gemm_item(shrink, cond=True):  # cond, and a GEMM item (not a shrink one); static without shrink items
         return jnp.logical_and(~shrink, cond) if shrinking else cond
 
     def item_steps(shrink, si):
         steps_ = k_blocks + jnp.where(si == 0, lora_blocks, 0)
-        return jnp.where(shrink, k // tile_k, steps_) if shrinking else steps_
+        return jnp.where(shrink, k // tile_k // chunks, steps_) if shrinking else steps_
 
     def body(*refs):
         if shrinking:
             x_gmem, w_gmem, a_gmem, b_gmem, pos_gmem, o_gmem, h_gmem = refs
         else:
             x_gmem, w_gmem, h_gmem, b_gmem, o_gmem = refs if lora_blocks else (*refs[:2], None, None, refs[2])
-        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((tiles_m,))) if shrinking and sync else None
+        # [0, tiles_m): M-tile mi's h is complete; then (mi, wg): chunk 0's warpgroup wg has stored its part
+        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((3 * tiles_m,))) if shrinking and sync else None
         shrink_scratch = dict(h_out_smem=plgpu.SMEM((2, epi, epi), x.dtype),
                               pos_smem=plgpu.SMEM((2, tile_m), jnp.int32),
                               pos_ready=plgpu.Barrier(num_barriers=2)) if shrinking else {}
@@ -301,7 +313,7 @@ def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16,
                         if shrinking:
                             @pl.when(shrink)
                             def _():
-                                kk = pl.ds(s * tile_k, tile_k)
+                                kk = pl.ds((si * (k // tile_k // chunks) + s) * tile_k, tile_k)
                                 plgpu.copy_gmem_to_smem(x_gmem.at[rows, kk], x_smem.at[slot], full.at[slot])
                                 plgpu.copy_gmem_to_smem(a_gmem.at[kk], w_smem.at[slot], full.at[slot])
 
@@ -317,7 +329,7 @@ def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16,
                                 if sems is not None:
                                     @pl.when(s == k_blocks)  # this M-tile's h is stored: both warpgroups signalled
                                     def _():
-                                        plgpu.semaphore_wait(sems.at[mi], 2, memory_scope="gpu")
+                                        plgpu.semaphore_wait(sems.at[mi], 2 * chunks, memory_scope="gpu")
                                 ll = pl.ds((s - k_blocks) * tile_k, tile_k)
                                 plgpu.copy_gmem_to_smem(h_gmem.at[rows, ll], x_smem.at[slot], full.at[slot])
                                 plgpu.copy_gmem_to_smem(b_gmem.at[ll, cols], w_smem.at[slot], full.at[slot])
@@ -366,8 +378,22 @@ def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16,
                                 col = plgpu.broadcasted_iota(jnp.int32, (tile_m, tile_n), 1, layout=plgpu.Layout.WGMMA)
                                 col0 = wg * tile_n if wg_dim == "n" else 0
                                 keep = (col + col0) // rank == row_pos[:, None]
-                                store_tile(jnp.where(keep, acc, 0.0).astype(x.dtype),
-                                           h_gmem.at[rows, :].at[wg_m, wg_n], h_out_smem.at[wg], epi)
+                                part = jnp.where(keep, acc, 0.0).astype(x.dtype)
+                                dst = h_gmem.at[rows, :].at[wg_m, wg_n]
+                                stored = sems.at[tiles_m + 2 * mi + wg] if sems is not None else None
+
+                                @pl.when(si == 0)
+                                def _():
+                                    store_tile(part, dst, h_out_smem.at[wg], epi)
+                                    if chunks > 1:
+                                        plgpu.wait_smem_to_gmem(0)
+                                        plgpu.semaphore_signal(stored, chunks - 1, memory_scope="gpu")
+
+                                if chunks > 1:
+                                    @pl.when(si > 0)
+                                    def _():
+                                        plgpu.semaphore_wait(stored, 1, memory_scope="gpu")
+                                        store_tile(part, dst, h_out_smem.at[wg], epi, reduction_op="add")
                                 if sems is not None:
                                     plgpu.wait_smem_to_gmem(0)  # h is in global memory before the signal
                                     plgpu.semaphore_signal(sems.at[mi], tiles_n, memory_scope="gpu")
@@ -517,7 +543,8 @@ def lowering_check():
         tilings += [(ws_splitk_matmul, c, 2) for c in WS_CONFIGS]
         tilings += [(ws_splitk_matmul, dict(c, steps=ws_steps_that_fit(c, 128)), 4) for c in WS_CONFIGS]
         tilings += [(ws_streamed_matmul, c, nargs) for c in streamed_configs(m, k, n) for nargs in (2, 4)]
-        tilings += [(ws_lora_gemm, dict(c, steps=onekernel_steps(c)), 5) for c in streamed_configs(m, k, n)]
+        tilings += [(ws_lora_gemm, dict(c, steps=onekernel_steps(c), chunks=ch), 5) for c in streamed_configs(m, k, n)
+                    for ch in (1, *shrink_chunks(k))]
         for fn, c, nargs in tilings:  # nargs 4: with the LoRA operands h and b
             try:
                 export.export(jax.jit(functools.partial(fn, **c)), platforms=["cuda"])(
@@ -595,11 +622,12 @@ def time_streamed(m, k, n, x, ws, xla_us, bytes_, key, want):
                bytes_)
 
 
-def time_onekernel(m, k, n, x, ws, xla_us, bytes_, key, want):
+def time_onekernel(m, k, n, x, ws, xla_us, bytes_, key, want, chunked=False):
     """``ws_lora_gemm`` (GEMM, shrink and expand of 8 packed adapters in one launch) at ``streamed_configs``'s
     tilings, against the plain ``ws_streamed_matmul``. A run of its own: a semaphore mistake hangs the kernel,
     and ``timeout`` should then cost no other numbers."""
     packed = packed_adapters(m, k, n, key)
+    chunk_choices = shrink_chunks(k) if chunked else (1,)
     want_lora = ref_onekernel(x, ws[0], **packed)
     # a second x, run once: a semaphore that lets an expand read h before its shrink stored it shows here even
     # where the timed launches' h buffer still holds the previous launch's (equal) h
@@ -607,15 +635,27 @@ def time_onekernel(m, k, n, x, ws, xla_us, bytes_, key, want):
     for c in streamed_configs(m, k, n):
         one = dict(c, steps=onekernel_steps(c))
         report(f"streamed {one}", functools.partial(ws_streamed_matmul, **one), x, ws, xla_us, bytes_, want)
-        gemm = functools.partial(ws_lora_gemm, **one, **packed)
-        report(f"one kernel: GEMM + shrink + expand {one}", gemm, x, ws, xla_us, bytes_, want_lora)
-        try:
-            got, ref = jax.jit(gemm)(x2, ws[1]).astype(jnp.float32), ref_onekernel(x2, ws[1], **packed)
-            lora_term = ref - x2.astype(jnp.float32) @ ws[1].astype(jnp.float32)
-            print(f"    fresh x: max |diff| {float(jnp.max(jnp.abs(got - ref))):.1e} (the LoRA term up to "
-                  f"{float(jnp.max(jnp.abs(lora_term))):.1e})", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"    fresh x: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        for chunks in chunk_choices:
+            gemm = functools.partial(ws_lora_gemm, **one, **packed, chunks=chunks)
+            report(f"one kernel: GEMM + shrink ({chunks} K-chunks) + expand {one}", gemm, x, ws, xla_us, bytes_,
+                   want_lora)
+            check_fresh(gemm, x2, ws[1], packed)
+
+
+def check_fresh(gemm, x2, w, packed):
+    """One more launch on a fresh x, against ``ref_onekernel``."""
+    try:
+        got, ref = jax.jit(gemm)(x2, w).astype(jnp.float32), ref_onekernel(x2, w, **packed)
+        lora_term = ref - x2.astype(jnp.float32) @ w.astype(jnp.float32)
+        print(f"    fresh x: max |diff| {float(jnp.max(jnp.abs(got - ref))):.1e} (the LoRA term up to "
+              f"{float(jnp.max(jnp.abs(lora_term))):.1e})", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"    fresh x: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def shrink_chunks(k, tile_k=64):
+    """The shrink's K-chunk counts ``--onekernel --chunked`` times: 4-8 K-blocks per chunk."""
+    return (8, 16) if k // tile_k == 64 else (28, 56)
 
 
 def ref_onekernel(x, w, a, b, pos, rank=16):
@@ -667,6 +707,8 @@ def main():
                    help="every shape: ws_gemm against ws_streamed_matmul, the latter with and without LoRA K-steps")
     p.add_argument("--onekernel", action="store_true",
                    help="every shape: ws_lora_gemm (GEMM + shrink + expand of 8 adapters) against the plain GEMM")
+    p.add_argument("--chunked", action="store_true",
+                   help="with --onekernel: the shrink split into K-chunks (shrink_chunks) instead of whole")
     p.add_argument("--rows", type=int, default=None, help="only the shapes of this many rows (128 or 256)")
     p.add_argument("--check", action="store_true",
                    help="only check our kernels in the interpreter and lower their tilings for CUDA (CPU)")
@@ -690,7 +732,10 @@ def main():
             time_lora(m, n, x, ws, xla_us, bytes_, key)
             continue
         if args.streamed or args.onekernel:
-            (time_streamed if args.streamed else time_onekernel)(m, k, n, x, ws, xla_us, bytes_, key, want)
+            if args.streamed:
+                time_streamed(m, k, n, x, ws, xla_us, bytes_, key, want)
+            else:
+                time_onekernel(m, k, n, x, ws, xla_us, bytes_, key, want, chunked=args.chunked)
             continue
         if args.ws:
             time_ws(m, n, x, ws, xla_us, bytes_, key, want)

@@ -239,16 +239,18 @@ def ws_gemm(x, w, h=None, b=None, *, config: WsGemmConfig, num_sms: int | None =
     return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
 
 
-def store_tile(acc, dst, smem, epi: int):
+def store_tile(acc, dst, smem, epi: int, reduction_op=None):
     """One compute warpgroup's epilogue: its output tile ``acc`` into ``dst`` (global memory) by TMA, in
-    [epi, epi] chunks through ``smem`` (waiting before each chunk until the one before has been read)."""
+    [epi, epi] chunks through ``smem`` (waiting before each chunk until the one before has been read); with
+    ``reduction_op="add"`` added to what ``dst`` holds (a TMA reduction in the L2, in ``dst``'s dtype)."""
     tile_m, tile_n = acc.shape
     for ei in range(tile_m // epi):
         for ej in range(tile_n // epi):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             smem[...] = acc[ei * epi:(ei + 1) * epi, ej * epi:(ej + 1) * epi]
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(smem, dst.at[pl.ds(ei * epi, epi), pl.ds(ej * epi, epi)])
+            plgpu.copy_smem_to_gmem(smem, dst.at[pl.ds(ei * epi, epi), pl.ds(ej * epi, epi)],
+                                    reduction_op=reduction_op)
 
 
 def persistent_kernel(body, out_type, num_sms: int, interpret: bool):
