@@ -208,11 +208,16 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, wg_dim="m", chunks=1, num_sms=132,
     ``tiles_m`` more work items, scheduled first: shrink item ``mi`` runs x's rows ``mi`` against ``a`` (padded
     with zero columns to the CTA tile's width) over the whole K, keeps in each row only its own adapter's
     ``rank`` columns, and stores h by TMA into a second output; its two compute warpgroups then each signal
-    M-tile ``mi``'s global semaphore by ``tiles_n``. The first-split items of M-tile ``mi`` run their K-blocks
+    M-tile ``mi``'s global "h ready" semaphore by 1. The first-split items of M-tile ``mi`` run their K-blocks
     first; before their L / tile_k LoRA K-steps (h and b streamed through the same buffers) the memory
-    warpgroup waits for 2 on that semaphore and takes it, so every launch leaves the semaphores at 0, as
-    ``pl.get_global`` needs (it persists across launches). The shrink items are the first items of CTAs 0 to
-    tiles_m - 1, dispatched first, so a waiting CTA never holds up the item it waits for.
+    warpgroup waits, without taking anything, until that semaphore holds 2 (every warpgroup's signal), then
+    signals a "passed" semaphore. The CTA that ran item (mi, 0, 0) takes both back at its very end (once all
+    ``tiles_n`` waiters have passed), so every launch leaves the semaphores at 0, as ``pl.get_global`` needs
+    (it persists across launches). Waits that take, as the first form's did (each signal added ``tiles_n``,
+    each waiter took 2), let waiters pass on one warpgroup's signal alone (the run-2 errors at the o
+    projection, 128 rows) and serialize the waiters' compare-and-swap loops on one word. The shrink items are
+    the first items of CTAs 0 to tiles_m - 1, dispatched first, so a waiting CTA never holds up the item it
+    waits for.
 
     ``sync=False`` drops the semaphores: correct only when one CTA runs every item in order (``num_sms=1``),
     which is how Mosaic GPU's interpreter checks the rest (it cannot run global semaphores).
@@ -221,7 +226,7 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, wg_dim="m", chunks=1, num_sms=132,
     CTA's bandwidth made the whole-K shrink item 20-100 us long: twenty-eighth session, run 1). Chunk 0 stores
     its masked partial h; the others wait for that store (a second set of semaphores, one per M-tile and
     warpgroup) and add theirs to it by TMA reduction in bf16. The expand waits for all ``2 * chunks``
-    signals. Device only: the interpreter has neither semaphores nor TMA reductions."""
+    signals of its "h ready". Device only: the interpreter has neither semaphores nor TMA reductions."""
     cta_n = WsGemmConfig(wg_dim=wg_dim, **{k: v for k, v in knobs.items() if k in ("tile_m", "tile_n")}).cta_tile[1]
     (m, k), n, lora = x.shape, w.shape[1], a.shape[1]
     tile_k = knobs.get("tile_k", 64)
@@ -279,8 +284,10 @@ def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16,
             x_gmem, w_gmem, a_gmem, b_gmem, pos_gmem, o_gmem, h_gmem = refs
         else:
             x_gmem, w_gmem, h_gmem, b_gmem, o_gmem = refs if lora_blocks else (*refs[:2], None, None, refs[2])
-        # [0, tiles_m): M-tile mi's h is complete; then (mi, wg): chunk 0's warpgroup wg has stored its part
-        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((3 * tiles_m,))) if shrinking and sync else None
+        # [0, tiles_m): M-tile mi's h is complete ("h ready"); then (mi, wg): chunk 0's warpgroup wg has stored
+        # its part; then mi: how many of its tiles_n waiters have passed
+        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((4 * tiles_m,))) if shrinking and sync else None
+        ready, passed = (lambda mi: sems.at[mi]), (lambda mi: sems.at[3 * tiles_m + mi])
         shrink_scratch = dict(h_out_smem=plgpu.SMEM((2, epi, epi), x.dtype),
                               pos_smem=plgpu.SMEM((2, tile_m), jnp.int32),
                               pos_ready=plgpu.Barrier(num_barriers=2)) if shrinking else {}
@@ -329,7 +336,9 @@ def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16,
                                 if sems is not None:
                                     @pl.when(s == k_blocks)  # this M-tile's h is stored: both warpgroups signalled
                                     def _():
-                                        plgpu.semaphore_wait(sems.at[mi], 2 * chunks, memory_scope="gpu")
+                                        plgpu.semaphore_wait(ready(mi), 2 * chunks, decrement=False,
+                                                             memory_scope="gpu")
+                                        plgpu.semaphore_signal(passed(mi), 1, memory_scope="gpu")
                                 ll = pl.ds((s - k_blocks) * tile_k, tile_k)
                                 plgpu.copy_gmem_to_smem(h_gmem.at[rows, ll], x_smem.at[slot], full.at[slot])
                                 plgpu.copy_gmem_to_smem(b_gmem.at[ll, cols], w_smem.at[slot], full.at[slot])
@@ -338,6 +347,12 @@ def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16,
                     return lax.fori_loop(0, item_steps(shrink, si), step, carry)
 
                 await_last_releases(empty, total, steps)
+                if sems is not None:
+                    for mi in range(tiles_m):  # every waiter of M-tile mi has passed: both semaphores back to 0
+                        @pl.when(lax.axis_index("sm") == (n_shrink + mi) % num_sms)
+                        def _(mi=mi):
+                            plgpu.semaphore_wait(passed(mi), tiles_n, memory_scope="gpu")
+                            plgpu.semaphore_wait(ready(mi), 2 * chunks, memory_scope="gpu")
 
             @pl.when(wg < 2)
             def _compute():
@@ -396,7 +411,7 @@ def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16,
                                         store_tile(part, dst, h_out_smem.at[wg], epi, reduction_op="add")
                                 if sems is not None:
                                     plgpu.wait_smem_to_gmem(0)  # h is in global memory before the signal
-                                    plgpu.semaphore_signal(sems.at[mi], tiles_n, memory_scope="gpu")
+                                    plgpu.semaphore_signal(ready(mi), 1, memory_scope="gpu")
 
                         def store_out():
                             out = o_gmem.at[rows, cols] if split_k == 1 else o_gmem.at[si, rows, cols]
@@ -544,7 +559,7 @@ def lowering_check():
         tilings += [(ws_splitk_matmul, dict(c, steps=ws_steps_that_fit(c, 128)), 4) for c in WS_CONFIGS]
         tilings += [(ws_streamed_matmul, c, nargs) for c in streamed_configs(m, k, n) for nargs in (2, 4)]
         tilings += [(ws_lora_gemm, dict(c, steps=onekernel_steps(c), chunks=ch), 5) for c in streamed_configs(m, k, n)
-                    for ch in (1, *shrink_chunks(k))]
+                    for ch in shrink_chunks(k)]
         for fn, c, nargs in tilings:  # nargs 4: with the LoRA operands h and b
             try:
                 export.export(jax.jit(functools.partial(fn, **c)), platforms=["cuda"])(
@@ -654,8 +669,9 @@ def check_fresh(gemm, x2, w, packed):
 
 
 def shrink_chunks(k, tile_k=64):
-    """The shrink's K-chunk counts ``--onekernel --chunked`` times: 4-8 K-blocks per chunk."""
-    return (8, 16) if k // tile_k == 64 else (28, 56)
+    """The shrink's K-chunk counts ``--onekernel --chunked`` times: whole, and 8 K-blocks per chunk (4 were no
+    faster in run 2)."""
+    return (1, 8) if k // tile_k == 64 else (1, 28)
 
 
 def ref_onekernel(x, w, a, b, pos, rank=16):
