@@ -225,7 +225,8 @@ def ws_lora_gemm(x, w, a, b, pos, *, rank=16, wg_dim="m", chunks=1, num_sms=132,
     ``chunks`` > 1 splits each M-tile's shrink over that many K-chunks, ``tiles_m * chunks`` shrink items (one
     CTA's bandwidth made the whole-K shrink item 20-100 us long: twenty-eighth session, run 1). Chunk 0 stores
     its masked partial h; the others wait for that store (a second set of semaphores, one per M-tile and
-    warpgroup) and add theirs to it by TMA reduction in bf16. The expand waits for all ``2 * chunks``
+    warpgroup, again waited on without taking: the taking waits of run 3 serialized the chunks on one word,
+    +7-20 us at o and down) and add theirs to it by TMA reduction in bf16. The expand waits for all ``2 * chunks``
     signals of its "h ready". Device only: the interpreter has neither semaphores nor TMA reductions."""
     cta_n = WsGemmConfig(wg_dim=wg_dim, **{k: v for k, v in knobs.items() if k in ("tile_m", "tile_n")}).cta_tile[1]
     (m, k), n, lora = x.shape, w.shape[1], a.shape[1]
@@ -353,6 +354,8 @@ def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16,
                         def _(mi=mi):
                             plgpu.semaphore_wait(passed(mi), tiles_n, memory_scope="gpu")
                             plgpu.semaphore_wait(ready(mi), 2 * chunks, memory_scope="gpu")
+                            for wg_ in range(2 if chunks > 1 else 0):  # every chunk signalled "ready" after its wait
+                                plgpu.semaphore_wait(sems.at[tiles_m + 2 * mi + wg_], 1, memory_scope="gpu")
 
             @pl.when(wg < 2)
             def _compute():
@@ -402,12 +405,12 @@ def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16,
                                     store_tile(part, dst, h_out_smem.at[wg], epi)
                                     if chunks > 1:
                                         plgpu.wait_smem_to_gmem(0)
-                                        plgpu.semaphore_signal(stored, chunks - 1, memory_scope="gpu")
+                                        plgpu.semaphore_signal(stored, 1, memory_scope="gpu")
 
                                 if chunks > 1:
                                     @pl.when(si > 0)
                                     def _():
-                                        plgpu.semaphore_wait(stored, 1, memory_scope="gpu")
+                                        plgpu.semaphore_wait(stored, 1, decrement=False, memory_scope="gpu")
                                         store_tile(part, dst, h_out_smem.at[wg], epi, reduction_op="add")
                                 if sems is not None:
                                     plgpu.wait_smem_to_gmem(0)  # h is in global memory before the signal
@@ -559,7 +562,7 @@ def lowering_check():
         tilings += [(ws_splitk_matmul, dict(c, steps=ws_steps_that_fit(c, 128)), 4) for c in WS_CONFIGS]
         tilings += [(ws_streamed_matmul, c, nargs) for c in streamed_configs(m, k, n) for nargs in (2, 4)]
         tilings += [(ws_lora_gemm, dict(c, steps=onekernel_steps(c), chunks=ch), 5) for c in streamed_configs(m, k, n)
-                    for ch in shrink_chunks(k)]
+                    for ch in (1, *shrink_chunks(k))]
         for fn, c, nargs in tilings:  # nargs 4: with the LoRA operands h and b
             try:
                 export.export(jax.jit(functools.partial(fn, **c)), platforms=["cuda"])(
@@ -669,9 +672,9 @@ def check_fresh(gemm, x2, w, packed):
 
 
 def shrink_chunks(k, tile_k=64):
-    """The shrink's K-chunk counts ``--onekernel --chunked`` times: whole, and 8 K-blocks per chunk (4 were no
-    faster in run 2)."""
-    return (1, 8) if k // tile_k == 64 else (1, 28)
+    """The shrink's K-chunk count ``--onekernel --chunked`` times: 8 K-blocks per chunk (4 were no faster in
+    run 2; the whole K, run 3, was 4-114 us slower)."""
+    return (8,) if k // tile_k == 64 else (28,)
 
 
 def ref_onekernel(x, w, a, b, pos, rank=16):
