@@ -562,7 +562,7 @@ def lowering_check():
         tilings += [(ws_splitk_matmul, dict(c, steps=ws_steps_that_fit(c, 128)), 4) for c in WS_CONFIGS]
         tilings += [(ws_streamed_matmul, c, nargs) for c in streamed_configs(m, k, n) for nargs in (2, 4)]
         tilings += [(ws_lora_gemm, dict(c, steps=onekernel_steps(c), chunks=ch), 5) for c in streamed_configs(m, k, n)
-                    for ch in (1, *shrink_chunks(k))]
+                    for ch in (1, *shrink_chunks(m, k, n, c))]
         for fn, c, nargs in tilings:  # nargs 4: with the LoRA operands h and b
             try:
                 export.export(jax.jit(functools.partial(fn, **c)), platforms=["cuda"])(
@@ -645,7 +645,6 @@ def time_onekernel(m, k, n, x, ws, xla_us, bytes_, key, want, chunked=False):
     tilings, against the plain ``ws_streamed_matmul``. A run of its own: a semaphore mistake hangs the kernel,
     and ``timeout`` should then cost no other numbers."""
     packed = packed_adapters(m, k, n, key)
-    chunk_choices = shrink_chunks(k) if chunked else (1,)
     want_lora = ref_onekernel(x, ws[0], **packed)
     # a second x, run once: a semaphore that lets an expand read h before its shrink stored it shows here even
     # where the timed launches' h buffer still holds the previous launch's (equal) h
@@ -653,7 +652,7 @@ def time_onekernel(m, k, n, x, ws, xla_us, bytes_, key, want, chunked=False):
     for c in streamed_configs(m, k, n):
         one = dict(c, steps=onekernel_steps(c))
         report(f"streamed {one}", functools.partial(ws_streamed_matmul, **one), x, ws, xla_us, bytes_, want)
-        for chunks in chunk_choices:
+        for chunks in shrink_chunks(m, k, n, c) if chunked else (1,):
             gemm = functools.partial(ws_lora_gemm, **one, **packed, chunks=chunks)
             report(f"one kernel: GEMM + shrink ({chunks} K-chunks) + expand {one}", gemm, x, ws, xla_us, bytes_,
                    want_lora)
@@ -671,10 +670,16 @@ def check_fresh(gemm, x2, w, packed):
         print(f"    fresh x: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
-def shrink_chunks(k, tile_k=64):
-    """The shrink's K-chunk count ``--onekernel --chunked`` times: 8 K-blocks per chunk (4 were no faster in
-    run 2; the whole K, run 3, was 4-114 us slower)."""
-    return (8,) if k // tile_k == 64 else (28,)
+def shrink_chunks(m, k, n, c, num_sms=132, tile_k=64):
+    """The shrink's K-chunk counts ``--onekernel --chunked`` times: 8 K-blocks per chunk (4 were no faster in
+    run 2; the whole K, run 3, was 4-114 us slower), and where the GEMM items leave CTAs idle, as many chunks as
+    fill them (a divisor of K's blocks), so that no CTA runs a chunk and then a GEMM item (run 4: the shapes
+    of about one wave, o and down, paid 5-14 us)."""
+    cta_m, cta_n = WsGemmConfig(c["tile_m"], c.get("tile_n", 128), c["wg_dim"]).cta_tile
+    tiles_m, blocks = m // cta_m, k // tile_k
+    idle = num_sms - tiles_m * c["split_k"] * (n // cta_n)
+    fill = max([d for d in range(1, blocks + 1) if blocks % d == 0 and d * tiles_m <= idle], default=None)
+    return tuple(sorted({blocks // 8, *([fill] if fill else [])}))
 
 
 def ref_onekernel(x, w, a, b, pos, rank=16):
