@@ -1,0 +1,123 @@
+"""The one-launch LoRA GEMM (``pallas_kernels.ws_lora``) against its reference in Mosaic GPU's interpreter
+(one CTA, one shrink chunk, no semaphores: what the interpreter can run), and its GPU form (semaphores,
+chunked shrink with TMA reductions) lowered for CUDA on the CPU."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from pallas_kernels.ws_gemm import WsGemmConfig
+from pallas_kernels.ws_lora import (
+    WS_LORA_TABLE,
+    WsLoraConfig,
+    lora_steps_that_fit,
+    ref_ws_lora_gemm,
+    ws_lora_config,
+    ws_lora_gemm,
+)
+
+f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+
+
+def _operands(key, m, k, n, targets, lora, rank, ints=True):
+    """x, w, a, b and pos (about a third of the rows without an adapter). Entries in {-1, 0, 1} keep h and y
+    exact in bf16, so any difference from the reference is a wrong tile, row or column."""
+    keys = jax.random.split(key, 5)
+    shapes = ((m, k), (k, n), (targets, k, lora), (lora, n))
+    if ints:
+        x, w, a, b = (jax.random.randint(kk, s, -1, 2).astype(jnp.bfloat16) for kk, s in zip(keys, shapes))
+    else:
+        x, w, a, b = (jax.random.normal(kk, s, jnp.float32).astype(jnp.bfloat16) for kk, s in zip(keys, shapes))
+    pos = jax.random.randint(keys[4], (m,), -1, lora // rank).at[0].set(0)
+    return x, w, a, b, pos
+
+
+def _interleaved(group):
+    """The fused q/k/v layout: per KV head, ``group`` q heads, then k, then v (one CTA tile per head)."""
+    return lambda ni: jnp.maximum(ni % (group + 2) - (group - 1), 0)
+
+
+@pytest.mark.parametrize("m, k, n, gemm, lora, targets", [
+    (128, 256, 256, WsGemmConfig(64, 128, "m", split_k=1, steps=2), 128, 1),
+    (128, 512, 512, WsGemmConfig(64, 128, "n", split_k=2, steps=3), 128, 1),    # a padded to the 256-wide tile
+    (256, 256, 256, WsGemmConfig(64, 128, "m", split_k=1, steps=2), 64, 1),
+    (128, 256, 512, WsGemmConfig(64, 64, "m", split_k=2, steps=2), 64, 3),      # q/k/v: 2 KV heads of 2 + 2
+    (128, 256, 512, WsGemmConfig(64, 64, "n", split_k=1, steps=2), 128, 2),     # gate/up: two halves
+])
+def test_ws_lora_gemm_exact_on_integers(m, k, n, gemm, lora, targets):
+    x, w, a, b, pos = _operands(jax.random.key(m + k + n + lora + targets), m, k, n, targets, lora, 16)
+    cta_n = gemm.cta_tile[1]
+    tile_target = {1: None, 2: lambda ni: ni * cta_n // (n // 2), 3: _interleaved(2)}[targets]
+    got = ws_lora_gemm(x, w, a, b, pos, config=WsLoraConfig(gemm, chunks=2), rank=16, tile_target=tile_target,
+                       interpret=True)
+    want = ref_ws_lora_gemm(x, w, a, b, pos, rank=16, tile_target=tile_target, cta_n=cta_n)
+    np.testing.assert_array_equal(f32(got), f32(want))
+    # the LoRA terms are there, each target's in its own columns: without them the result differs
+    assert np.abs(f32(want) - f32(x) @ f32(w)).max() >= 1
+    if targets > 1:  # in each other target's columns, target 0's h would have given something else
+        only_first = f32(ref_ws_lora_gemm(x, w, a, b, pos, rank=16, tile_target=lambda ni: 0 * ni, cta_n=cta_n))
+        col_target = np.repeat([int(tile_target(jnp.int32(i))) for i in range(n // cta_n)], cta_n)
+        for t in range(1, targets):
+            assert np.abs(f32(want) - only_first)[:, col_target == t].max() >= 1
+
+
+def test_ws_lora_gemm_matches_reference_on_normal_inputs():
+    x, w, a, b, pos = _operands(jax.random.key(7), 128, 512, 256, 1, 128, 16, ints=False)
+    gemm = WsGemmConfig(64, 128, "m", split_k=2, steps=3)
+    got = ws_lora_gemm(x, w, a, b, pos, config=WsLoraConfig(gemm), rank=16, interpret=True)
+    want = ref_ws_lora_gemm(x, w, a, b, pos, rank=16)
+    np.testing.assert_allclose(f32(got), f32(want), rtol=2e-2, atol=0.25)  # bf16 outputs of magnitude ~30
+    # a row's adapter position matters: the same call with every row on adapter 0 gives another result
+    other = ws_lora_gemm(x, w, a, b, jnp.zeros_like(pos), config=WsLoraConfig(gemm), rank=16, interpret=True)
+    assert np.abs(f32(other) - f32(got)).max() > 1
+
+
+def test_ws_lora_gemm_rejects_bad_input():
+    x, w, a, b, pos = _operands(jax.random.key(0), 128, 256, 256, 1, 128, 16)
+    ok = WsLoraConfig(WsGemmConfig(64, 128, "m", steps=2), chunks=2)
+    with pytest.raises(ValueError, match="a \\[T, K, L\\]"):
+        ws_lora_gemm(x, w, a[0], b, pos, config=ok, rank=16, interpret=True)
+    with pytest.raises(ValueError, match="pos"):
+        ws_lora_gemm(x, w, a, b, pos[:64], config=ok, rank=16, interpret=True)
+    with pytest.raises(ValueError, match="multiple of the rank 48"):
+        ws_lora_gemm(x, w, a, b, pos, config=ok, rank=48, interpret=True)
+    with pytest.raises(ValueError, match="at most the CTA tile's 64 columns"):
+        ws_lora_gemm(x, w, a, b, pos, config=WsLoraConfig(WsGemmConfig(64, 64, "m", steps=2)), rank=16,
+                     interpret=True)
+    with pytest.raises(ValueError, match="chunks \\(3\\) must divide"):
+        ws_lora_gemm(x, w, a, b, pos, config=WsLoraConfig(ok.gemm, chunks=3), rank=16, interpret=True)
+    with pytest.raises(ValueError, match="2 targets needs tile_target"):
+        ws_lora_gemm(x, w, jnp.concatenate([a, a]), b, pos, config=ok, rank=16, interpret=True)
+    with pytest.raises(ValueError, match="holds 5 pipeline steps, not 6"):
+        ws_lora_gemm(x, w, a, b, pos, config=WsLoraConfig(WsGemmConfig(64, 128, "m", split_k=2, steps=6), 2),
+                     rank=16, interpret=True)
+
+
+def test_ws_lora_table():
+    assert ws_lora_config(256, 4096, 6144).gemm.cta_tile == (128, 128)  # fused q/k/v: one head per CTA tile
+    assert ws_lora_config(64, 4096, 4096) is None
+    for (m, k, n), c in WS_LORA_TABLE.items():  # every entry divides its shape, fits, and holds 8 rank-16 adapters
+        cta_m, cta_n = c.gemm.cta_tile
+        assert m % cta_m == 0 and n % cta_n == 0 and k % (c.gemm.tile_k * c.gemm.split_k) == 0
+        assert (k // c.gemm.tile_k) % c.chunks == 0 and cta_n >= 128
+        assert lora_steps_that_fit(c.gemm) == c.gemm.steps
+
+
+@pytest.mark.parametrize("shape, targets", [((128, 4096, 6144), 3), ((256, 14336, 4096), 1)])
+def test_ws_lora_gemm_gpu_form_lowers_for_cuda(shape, targets):
+    """The semaphores, the chunked shrink and its TMA reductions, which the interpreter cannot run, lower for
+    CUDA at table entries (Mosaic GPU's own checks, shared memory among them, run here)."""
+    m, k, n = shape
+    config = ws_lora_config(m, k, n)
+    assert config.chunks > 1
+    call = functools.partial(ws_lora_gemm, config=config, rank=16, num_sms=132,
+                             tile_target=_interleaved(4) if targets == 3 else None)
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, k), (k, n), (targets, k, 128), (128, n))]
+    exported = export.export(jax.jit(call), platforms=["cuda"])(*args, jax.ShapeDtypeStruct((m,), jnp.int32))
+    assert "mosaic_gpu" in exported.mlir_module()
