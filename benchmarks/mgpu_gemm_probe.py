@@ -6,43 +6,41 @@ over a few tilings, against ``jnp.dot`` (XLA: cuBLAS or its Triton GEMM), for th
 it out of the 60 MB L2.
 
     PYTHONPATH=. python benchmarks/mgpu_gemm_probe.py
-        [--splitk-only | --lora | --ws | --streamed | --onekernel | --check] [--rows 128|256]
+        [--splitk-only | --lora | --ws | --onekernel [--chunked] | --check] [--rows 128|256]
 
 It also times ``splitk_matmul``, a persistent Mosaic GPU GEMM of our own with split-K, at the o and down
 projections (N = 4096), where the library kernel has too few output tiles; ``--lora`` times it at every
 projection with and without the LoRA expand of 8 rank-16 adapters as extra K-steps (a second pipeline, or
 prefetched). ``--ws`` times ``ws_splitk_matmul``, the same with a memory warpgroup and two compute warpgroups
-per CTA (now ``pallas_kernels.ws_gemm``), at every projection. ``--streamed`` times ``ws_streamed_matmul``, that
-kernel on a pipeline of our own that streams the LoRA tiles through the x and w buffers, beside it.
-``--onekernel`` times ``ws_lora_gemm``, which also computes the shrink of 8 packed adapters inside the same
-kernel (extra work items that signal global semaphores). ``--check`` runs them all in Mosaic GPU's interpreter
-on the CPU against f32 matmuls and lowers every timed tiling for CUDA (Mosaic GPU's shared-memory check runs
-there; the passes after it, which reject ops the target lacks, run only in the CUDA plugin on the GPU).
+per CTA (now ``pallas_kernels.ws_gemm``), at every projection. ``--onekernel`` times
+``pallas_kernels.ws_lora.ws_lora_gemm``, which also computes the shrink and expand of 8 packed adapters inside
+the same kernel (extra work items that signal global semaphores; ``--chunked``: the shrink split into
+K-chunks), against ``ws_gemm`` at the same tiling. ``--check`` runs ``splitk_matmul`` and ``ws_gemm`` in Mosaic
+GPU's interpreter on the CPU against f32 matmuls (``tests/test_ws_lora.py`` checks the one-kernel form) and
+lowers every timed tiling for CUDA (Mosaic GPU's shared-memory check runs there; the passes after it, which
+reject ops the target lacks, run only in the CUDA plugin on the GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_profile import kernel_times  # noqa: E402
 
 from pallas_kernels.ws_gemm import (  # noqa: E402
-    SMEM_BYTES,
     WsGemmConfig,
-    check_ws_gemm,
-    persistent_kernel,
-    store_tile,
     ws_gemm,
 )
 from pallas_kernels.ws_gemm import ws_steps_that_fit as _ws_steps_that_fit  # noqa: E402
+from pallas_kernels.ws_lora import WsLoraConfig, lora_steps_that_fit, ref_ws_lora_gemm, ws_lora_gemm  # noqa: E402
 
 SHAPES = [(m, k, n) for m in (128, 256) for k, n in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))]
 
@@ -166,278 +164,6 @@ def ws_splitk_matmul(x, w, h=None, b=None, *, num_sms=132, interpret=False, **kn
     return ws_gemm(x, w, h, b, config=WsGemmConfig(**knobs), num_sms=num_sms, interpret=interpret)
 
 
-def await_last_releases(empty, total, steps):
-    """The memory warpgroup's last waits: the compute warpgroups' releases of the last min(total, steps) of the
-    ``total`` pipeline steps, each awaited once, so no barrier is left mid-phase when the scratch goes away."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    last = jnp.minimum(total, steps)
-
-    def drain(j, carry):
-        plgpu.barrier_wait(empty.at[(total - last + j) % steps])
-        return carry
-    lax.fori_loop(0, last, drain, None)
-
-
-def ws_streamed_matmul(x, w, h=None, b=None, *, num_sms=132, interpret=False, **knobs):
-    """``ws_gemm`` with a pipeline of our own instead of ``emit_pipeline_warp_specialized``, for the LoRA
-    K-steps: the memory warpgroup streams the h and B tiles of each first-split item through the same ``steps``
-    shared-memory buffers as x and w, as L / tile_k more K-steps, so they cost no pipeline depth (``ws_gemm``'s
-    own LoRA tiles take 2 of the 4 steps of a 128 x 256 CTA tile: gate/up +20 us at 256 rows, twenty-seventh
-    session). The pipeline also runs on from one work item into the next without draining: the memory
-    warpgroup fetches the next item's first blocks while the compute warpgroups finish the current one and
-    store it. A global step count (carried through the work items, the same in all three warpgroups) picks
-    each step's buffer; "full" barriers (the two TMA copies of a step) and "empty" ones (both compute
-    warpgroups done with it) pair the warpgroups. Knobs as ``ws_splitk_matmul``'s. Not timed yet
-    (``--streamed``)."""
-    tile_k = knobs.get("tile_k", 64)
-    if (h is None) != (b is None) or (h is not None and (h.shape != (x.shape[0], h.shape[1]) or h.shape[1] % tile_k
-                                                         or b.shape != (h.shape[1], w.shape[1]))):
-        raise ValueError(f"h [M, L] and b [L, N] together, L a multiple of {tile_k}, got "
-                         f"{getattr(h, 'shape', None)} and {getattr(b, 'shape', None)}")
-    return _ws_pipelined(x, w, b, h=h, num_sms=num_sms, interpret=interpret, **knobs)
-
-
-def ws_lora_gemm(x, w, a, b, pos, *, rank=16, wg_dim="m", chunks=1, num_sms=132, sync=True, interpret=False,
-                 **knobs):
-    """y = x @ w + mask(x @ a) @ b in one persistent kernel: the GEMM, the LoRA shrink of a batch's packed
-    adapters and their expand, with no LoRA kernel beside it or before it (KERNELS_NOTES, "Open").
-
-    x [M, K], w [K, N]; a [K, L] and b [L, N] the packed A and B of at most L / rank adapters side by side; pos
-    [M] int32 each row's adapter position in them (-1: none). ``ws_streamed_matmul``'s pipeline with
-    ``tiles_m`` more work items, scheduled first: shrink item ``mi`` runs x's rows ``mi`` against ``a`` (padded
-    with zero columns to the CTA tile's width) over the whole K, keeps in each row only its own adapter's
-    ``rank`` columns, and stores h by TMA into a second output; its two compute warpgroups then each signal
-    M-tile ``mi``'s global "h ready" semaphore by 1. The first-split items of M-tile ``mi`` run their K-blocks
-    first; before their L / tile_k LoRA K-steps (h and b streamed through the same buffers) the memory
-    warpgroup waits, without taking anything, until that semaphore holds 2 (every warpgroup's signal), then
-    signals a "passed" semaphore. The CTA that ran item (mi, 0, 0) takes both back at its very end (once all
-    ``tiles_n`` waiters have passed), so every launch leaves the semaphores at 0, as ``pl.get_global`` needs
-    (it persists across launches). Waits that take, as the first form's did (each signal added ``tiles_n``,
-    each waiter took 2), let waiters pass on one warpgroup's signal alone (the run-2 errors at the o
-    projection, 128 rows) and serialize the waiters' compare-and-swap loops on one word. The shrink items are
-    the first items of CTAs 0 to tiles_m - 1, dispatched first, so a waiting CTA never holds up the item it
-    waits for.
-
-    ``sync=False`` drops the semaphores: correct only when one CTA runs every item in order (``num_sms=1``),
-    which is how Mosaic GPU's interpreter checks the rest (it cannot run global semaphores).
-
-    ``chunks`` > 1 splits each M-tile's shrink over that many K-chunks, ``tiles_m * chunks`` shrink items (one
-    CTA's bandwidth made the whole-K shrink item 20-100 us long: twenty-eighth session, run 1). Chunk 0 stores
-    its masked partial h; the others wait for that store (a second set of semaphores, one per M-tile and
-    warpgroup, again waited on without taking: the taking waits of run 3 serialized the chunks on one word,
-    +7-20 us at o and down) and add theirs to it by TMA reduction in bf16. The expand waits for all ``2 * chunks``
-    signals of its "h ready". Device only: the interpreter has neither semaphores nor TMA reductions."""
-    cta_n = WsGemmConfig(wg_dim=wg_dim, **{k: v for k, v in knobs.items() if k in ("tile_m", "tile_n")}).cta_tile[1]
-    (m, k), n, lora = x.shape, w.shape[1], a.shape[1]
-    tile_k = knobs.get("tile_k", 64)
-    if (a.shape != (k, lora) or b.shape != (lora, n) or pos.shape != (m,) or lora % tile_k or lora > cta_n
-            or lora % rank):
-        raise ValueError(f"a [K, L], b [L, N], pos [M] with L a multiple of {tile_k} and of rank {rank}, at most "
-                         f"the CTA tile's {cta_n} columns; got a {a.shape}, b {b.shape}, pos {pos.shape}")
-    if not sync and (num_sms != 1 or chunks != 1):
-        raise ValueError("sync=False is only correct on one CTA (num_sms=1) and one shrink chunk")
-    if (k // tile_k) % chunks:
-        raise ValueError(f"chunks must divide K's {k // tile_k} blocks of {tile_k}, got {chunks}")
-    return _ws_pipelined(x, w, b, a=jnp.pad(a, ((0, 0), (0, cta_n - lora))), pos=pos.astype(jnp.int32), lora=lora,
-                         rank=rank, chunks=chunks, sync=sync, wg_dim=wg_dim, num_sms=num_sms, interpret=interpret,
-                         **knobs)
-
-
-def _ws_pipelined(x, w, b=None, *, h=None, a=None, pos=None, lora=None, rank=16, chunks=1, sync=True, tile_m=64,
-                  tile_n=128, tile_k=64, split_k=1, steps=4, wg_dim="n", epi=64, num_sms=132, interpret=False):
-    """The kernel of ``ws_streamed_matmul`` (b with h given, or neither) and of ``ws_lora_gemm`` (b with a, its
-    columns padded to the CTA tile's, and pos: h made inside, into a second output, by ``tiles_m`` shrink work
-    items scheduled first)."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    cfg = WsGemmConfig(tile_m, tile_n, wg_dim, split_k, steps, tile_k, epi)
-    check_ws_gemm(x, w, None, None, cfg)  # shapes, tiles and shared memory: the LoRA tiles take none of their own
-    (m, k), n = x.shape, w.shape[1]
-    cta_m, cta_n = cfg.cta_tile
-    shrinking = a is not None
-    lora_blocks = 0 if b is None else (lora if shrinking else b.shape[0]) // tile_k
-    tiles_m, tiles_n, k_blocks = m // cta_m, n // cta_n, k // (tile_k * split_k)
-    n_shrink = tiles_m * chunks if shrinking else 0
-    n_items = n_shrink + tiles_m * split_k * tiles_n
-    out_dtype = x.dtype if split_k == 1 else jnp.float32
-
-    def coords(idx):  # (shrink item?, M-tile, K-split or shrink chunk, N-tile): the shrink items first, M fastest
-        if not shrinking:
-            rest = idx // tiles_m
-            return None, idx % tiles_m, rest % split_k, rest // split_k
-        j = jnp.maximum(idx - n_shrink, 0)
-        rest = j // tiles_m
-        shrink = idx < n_shrink
-        return (shrink, jnp.where(shrink, idx % tiles_m, j % tiles_m),
-                jnp.where(shrink, idx // tiles_m, rest % split_k), rest // split_k)
-
-    def gemm_item(shrink, cond=True):  # cond, and a GEMM item (not a shrink one); static without shrink items
-        return jnp.logical_and(~shrink, cond) if shrinking else cond
-
-    def item_steps(shrink, si):
-        steps_ = k_blocks + jnp.where(si == 0, lora_blocks, 0)
-        return jnp.where(shrink, k // tile_k // chunks, steps_) if shrinking else steps_
-
-    def body(*refs):
-        if shrinking:
-            x_gmem, w_gmem, a_gmem, b_gmem, pos_gmem, o_gmem, h_gmem = refs
-        else:
-            x_gmem, w_gmem, h_gmem, b_gmem, o_gmem = refs if lora_blocks else (*refs[:2], None, None, refs[2])
-        # [0, tiles_m): M-tile mi's h is complete ("h ready"); then (mi, wg): chunk 0's warpgroup wg has stored
-        # its part; then mi: how many of its tiles_n waiters have passed
-        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((4 * tiles_m,))) if shrinking and sync else None
-        ready, passed = (lambda mi: sems.at[mi]), (lambda mi: sems.at[3 * tiles_m + mi])
-        shrink_scratch = dict(h_out_smem=plgpu.SMEM((2, epi, epi), x.dtype),
-                              pos_smem=plgpu.SMEM((2, tile_m), jnp.int32),
-                              pos_ready=plgpu.Barrier(num_barriers=2)) if shrinking else {}
-
-        @functools.partial(pl.run_scoped, x_smem=plgpu.SMEM((steps, cta_m, tile_k), x.dtype),
-                           w_smem=plgpu.SMEM((steps, tile_k, cta_n), w.dtype),
-                           out_smem=plgpu.SMEM((2, epi, epi), out_dtype),
-                           full=plgpu.Barrier(num_arrivals=2, num_barriers=steps),
-                           empty=plgpu.Barrier(num_arrivals=2, num_barriers=steps), **shrink_scratch,
-                           collective_axes="wg")
-        def _(x_smem, w_smem, out_smem, full, empty, h_out_smem=None, pos_smem=None, pos_ready=None):
-            wg = lax.axis_index("wg")
-
-            @pl.when(wg == 2)
-            def _memory():
-                plgpu.set_max_registers(40, action="decrease")
-
-                @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
-                def total(info, carry):
-                    shrink, mi, si, ni = coords(info.index[0])
-                    rows, cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
-
-                    def step(s, g):
-                        slot = g % steps
-
-                        @pl.when(g >= steps)  # the first round of buffers is free
-                        def _():
-                            plgpu.barrier_wait(empty.at[slot])
-
-                        if shrinking:
-                            @pl.when(shrink)
-                            def _():
-                                kk = pl.ds((si * (k // tile_k // chunks) + s) * tile_k, tile_k)
-                                plgpu.copy_gmem_to_smem(x_gmem.at[rows, kk], x_smem.at[slot], full.at[slot])
-                                plgpu.copy_gmem_to_smem(a_gmem.at[kk], w_smem.at[slot], full.at[slot])
-
-                        @pl.when(gemm_item(shrink, s < k_blocks))
-                        def _():
-                            kk = pl.ds((si * k_blocks + s) * tile_k, tile_k)
-                            plgpu.copy_gmem_to_smem(x_gmem.at[rows, kk], x_smem.at[slot], full.at[slot])
-                            plgpu.copy_gmem_to_smem(w_gmem.at[kk, cols], w_smem.at[slot], full.at[slot])
-
-                        if lora_blocks:
-                            @pl.when(gemm_item(shrink, s >= k_blocks))
-                            def _():
-                                if sems is not None:
-                                    @pl.when(s == k_blocks)  # this M-tile's h is stored: both warpgroups signalled
-                                    def _():
-                                        plgpu.semaphore_wait(ready(mi), 2 * chunks, decrement=False,
-                                                             memory_scope="gpu")
-                                        plgpu.semaphore_signal(passed(mi), 1, memory_scope="gpu")
-                                ll = pl.ds((s - k_blocks) * tile_k, tile_k)
-                                plgpu.copy_gmem_to_smem(h_gmem.at[rows, ll], x_smem.at[slot], full.at[slot])
-                                plgpu.copy_gmem_to_smem(b_gmem.at[ll, cols], w_smem.at[slot], full.at[slot])
-                        return g + 1
-
-                    return lax.fori_loop(0, item_steps(shrink, si), step, carry)
-
-                await_last_releases(empty, total, steps)
-                if sems is not None:
-                    for mi in range(tiles_m):  # every waiter of M-tile mi has passed: both semaphores back to 0
-                        @pl.when(lax.axis_index("sm") == (n_shrink + mi) % num_sms)
-                        def _(mi=mi):
-                            plgpu.semaphore_wait(passed(mi), tiles_n, memory_scope="gpu")
-                            plgpu.semaphore_wait(ready(mi), 2 * chunks, memory_scope="gpu")
-                            for wg_ in range(2 if chunks > 1 else 0):  # every chunk signalled "ready" after its wait
-                                plgpu.semaphore_wait(sems.at[tiles_m + 2 * mi + wg_], 1, memory_scope="gpu")
-
-            @pl.when(wg < 2)
-            def _compute():
-                plgpu.set_max_registers(232, action="increase")
-                wg_m = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
-                wg_n = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
-
-                @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
-                def _(info, carry):
-                    shrink, mi, si, ni = coords(info.index[0])
-                    rows, cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
-
-                    def run(acc_ref):
-                        def step(s, g):
-                            slot = g % steps
-                            plgpu.barrier_wait(full.at[slot])
-                            plgpu.wgmma(acc_ref, x_smem.at[slot].at[wg_m], w_smem.at[slot].at[:, wg_n])
-                            plgpu.wgmma_wait(1)  # the step before is done: its buffer goes back
-
-                            @pl.when(s > 0)
-                            def _():
-                                plgpu.barrier_arrive(empty.at[(g - 1) % steps])
-                            return g + 1
-
-                        g = lax.fori_loop(0, item_steps(shrink, si), step, carry)
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(empty.at[(g - 1) % steps])
-                        acc = acc_ref[...]
-
-                        if shrinking:
-                            @pl.when(shrink)
-                            def _():
-                                wg_row0 = mi * cta_m + (wg * tile_m if wg_dim == "m" else 0)
-                                plgpu.copy_gmem_to_smem(pos_gmem.at[pl.ds(wg_row0, tile_m)], pos_smem.at[wg],
-                                                        pos_ready.at[wg])
-                                plgpu.barrier_wait(pos_ready.at[wg])
-                                row_pos = plgpu.load(pos_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-                                col = plgpu.broadcasted_iota(jnp.int32, (tile_m, tile_n), 1, layout=plgpu.Layout.WGMMA)
-                                col0 = wg * tile_n if wg_dim == "n" else 0
-                                keep = (col + col0) // rank == row_pos[:, None]
-                                part = jnp.where(keep, acc, 0.0).astype(x.dtype)
-                                dst = h_gmem.at[rows, :].at[wg_m, wg_n]
-                                stored = sems.at[tiles_m + 2 * mi + wg] if sems is not None else None
-
-                                @pl.when(si == 0)
-                                def _():
-                                    store_tile(part, dst, h_out_smem.at[wg], epi)
-                                    if chunks > 1:
-                                        plgpu.wait_smem_to_gmem(0)
-                                        plgpu.semaphore_signal(stored, 1, memory_scope="gpu")
-
-                                if chunks > 1:
-                                    @pl.when(si > 0)
-                                    def _():
-                                        plgpu.semaphore_wait(stored, 1, decrement=False, memory_scope="gpu")
-                                        store_tile(part, dst, h_out_smem.at[wg], epi, reduction_op="add")
-                                if sems is not None:
-                                    plgpu.wait_smem_to_gmem(0)  # h is in global memory before the signal
-                                    plgpu.semaphore_signal(ready(mi), 1, memory_scope="gpu")
-
-                        def store_out():
-                            out = o_gmem.at[rows, cols] if split_k == 1 else o_gmem.at[si, rows, cols]
-                            store_tile(acc.astype(out_dtype), out.at[wg_m, wg_n], out_smem.at[wg], epi)
-                        if shrinking:
-                            pl.when(~shrink)(store_out)
-                        else:
-                            store_out()
-                        return g
-
-                    return pl.run_scoped(run, plgpu.ACC((tile_m, tile_n), jnp.float32))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    y_type = jax.ShapeDtypeStruct((m, n) if split_k == 1 else (split_k, m, n), out_dtype)
-    if shrinking:
-        kernel = persistent_kernel(body, (y_type, jax.ShapeDtypeStruct((m, cta_n), x.dtype)), num_sms, interpret)
-        y, _ = kernel(x, w, a, b, pos)
-    else:
-        kernel = persistent_kernel(body, y_type, num_sms, interpret)
-        y = kernel(x, w) if h is None else kernel(x, w, h, b)
-    return y if split_k == 1 else jnp.sum(y, axis=0).astype(x.dtype)
-
-
 # ``--ws`` (twenty-seventh session, runs 1-2): two 64- or 128-row warpgroup tiles side by side or stacked,
 # split 1 / 2 / 4.
 def ws_steps_that_fit(cfg, lora_k=0):
@@ -502,39 +228,6 @@ def check():
                   flush=True)
             if err:
                 raise SystemExit("ws_splitk_matmul does not match")
-    # the streamed pipeline: one CTA runs every work item back to back (the pipeline carried across items and
-    # K-splits), 3 leave some with one item, 8 some with none
-    for m, k, n, cfg, lora, sms in ((128, 512, 256, dict(tile_m=64, split_k=2, steps=3, wg_dim="m"), 128, 3),
-                                    (256, 256, 512, dict(tile_m=128, split_k=1, steps=2, wg_dim="n"), 64, 3),
-                                    (128, 512, 512, dict(tile_m=64, split_k=2, steps=4, wg_dim="n"), 128, 1),
-                                    (128, 256, 256, dict(tile_m=64, split_k=1, steps=2, wg_dim="n"), 128, 8),
-                                    (128, 512, 128, dict(tile_m=64, tile_n=64, split_k=4, steps=2, wg_dim="n"), 0, 3)):
-        keys = jax.random.split(jax.random.key(m + k + n + lora), 4)
-        x, w, h, b = (jax.random.randint(key, shape, -2, 3).astype(jnp.bfloat16)
-                      for key, shape in zip(keys, ((m, k), (k, n), (m, lora), (lora, n))))
-        got = ws_streamed_matmul(x, w, *((h, b) if lora else ()), num_sms=sms, interpret=True, **cfg)
-        err = float(jnp.max(jnp.abs(f32(got) - f32(x) @ f32(w) - (f32(h) @ f32(b) if lora else 0))))
-        print(f"check ws_streamed_matmul M={m} K={k} N={n} {cfg} LoRA K={lora} on {sms} CTAs: max |diff| {err}",
-              flush=True)
-        if err:
-            raise SystemExit("ws_streamed_matmul does not match")
-    # the one-kernel form on one CTA without its semaphores (the interpreter cannot run global ones; one CTA
-    # runs the shrink items first): entries in {-1, 0, 1} keep h and y exact in bf16; rows without an adapter
-    # (-1); 128 packed columns over two 64-column warpgroup tiles (each warpgroup masks its own columns)
-    for m, k, n, cfg, lora in ((128, 256, 256, dict(tile_m=64, split_k=1, steps=2, wg_dim="m"), 128),
-                               (128, 512, 512, dict(tile_m=64, split_k=2, steps=3, wg_dim="n"), 128),
-                               (256, 256, 256, dict(tile_m=64, split_k=1, steps=2, wg_dim="m"), 64),
-                               (128, 256, 256, dict(tile_m=64, tile_n=64, split_k=1, steps=2, wg_dim="n"), 128)):
-        keys = jax.random.split(jax.random.key(m + n + lora), 5)
-        x, w, a, b = (jax.random.randint(key, shape, -1, 2).astype(jnp.bfloat16)
-                      for key, shape in zip(keys, ((m, k), (k, n), (k, lora), (lora, n))))
-        pos = jax.random.randint(keys[4], (m,), -1, lora // 16).at[0].set(0)
-        got = ws_lora_gemm(x, w, a, b, pos, num_sms=1, sync=False, interpret=True, **cfg)
-        keep = (jnp.arange(lora)[None, :] // 16) == pos[:, None]
-        err = float(jnp.max(jnp.abs(f32(got) - f32(x) @ f32(w) - jnp.where(keep, f32(x) @ f32(a), 0) @ f32(b))))
-        print(f"check ws_lora_gemm M={m} K={k} N={n} {cfg} L={lora}: max |diff| {err}", flush=True)
-        if err:
-            raise SystemExit("ws_lora_gemm does not match")
 
 
 def lora_configs(m, n):
@@ -554,14 +247,13 @@ def lowering_check():
     for m, k, n in SHAPES:
         cfg, fetch_cfg = lora_configs(m, n)
         args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, k), (k, n), (m, 128), (128, n))]
-        onekernel_args = [args[0], args[1], jax.ShapeDtypeStruct((k, 128), jnp.bfloat16), args[3],
+        onekernel_args = [args[0], args[1], jax.ShapeDtypeStruct((1, k, 128), jnp.bfloat16), args[3],
                           jax.ShapeDtypeStruct((m,), jnp.int32)]
         tilings = [(splitk_matmul, c, nargs) for c, nargs in (
             (cfg, 2), (cfg, 4), (dict(fetch_cfg, lora_prefetch=True), 4), (fetch_cfg, 2))]
         tilings += [(ws_splitk_matmul, c, 2) for c in WS_CONFIGS]
         tilings += [(ws_splitk_matmul, dict(c, steps=ws_steps_that_fit(c, 128)), 4) for c in WS_CONFIGS]
-        tilings += [(ws_streamed_matmul, c, nargs) for c in streamed_configs(m, k, n) for nargs in (2, 4)]
-        tilings += [(ws_lora_gemm, dict(c, steps=onekernel_steps(c), chunks=ch), 5) for c in streamed_configs(m, k, n)
+        tilings += [(ws_lora_gemm, dict(config=lora_config(c, ch), rank=16), 5) for c in onekernel_configs(m, k, n)
                     for ch in (1, *shrink_chunks(m, k, n, c))]
         for fn, c, nargs in tilings:  # nargs 4: with the LoRA operands h and b
             try:
@@ -611,7 +303,7 @@ def time_lora(m, n, x, ws, xla_us, bytes_, key):
 
 
 # (rows, K, N) -> the two best (tile_m, wg_dim, split_k) of runs 1-2 (twenty-seventh session) per projection
-STREAMED_TILINGS = {
+ONEKERNEL_TILINGS = {
     (128, 4096, 6144): [(64, "m", 2), (64, "n", 2)], (128, 4096, 4096): [(64, "m", 4), (64, "n", 4)],
     (128, 4096, 28672): [(64, "n", 1), (64, "m", 1)], (128, 14336, 4096): [(64, "m", 4), (64, "n", 4)],
     (256, 4096, 6144): [(64, "m", 1), (64, "n", 1)], (256, 4096, 4096): [(64, "m", 2), (128, "n", 4)],
@@ -619,53 +311,49 @@ STREAMED_TILINGS = {
 }
 
 
-def streamed_configs(m, k, n):
-    """The tilings ``--streamed`` times, each at the deepest pipeline that fits, up to 6 steps (the streamed
-    LoRA tiles need no shared memory of their own)."""
+def onekernel_configs(m, k, n):
+    """The tilings ``--onekernel`` times, each at the deepest pipeline ``ws_gemm`` fits, up to 6 steps (the
+    streamed LoRA tiles need no shared memory of their own; ``lora_config`` then fits them to ``ws_lora_gemm``)."""
     out = []
-    for tile_m, wg_dim, split_k in STREAMED_TILINGS[(m, k, n)]:
+    for tile_m, wg_dim, split_k in ONEKERNEL_TILINGS[(m, k, n)]:
         c = dict(tile_m=tile_m, tile_n=128, split_k=split_k, wg_dim=wg_dim, steps=6)
         out.append(dict(c, steps=ws_steps_that_fit(c)))
     return out
 
 
-def time_streamed(m, k, n, x, ws, xla_us, bytes_, key, want):
-    """``ws_gemm`` (the library's pipeline) against ``ws_streamed_matmul`` at the same tiling, and the latter
-    with the LoRA K-steps of 8 rank-16 adapters streamed through its buffers."""
-    hb = lora_operands(m, n, key)
-    for c in streamed_configs(m, k, n):
-        report(f"ws {c}", functools.partial(ws_splitk_matmul, **c), x, ws, xla_us, bytes_, want)
-        report(f"streamed {c}", functools.partial(ws_streamed_matmul, **c), x, ws, xla_us, bytes_, want)
-        report(f"streamed + LoRA K-steps {c}", functools.partial(ws_streamed_matmul, **c, **hb), x, ws, xla_us,
-               bytes_)
-
-
 def time_onekernel(m, k, n, x, ws, xla_us, bytes_, key, want, chunked=False):
-    """``ws_lora_gemm`` (GEMM, shrink and expand of 8 packed adapters in one launch) at ``streamed_configs``'s
-    tilings, against the plain ``ws_streamed_matmul``. A run of its own: a semaphore mistake hangs the kernel,
-    and ``timeout`` should then cost no other numbers."""
+    """``pallas_kernels.ws_lora.ws_lora_gemm`` (GEMM, shrink and expand of 8 packed adapters in one launch) at
+    ``onekernel_configs``'s tilings, against the plain ``ws_gemm`` at the same tiling. A run of its own: a
+    semaphore mistake hangs the kernel, and ``timeout`` should then cost no other numbers. (Runs 1-5 of the
+    twenty-eighth session timed this kernel's probe-local first form against ``ws_streamed_matmul``, the same
+    pipeline without the shrink items, since removed: it timed within 0.3 us of ``ws_gemm``.)"""
     packed = packed_adapters(m, k, n, key)
-    want_lora = ref_onekernel(x, ws[0], **packed)
+    want_lora = ref_ws_lora_gemm(x, ws[0], **packed, rank=16)
     # a second x, run once: a semaphore that lets an expand read h before its shrink stored it shows here even
     # where the timed launches' h buffer still holds the previous launch's (equal) h
     x2 = jax.random.normal(jax.random.fold_in(key, 7), x.shape, jnp.float32).astype(jnp.bfloat16)
-    for c in streamed_configs(m, k, n):
-        one = dict(c, steps=onekernel_steps(c))
-        report(f"streamed {one}", functools.partial(ws_streamed_matmul, **one), x, ws, xla_us, bytes_, want)
+    for c in onekernel_configs(m, k, n):
+        plain = lora_config(c, 1).gemm
+        report(f"ws_gemm {plain}", functools.partial(ws_gemm, config=plain), x, ws, xla_us, bytes_, want)
         for chunks in shrink_chunks(m, k, n, c) if chunked else (1,):
-            gemm = functools.partial(ws_lora_gemm, **one, **packed, chunks=chunks)
-            report(f"one kernel: GEMM + shrink ({chunks} K-chunks) + expand {one}", gemm, x, ws, xla_us, bytes_,
-                   want_lora)
+            gemm = functools.partial(ws_lora_gemm, **packed, config=lora_config(c, chunks), rank=16)
+            report(f"one kernel: GEMM + shrink ({chunks} K-chunks) + expand", gemm, x, ws, xla_us, bytes_, want_lora)
             check_fresh(gemm, x2, ws[1], packed)
 
 
+def lora_config(c, chunks):
+    """A ``onekernel_configs`` tiling at the deepest pipeline ``ws_lora_gemm`` fits, with ``chunks``."""
+    gemm = WsGemmConfig(c["tile_m"], c.get("tile_n", 128), c["wg_dim"], c["split_k"], c["steps"])
+    return WsLoraConfig(dataclasses.replace(gemm, steps=lora_steps_that_fit(gemm)), chunks)
+
+
 def check_fresh(gemm, x2, w, packed):
-    """One more launch on a fresh x, against ``ref_onekernel``."""
+    """One more launch on a fresh x, against ``ref_ws_lora_gemm``."""
     try:
-        got, ref = jax.jit(gemm)(x2, w).astype(jnp.float32), ref_onekernel(x2, w, **packed)
-        lora_term = ref - x2.astype(jnp.float32) @ w.astype(jnp.float32)
-        print(f"    fresh x: max |diff| {float(jnp.max(jnp.abs(got - ref))):.1e} (the LoRA term up to "
-              f"{float(jnp.max(jnp.abs(lora_term))):.1e})", flush=True)
+        got, ref = jax.jit(gemm)(x2, w).astype(jnp.float32), ref_ws_lora_gemm(x2, w, **packed, rank=16)
+        lora_term = ref.astype(jnp.float32) - x2.astype(jnp.float32) @ w.astype(jnp.float32)
+        print(f"    fresh x: max |diff| {float(jnp.max(jnp.abs(got - ref.astype(jnp.float32)))):.1e} (the LoRA "
+              f"term up to {float(jnp.max(jnp.abs(lora_term))):.1e})", flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"    fresh x: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
 
@@ -682,29 +370,12 @@ def shrink_chunks(m, k, n, c, num_sms=132, tile_k=64):
     return tuple(sorted({blocks // 8, *([fill] if fill else [])}))
 
 
-def ref_onekernel(x, w, a, b, pos, rank=16):
-    """f32 x @ w + mask(x @ a) @ b, h rounded to bf16 as the kernel stores it."""
-    f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
-    keep = (jnp.arange(a.shape[1])[None, :] // rank) == pos[:, None]
-    h = jnp.where(keep, f32(x) @ f32(a), 0).astype(jnp.bfloat16)
-    return f32(x) @ f32(w) + f32(h) @ f32(b)
-
-
 def packed_adapters(m, k, n, key):
-    """The packed A [k, 128] and B [128, n] of 8 rank-16 adapters and each row's adapter (rows round-robin)."""
-    a = (0.02 * jax.random.normal(jax.random.fold_in(key, 1_000_003), (k, 128), jnp.float32)).astype(jnp.bfloat16)
+    """The packed A [1, k, 128] and B [128, n] of 8 rank-16 adapters, one target, and each row's adapter (rows
+    round-robin)."""
+    a = (0.02 * jax.random.normal(jax.random.fold_in(key, 1_000_003), (1, k, 128), jnp.float32)).astype(jnp.bfloat16)
     b = lora_operands(m, n, key)["b"]
     return dict(a=a, b=b, pos=jnp.arange(m, dtype=jnp.int32) % 8)
-
-
-def onekernel_steps(c, smem=SMEM_BYTES):
-    """``ws_lora_gemm``'s deepest pipeline, up to c["steps"]: ``ws_streamed_matmul``'s shared memory plus the h
-    epilogue's two bf16 chunks and the rows' adapter positions."""
-    cta_m = c["tile_m"] * (1 + (c["wg_dim"] == "m"))
-    cta_n = c.get("tile_n", 128) * (1 + (c["wg_dim"] == "n"))
-    block = (cta_m + cta_n) * 64 * 2
-    fixed = 64 * 64 * (4 if c["split_k"] == 1 else 8) + 2 * 64 * 64 * 2 + 2 * c["tile_m"] * 4 + 512
-    return min(c["steps"], (smem - fixed) // block)
 
 
 def time_ws(m, n, x, ws, xla_us, bytes_, key, want):
@@ -727,8 +398,6 @@ def main():
     p.add_argument("--splitk-only", action="store_true", help="only the o and down shapes, only our split-K kernel")
     p.add_argument("--lora", action="store_true", help="every shape: our GEMM with and without the LoRA K-steps")
     p.add_argument("--ws", action="store_true", help="every shape: the warp-specialized split-K GEMM (WS_CONFIGS)")
-    p.add_argument("--streamed", action="store_true",
-                   help="every shape: ws_gemm against ws_streamed_matmul, the latter with and without LoRA K-steps")
     p.add_argument("--onekernel", action="store_true",
                    help="every shape: ws_lora_gemm (GEMM + shrink + expand of 8 adapters) against the plain GEMM")
     p.add_argument("--chunked", action="store_true",
@@ -755,11 +424,8 @@ def main():
         if args.lora:
             time_lora(m, n, x, ws, xla_us, bytes_, key)
             continue
-        if args.streamed or args.onekernel:
-            if args.streamed:
-                time_streamed(m, k, n, x, ws, xla_us, bytes_, key, want)
-            else:
-                time_onekernel(m, k, n, x, ws, xla_us, bytes_, key, want, chunked=args.chunked)
+        if args.onekernel:
+            time_onekernel(m, k, n, x, ws, xla_us, bytes_, key, want, chunked=args.chunked)
             continue
         if args.ws:
             time_ws(m, n, x, ws, xla_us, bytes_, key, want)
