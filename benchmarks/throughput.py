@@ -40,6 +40,7 @@ from jmlora.engine.sampler import SamplingTensors
 from jmlora.engine.sampling_params import SamplingParams
 from jmlora.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from jmlora.engine.sequence import Sequence
+from jmlora.lora import routing
 from jmlora.lora.bank import AdapterBank, TargetBank
 from jmlora.lora.routing import LoRABatch, count_adapters, decode_impl
 from jmlora.lora.slots import SlotManager
@@ -223,15 +224,18 @@ def main():
                         help="also time the LoRA executable on a batch whose rows all have no adapter (slot 0)")
     parser.add_argument("--host", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the host time per step at the largest batch (compiles one more executable)")
-    parser.add_argument("--decode-gemm", default="auto", choices=("auto", "xla", "mgpu"),
+    parser.add_argument("--decode-gemm", default="auto", choices=("auto", "xla", "mgpu", "mgpu-lora"),
                         help="jmlora.model.decoder.DECODE_GEMM_IMPL: the decode projections on the Pallas skinny GEMM "
                              "where its table has the shape (auto), all on XLA's GEMM (xla), or first on the Mosaic "
-                             "GPU GEMM where pallas_kernels.ws_gemm's table has the shape (mgpu)")
+                             "GPU GEMM where pallas_kernels.ws_gemm's table has the shape (mgpu); mgpu-lora: mgpu, "
+                             "and batches over at most 8 adapters run each projection with its LoRA terms in one "
+                             "launch where pallas_kernels.ws_lora's table has the shape (routing.PACKED_LORA_GEMM)")
     parser.add_argument("--tune-attention", action="store_true",
                         help="first time the decode-attention kernels per batch and use the fastest (the table "
                              "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")
     args = parser.parse_args()
-    decoder.DECODE_GEMM_IMPL = args.decode_gemm
+    decoder.DECODE_GEMM_IMPL = "mgpu" if args.decode_gemm == "mgpu-lora" else args.decode_gemm
+    routing.PACKED_LORA_GEMM = args.decode_gemm == "mgpu-lora"
     batches = [int(b) for b in args.batches.split(",")]
     K = args.lookahead
     t0 = time.perf_counter()

@@ -10,8 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_models import make_hf_model
 from jax import export
 
+from jmlora.config import EngineConfig, ModelConfig
+from jmlora.lora import routing
+from jmlora.lora.bank import AdapterBank, BankSpec, init_adapter_bank
+from jmlora.lora.routing import PACKED_IMPL, LoRABatch
+from jmlora.model import forward_logits, init_kv_cache, load_params, make_mesh
+from pallas_kernels import ws_lora as ws_lora_mod
 from pallas_kernels.ws_gemm import WsGemmConfig
 from pallas_kernels.ws_lora import (
     WS_LORA_TABLE,
@@ -121,3 +128,66 @@ def test_ws_lora_gemm_gpu_form_lowers_for_cuda(shape, targets):
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, k), (k, n), (targets, k, 128), (128, n))]
     exported = export.export(jax.jit(call), platforms=["cuda"])(*args, jax.ShapeDtypeStruct((m,), jnp.int32))
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_decoder_with_packed_lora_equals_gather(tmp_path, monkeypatch):
+    """A decode step of a tiny Llama (128 rows over 7 adapters and base rows) with every projection and its LoRA
+    terms in one ``ws_lora_gemm`` launch (``routing.PACKED_IMPL``, interpreter) gives the "gather" form's
+    logprobs; the packing puts q/k/v's B in the fused weights' interleaved layout and gate/up's in halves."""
+    model_dir, _ = make_hf_model(tmp_path, "llama", num_hidden_layers=2, hidden_size=128, intermediate_size=256,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=128)
+    cfg = ModelConfig.from_pretrained(model_dir)
+    params = load_params(model_dir, cfg, dtype="float32")
+    B, E, M, R = 128, cfg.hidden_size, cfg.intermediate_size, 16
+    assert params.layers[0].w_qkv is not None  # the fused layout the packing follows
+    one_head = WsGemmConfig(64, 128, "m", steps=2)  # CTA tiles one 128-wide head across
+    table = {(B, E, 1024): WsLoraConfig(one_head, 1), (B, 512, E): WsLoraConfig(one_head, 1),
+             (B, E, 2 * M): WsLoraConfig(WsGemmConfig(64, 64, "n", steps=2), 1),
+             (B, M, E): WsLoraConfig(WsGemmConfig(64, 128, "m", split_k=2, steps=2), 1)}
+    monkeypatch.setattr(ws_lora_mod, "WS_LORA_TABLE", table)
+
+    spec = BankSpec(max_loras=8, max_lora_rank=R)
+    bank = init_adapter_bank(cfg, spec, dtype=jnp.float32, mesh=make_mesh())
+    keys = iter(jax.random.split(jax.random.key(3), 64))
+    noise = lambda arr: (0.1 * jax.random.normal(next(keys), arr.shape)).at[0].set(0)  # noqa: E731 - slot 0 stays 0
+    bank = AdapterBank(layers=jax.tree.map(noise, bank.layers),
+                       ranks=jnp.asarray([0] + [R] * (bank.num_slots - 1), jnp.int32))
+    rng = np.random.default_rng(0)
+    slot_ids = jnp.asarray(rng.integers(0, 8, B), jnp.int32)                 # 7 adapters and base rows
+    page_table = jnp.asarray(rng.permutation(B * 2).astype(np.int32).reshape(B, 2))
+    prompts = rng.integers(1, cfg.vocab_size, (B, 4)).astype(np.int32)
+
+    def decode(impl):
+        jax.clear_caches()
+        cache = init_kv_cache(cfg, B * 2, 4, jnp.float32, make_mesh())
+        lora = LoRABatch(bank, slot_ids)
+        _, cache = forward_logits(params, cfg, jnp.asarray(prompts[:, :3]), jnp.zeros(B, jnp.int32),
+                                  jnp.full(B, 3, jnp.int32), page_table, cache, lora, "gather")
+        args = (params, cfg, jnp.asarray(prompts[:, 3:]), jnp.full(B, 3, jnp.int32), jnp.ones(B, jnp.int32),
+                page_table, cache, lora, impl)
+        jaxpr = str(jax.make_jaxpr(forward_logits, static_argnums=(1, 8))(*args))
+        logits, _ = forward_logits(*args)
+        return np.asarray(jax.nn.log_softmax(logits, axis=-1)), jaxpr.count("wgmma_accumulator_deref")
+
+    got, n_packed = decode(PACKED_IMPL)
+    want, n_gather = decode("gather")
+    assert n_packed == 4 * cfg.num_layers and n_gather == 0  # every projection of every layer took the kernel
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    jax.clear_caches()  # no trace made with the test's table outlives it
+
+
+def test_packed_impl_is_opt_in_and_only_for_few_rank_16_adapters(monkeypatch):
+    """``routing.PACKED_LORA_GEMM`` (off by default) sends GPU decode batches over 1-8 rank-16 adapters to the
+    one-launch form; more adapters, another rank, the CPU or a forced formulation keep theirs. Users cannot
+    ask for it: it is only right for batches the runner has counted."""
+    few = routing.FEW_SEGMENT_IMPL
+    assert routing.decode_impl("auto", 256, 8, "gpu", 16) == few
+    monkeypatch.setattr(routing, "PACKED_LORA_GEMM", True)
+    assert [routing.decode_impl("auto", 256, k, "gpu", 16) for k in (0, 1, 8, 9)] == ["auto", PACKED_IMPL,
+                                                                                      PACKED_IMPL, "auto"]
+    assert routing.decode_impl("auto", 8, 3, "gpu", 16) == PACKED_IMPL           # at any batch size
+    assert routing.decode_impl("auto", 256, 3, "gpu", 32) == few                 # 8 x 32 > 128 packed columns
+    assert routing.decode_impl("auto", 256, 3, "cpu", 16) == "auto"
+    assert routing.decode_impl("pallas_decode", 256, 3, "gpu", 16) == "pallas_decode"
+    with pytest.raises(ValueError, match="lora_impl 'mgpu_packed'"):
+        EngineConfig(lora_impl=PACKED_IMPL)

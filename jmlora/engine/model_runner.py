@@ -625,7 +625,7 @@ def _decode_steps(params, cfg, cache, lora, tokens, pos, active, page_table, row
         1, mode="drop")
 
     # the segment kernels' tiles depend on the slots only: built once for all the steps
-    lora = prepare_lora(lora, 1, resolve_impl(lora_impl, 1, tokens.shape[0]))
+    lora = prepare_lora(lora, 1, resolve_impl(lora_impl, 1, tokens.shape[0]), cfg.num_kv_heads)
 
     def step(carry, k):
         cache, tok, output_counts = carry

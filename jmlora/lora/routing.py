@@ -35,7 +35,9 @@ Array = jax.Array
 
 LORA_IMPLS = ("gather", "onehot", "ragged", "pallas", "pallas_decode", "pallas_segment")
 FEW_SEGMENT_IMPL = "pallas_segment_few"
-_PALLAS_FORMS = {"pallas": "auto", "pallas_decode": "decode", "pallas_segment": "segment", FEW_SEGMENT_IMPL: "segment"}
+PACKED_IMPL = "mgpu_packed"      # see PACKED_LORA_GEMM; where the packed form does not apply, FEW_SEGMENT_IMPL's
+_PALLAS_FORMS = {"pallas": "auto", "pallas_decode": "decode", "pallas_segment": "segment", FEW_SEGMENT_IMPL: "segment",
+                 PACKED_IMPL: "segment"}
 
 
 def _pallas_options(impl: str) -> dict:
@@ -82,14 +84,27 @@ def count_adapters(slot_ids: np.ndarray) -> int:
     return len(np.unique(slot_ids[slot_ids > 0]))
 
 
+# Opt-in (``benchmarks/throughput.py --decode-gemm mgpu-lora``; not yet timed in the decode step): a GPU decode
+# batch over 1 to FEW_ADAPTERS adapters of rank 16 runs each projection and its LoRA terms in one Mosaic GPU
+# launch (``pallas_kernels.ws_lora``) where that kernel's table holds the shape, with the batch's adapters packed
+# side by side once per decode call (``pack_adapters``), and the few-adapter segment form elsewhere
+# (``PACKED_IMPL``). On the kernel alone it cost +13.5 / +17.3 us per layer over the plain GEMM at 128 / 256 rows,
+# where the LoRA kernels beside cuBLAS cost ~27 / ~64 in the step (benchmarks/RESULTS.md, "Twenty-eighth session").
+PACKED_LORA_GEMM = False
+
+
 def decode_impl(impl: str, batch: int, num_adapters: int, platform: str, rank: int) -> str:
     """The LoRA formulation for a decode step whose rows hold ``num_adapters`` distinct adapters (the host
     knows them: the runner picks the step's executable with this).
 
     "auto" becomes ``FEW_SEGMENT_IMPL`` on GPU from ``FEW_ADAPTERS_MIN_BATCH`` rows when the batch holds 1 to
     ``FEW_ADAPTERS`` adapters and the bank's rank ``rank`` suits the segment kernels (a power of two >= 16: one
-    tensor-core dot); anything else is returned unchanged (resolved later by ``resolve_impl``).
+    tensor-core dot); anything else is returned unchanged (resolved later by ``resolve_impl``). With
+    ``PACKED_LORA_GEMM``, such a batch of rank 16 (8 adapters: the kernel's 128 packed columns) gets
+    ``PACKED_IMPL`` instead, at any batch size.
     """
+    if PACKED_LORA_GEMM and impl == "auto" and platform == "gpu" and rank == 16 and 0 < num_adapters <= FEW_ADAPTERS:
+        return PACKED_IMPL
     if (impl == "auto" and platform == "gpu" and batch >= FEW_ADAPTERS_MIN_BATCH and rank >= 16
             and rank & (rank - 1) == 0 and 0 < num_adapters <= FEW_ADAPTERS):
         return FEW_SEGMENT_IMPL
@@ -105,19 +120,21 @@ class LoRABatch:
       slot_ids: ``[B]`` int32 slot of each batch row.
       tiles: ``segment_tiles`` already built for these slots, the forward's token count and its LoRA impl, or
         None (the forward builds them). A multi-step decode call builds them once for all its steps.
+      packed: with ``PACKED_IMPL``, ``pack_adapters`` of these slots (built once per decode call likewise).
     """
 
     bank: AdapterBank
     slot_ids: Array
     tiles: Any = None
+    packed: Any = None
 
 
 def resolve_impl(impl: str, num_new_tokens: int, batch: int = 1) -> str:
     """Maps "auto" to the measured default for the shape on this platform (``default_impl``); validates names.
-    ``FEW_SEGMENT_IMPL`` (from ``decode_impl``) is accepted too."""
+    ``FEW_SEGMENT_IMPL`` and ``PACKED_IMPL`` (from ``decode_impl``) are accepted too."""
     if impl == "auto":
         return default_impl(num_new_tokens, batch, jax.default_backend())
-    if impl not in LORA_IMPLS and impl != FEW_SEGMENT_IMPL:
+    if impl not in LORA_IMPLS and impl not in (FEW_SEGMENT_IMPL, PACKED_IMPL):
         raise ValueError(f"lora impl must be 'auto' or one of {LORA_IMPLS}, got {impl!r}")
     return impl
 
@@ -171,13 +188,65 @@ def lora_delta(x: Array, tb: TargetBank, slot_ids: Array, ranks: Array, impl: st
     raise ValueError(f"unknown lora impl {impl!r}")
 
 
-def prepare_lora(lora: LoRABatch | None, num_new_tokens: int, impl: str) -> LoRABatch | None:
+def prepare_lora(lora: LoRABatch | None, num_new_tokens: int, impl: str, num_kv_heads: int | None = None
+                 ) -> LoRABatch | None:
     """``lora`` with what a forward with LoRA impl ``impl`` (resolved) builds from the slots once, before its
-    layers: the segment tiles (``segment_tiles``). Already built: unchanged, so a multi-step decode call
-    prepares once for all its steps."""
-    if lora is None or lora.tiles is not None:
+    layers: the segment tiles (``segment_tiles``), and with ``PACKED_IMPL`` at decode the packed adapters
+    (``pack_adapters``, which needs the model's ``num_kv_heads``). Already built: unchanged, so a multi-step
+    decode call prepares once for all its steps."""
+    if lora is None or lora.tiles is not None or lora.packed is not None:
         return lora
+    if impl == PACKED_IMPL and num_new_tokens == 1:  # the segment tiles only where a projection falls back
+        if num_kv_heads is None:
+            raise ValueError(f"prepare_lora with {PACKED_IMPL!r} needs the model's num_kv_heads")
+        return lora.replace(packed=pack_adapters(lora, num_kv_heads))
     return lora.replace(tiles=segment_tiles(lora, num_new_tokens, impl))
+
+
+# The projections that share an input, by the name of their group in ``pack_adapters``, in the order of the
+# decoder's fused outputs.
+PACKED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+                 "down": ("down_proj",)}
+
+
+def pack_adapters(lora: LoRABatch, num_kv_heads: int) -> dict:
+    """A decode batch's adapters (at most ``FEW_ADAPTERS``: the runner picks ``PACKED_IMPL`` only for batches it
+    knows hold no more) side by side, for ``pallas_kernels.ws_lora``.
+
+    Returns:
+      ``{"pos": [B] int32 each row's adapter position in the pack (-1: slot 0, no adapter), "layers": per layer,
+      {group: (a [T, in, 8 R], b [8 R, out])}}`` for each ``PACKED_GROUPS`` group whose targets the bank all
+      holds; b's columns in the decoder's fused output layout (``w_qkv``'s [E, K, G + 2, D]: per KV head its q
+      heads, then k, then v; ``w_gate_up``'s gate then up). Unused pack positions hold slot 0's (zero) adapter.
+    """
+    S = lora.bank.num_slots
+    ids = lora.slot_ids
+    live = jnp.unique(jnp.where(ids > 0, ids, S), size=FEW_ADAPTERS, fill_value=S)         # sorted; S: unused
+    pos = jnp.where(ids > 0, jnp.argmax(ids[:, None] == live[None, :], axis=1), -1).astype(jnp.int32)
+    slots = jnp.where(live < S, live, 0)
+
+    def a_of(tb: TargetBank) -> Array:                                                      # [in, 8 R]
+        return jnp.transpose(tb.a[slots], (1, 0, 2)).reshape(tb.a.shape[1], -1)
+
+    def b_of(tb: TargetBank) -> Array:                                                      # [8 R, out]
+        return tb.b[slots].reshape(-1, tb.b.shape[2])
+
+    layers = []
+    for targets in lora.bank.layers:
+        layer = {}
+        for group, names in PACKED_GROUPS.items():
+            if not all(t in targets for t in names):
+                continue
+            a = jnp.stack([a_of(targets[t]) for t in names])
+            bs = [b_of(targets[t]) for t in names]
+            if group == "qkv":
+                b = jnp.concatenate([b.reshape(b.shape[0], num_kv_heads, -1) for b in bs], axis=2)
+                b = b.reshape(bs[0].shape[0], -1)
+            else:
+                b = jnp.concatenate(bs, axis=1)
+            layer[group] = (a, b)
+        layers.append(layer)
+    return {"pos": pos, "layers": tuple(layers)}
 
 
 def segment_tiles(lora: LoRABatch, num_new_tokens: int, impl: str):
@@ -195,7 +264,7 @@ def segment_tiles(lora: LoRABatch, num_new_tokens: int, impl: str):
         return None
     token_slots = jnp.repeat(lora.slot_ids, num_new_tokens)
     tiles = segment_tiles_for(token_slots, lora.bank.ranks, tb.a.shape[2], **_pallas_options(impl))
-    if tiles is not None and impl == FEW_SEGMENT_IMPL:
+    if tiles is not None and impl in (FEW_SEGMENT_IMPL, PACKED_IMPL):
         tiles = compact_segment_tiles(tiles, token_slots.shape[0] // tiles.tokens.shape[1] + FEW_ADAPTERS + 1)
     return tiles
 

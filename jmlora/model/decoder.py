@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jmlora.config import ModelConfig
-from jmlora.lora.routing import LoRABatch, apply_lora, apply_lora_group, prepare_lora, resolve_impl
+from jmlora.lora.routing import FEW_ADAPTERS, LoRABatch, apply_lora, apply_lora_group, prepare_lora, resolve_impl
 from jmlora.model.attention import (
     KVCache,
     apply_rope,
@@ -109,6 +109,29 @@ class _LayerLoRA:
     def __init__(self, lora: LoRABatch | None, layer: int, impl: str):
         self.targets = {} if lora is None else lora.bank.layers[layer]
         self.lora, self.impl = lora, impl
+        self.packed = {} if lora is None or lora.packed is None else lora.packed["layers"][layer]
+
+    def project(self, x: Array, w: Array, spec: str, group: str, tile_target=None) -> tuple[Array, bool]:
+        """``_project``, and whether the LoRA terms of ``group`` (``routing.PACKED_GROUPS``) are in it already:
+        with packed adapters (``routing.PACKED_IMPL``) the projection and its LoRA terms run in one Mosaic GPU
+        launch (``pallas_kernels.ws_lora``) where that kernel's table holds the shape. ``tile_target(cta_n)``:
+        for groups of several targets, the map from a CTA tile's column index to its target, or None where
+        tiles that wide would straddle two."""
+        if group not in self.packed:
+            return _project(x, w, spec), False
+        from pallas_kernels.ws_lora import ws_lora_config, ws_lora_gemm  # Mosaic GPU: imported only when asked for
+
+        n_x = x.ndim - 2
+        m, k, n = math.prod(x.shape[:2]), math.prod(x.shape[2:]), math.prod(w.shape[n_x:])
+        config = ws_lora_config(m, k, n)
+        targets = None if config is None or tile_target is None else tile_target(config.gemm.cta_tile[1])
+        if config is None or (tile_target is not None and targets is None):
+            return _project(x, w, spec), False
+        a, b = self.packed[group]
+        y = ws_lora_gemm(x.reshape(m, k), w.reshape(k, n), a, b, self.lora.packed["pos"], config=config,
+                         rank=a.shape[2] // FEW_ADAPTERS, tile_target=targets,
+                         interpret=jax.default_backend() != "gpu")
+        return y.reshape(*x.shape[:2], *w.shape[n_x:]), True
 
     def __call__(self, y: Array, x: Array, target: str) -> Array:
         """y: the base projection's output ``[B, T, ...out]``; x: its input ``[B, T, in]``."""
@@ -170,14 +193,21 @@ def decoder_layer(cfg: ModelConfig, layer: LayerParams, x: Array, positions: Arr
             attn, k_cache, v_cache = _attention(cfg, layer, h, positions, k_cache, v_cache, page_idx, slot_idx,
                                                 page_table, kv_lens, lora, inv_freq, attention_impl)
         B, T = attn.shape[:2]
-        x = x + lora(_bias(_project(attn, layer.wo, "bthd,hde->bte"), layer.bo), attn.reshape(B, T, -1), "o_proj")
+        o, done = lora.project(attn, layer.wo, "bthd,hde->bte", "o")
+        o = _bias(o, layer.bo)
+        x = x + (o if done else lora(o, attn.reshape(B, T, -1), "o_proj"))
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer.mlp_norm, eps, offset)
-        gate_up = _project(h, layer.w_gate_up, "bte,egm->btgm")                        # [B, T, 2, M]
+        M = layer.w_gate_up.shape[-1]
+        gate_up, done = lora.project(h, layer.w_gate_up, "bte,egm->btgm", "gate_up",  # [B, T, 2, M]
+                                     lambda cta_n: (lambda ni: ni * cta_n // M) if M % cta_n == 0 else None)
         gate, up = _bias(gate_up[:, :, 0], layer.b_gate), _bias(gate_up[:, :, 1], layer.b_up)
-        gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
+        if not done:
+            gate, up = lora.group((gate, up), h, ("gate_proj", "up_proj"))
         h = _activation(cfg.activation)(gate) * up
-        x = x + lora(_bias(_project(h, layer.w_down, "btm,me->bte"), layer.b_down), h, "down_proj")
+        down, done = lora.project(h, layer.w_down, "btm,me->bte", "down")
+        down = _bias(down, layer.b_down)
+        x = x + (down if done else lora(down, h, "down_proj"))
     return x, k_cache, v_cache
 
 
@@ -190,8 +220,9 @@ def _attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: Array,
       (attn ``[B, T, H, D]``, k_cache, v_cache).
     """
     eps, offset = cfg.rms_norm_eps, cfg.norm_weight_offset
+    done = False
     if layer.w_qkv is not None:
-        qkv = _project(h, layer.w_qkv, "bte,ekgd->btkgd")                           # [B, T, K, G + 2, D]
+        qkv, done = lora.project(h, layer.w_qkv, "bte,ekgd->btkgd", "qkv", _qkv_tiles(layer))  # [B, T, K, G+2, D]
         B, T, K, G2, D = qkv.shape
         q, k, v = qkv[:, :, :, :G2 - 2].reshape(B, T, K * (G2 - 2), D), qkv[:, :, :, -2], qkv[:, :, :, -1]
     else:
@@ -199,7 +230,8 @@ def _attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: Array,
         k = _dense(h, layer.wk, "bte,ekd->btkd")                                    # [B, T, K, D]
         v = _dense(h, layer.wv, "bte,ekd->btkd")
     q, k, v = _bias(q, layer.bq), _bias(k, layer.bk), _bias(v, layer.bv)
-    q, k, v = lora.group((q, k, v), h, ("q_proj", "k_proj", "v_proj"))
+    if not done:
+        q, k, v = lora.group((q, k, v), h, ("q_proj", "k_proj", "v_proj"))
     if cfg.qk_norm:
         q = rms_norm(q, layer.q_norm, eps, offset)
         k = rms_norm(k, layer.k_norm, eps, offset)
@@ -209,6 +241,13 @@ def _attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: Array,
     v_cache = write_kv(v_cache, v, page_idx, slot_idx)
     attn = paged_attention(q, k_cache, v_cache, page_table, positions, kv_lens, impl=attention_impl)  # [B,T,H,D]
     return attn, k_cache, v_cache
+
+
+def _qkv_tiles(layer: LayerParams):
+    """``_LayerLoRA.project``'s ``tile_target`` for the fused q/k/v weights ``[E, K, G + 2, D]``: per KV head, G
+    tiles of q, one of k, one of v, when a CTA tile is one head wide."""
+    G, D = layer.w_qkv.shape[2] - 2, layer.w_qkv.shape[3]
+    return lambda cta_n: (lambda ni: jnp.maximum(ni % (G + 2) - (G - 1), 0)) if cta_n == D else None
 
 
 # Decode batches up to this size add the q/k/v LoRA deltas (and biases) inside the fused attention kernel,
@@ -229,10 +268,11 @@ def _fused_attention(cfg: ModelConfig, layer: LayerParams, h: Array, positions: 
     Returns:
       (attn ``[B, 1, H, D]``, k_cache, v_cache).
     """
-    qkv = _project(h, layer.w_qkv, "bte,ekgd->btkgd")[:, 0]                            # [B, K, G + 2, D]
+    qkv, done = lora.project(h, layer.w_qkv, "bte,ekgd->btkgd", "qkv", _qkv_tiles(layer))
+    qkv = qkv[:, 0]                                                                     # [B, K, G + 2, D]
     B, K, G2, D = qkv.shape
     shapes = ((B, 1, K * (G2 - 2), D), (B, 1, K, D), (B, 1, K, D))
-    deltas = lora.deltas(h, shapes, ("q_proj", "k_proj", "v_proj"))
+    deltas = None if done else lora.deltas(h, shapes, ("q_proj", "k_proj", "v_proj"))
     biases = (layer.bq, layer.bk, layer.bv)
     if deltas is None and any(b is not None for b in biases):
         deltas = tuple(jnp.zeros(s, h.dtype) for s in shapes)
@@ -282,7 +322,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, start_pos: Array, n
         x = x * jnp.asarray(cfg.embed_scale, dtype)
     impl = resolve_impl(lora_impl, T, B)
     attn_impl = resolve_attention_impl(attention_impl, T, B, cfg.num_kv_heads)
-    lora = prepare_lora(lora, T, impl)     # the segment kernels' tiles: once per forward (or per decode call)
+    lora = prepare_lora(lora, T, impl, cfg.num_kv_heads)  # tiles, packed adapters: once per forward or decode call
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer_{i}"):
