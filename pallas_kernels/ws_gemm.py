@@ -12,7 +12,9 @@ consumer, as ``pallas_kernels.gemm`` does. The epilogue stores [epi, epi] chunks
 With h [M, L] and b [L, N] (a batch's packed LoRA h and B: each row's h zero outside its own adapter's
 columns), the memory warpgroup also copies each first-split item's h and B tiles, once both compute warpgroups
 have released the previous item's, and the compute warpgroups run them as L / tile_k more wgmmas after their
-pipeline. Not yet used by the decoder: the shrinks would then have to finish before each GEMM.
+pipeline. The decoder does not use these K-steps: ``pallas_kernels.ws_lora`` runs the shrink inside the same
+launch too, on a pipeline of its own that streams the h and B tiles through the x and w buffers (these
+K-steps' own buffers cost pipeline depth: +20 us at gate/up, 256 rows).
 
 ``decoder.DECODE_GEMM_IMPL = "mgpu"`` runs the decode projections listed in ``WS_GEMM_TABLE`` on it (an A/B
 knob of ``benchmarks/throughput.py``, off by default: in the step it tied cuBLAS at 256 rows with 1152 tokens
