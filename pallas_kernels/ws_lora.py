@@ -114,10 +114,11 @@ def check_ws_lora_gemm(x, w, a, b, pos, config: WsLoraConfig, rank: int) -> None
     (m, k), n = x.shape, w.shape[1]
     c = config.gemm
     cta_n = c.cta_tile[1]
-    if a.ndim != 3 or a.shape[1] != k or b.ndim != 2 or b.shape != (a.shape[2], n) or pos.shape != (m,):
-        raise ValueError(f"ws_lora_gemm needs a [T, K, L], b [L, N] and pos [M] beside x {tuple(x.shape)} and w "
+    if (a.ndim != 3 or a.shape[1] != k or b.ndim != 2 or b.shape[1] != n or a.shape[2] < b.shape[0]
+            or pos.shape != (m,)):
+        raise ValueError(f"ws_lora_gemm needs a [T, K, >= L], b [L, N] and pos [M] beside x {tuple(x.shape)} and w "
                          f"{tuple(w.shape)}, got a {tuple(a.shape)}, b {tuple(b.shape)}, pos {tuple(pos.shape)}")
-    lora = a.shape[2]
+    lora = b.shape[0]
     if rank < 1 or lora % rank or lora % c.tile_k or lora > cta_n:
         raise ValueError(f"ws_lora_gemm's packed LoRA width L = {lora} must be a multiple of the rank {rank} and of "
                          f"tile_k {c.tile_k}, and at most the CTA tile's {cta_n} columns")
@@ -134,7 +135,8 @@ def ws_lora_gemm(x, w, a, b, pos, *, config: WsLoraConfig, rank: int, tile_targe
 
     Args:
       x: [M, K]; w: [K, N] (bf16 on the GPU).
-      a: [T, K, L] the packed A of each target; columns [j rank, (j + 1) rank) belong to adapter j.
+      a: [T, K, L'] the packed A of each target; columns [j rank, (j + 1) rank) belong to adapter j, and those
+        from L on are zeros: L' at least L, and at least the CTA tile's width, or a is padded to it (a copy).
       b: [L, N] the packed B, each column band holding its own target's adapters.
       pos: [M] int32, each row's adapter j, or -1 for none.
       config: the GEMM tiling and shrink chunks (``ws_lora_config``).
@@ -151,8 +153,8 @@ def ws_lora_gemm(x, w, a, b, pos, *, config: WsLoraConfig, rank: int, tile_targe
     if a.shape[0] > 1 and tile_target is None:
         raise ValueError(f"ws_lora_gemm with {a.shape[0]} targets needs tile_target")
     cta_n = config.gemm.cta_tile[1]
-    if a.shape[2] < cta_n:  # the shrink items multiply a [tile_k, cta_n] block as the GEMM items do w's
-        a = jnp.pad(a, ((0, 0), (0, 0), (0, cta_n - a.shape[2])))
+    if a.shape[2] < cta_n:  # the shrink items multiply a [tile_k, cta_n] block as the GEMM items do w's (a copy
+        a = jnp.pad(a, ((0, 0), (0, 0), (0, cta_n - a.shape[2])))  # per call: callers pass a that wide)
     if interpret:
         num_sms, chunks, sync = 1, 1, False
     else:
@@ -236,7 +238,8 @@ def _lora_gemm(x, w, a, b, pos, c: WsGemmConfig, *, rank, chunks, sync, tile_tar
                         def _():
                             kk = pl.ds((si * chunk_blocks + s) * tile_k, tile_k)
                             plgpu.copy_gmem_to_smem(x_gmem.at[rows, kk], x_smem.at[slot], full.at[slot])
-                            plgpu.copy_gmem_to_smem(a_gmem.at[t, kk], w_smem.at[slot], full.at[slot])
+                            plgpu.copy_gmem_to_smem(a_gmem.at[t, kk, pl.ds(0, cta_n)], w_smem.at[slot],
+                                                    full.at[slot])
 
                         @pl.when(jnp.logical_and(~shrink, s < k_blocks))
                         def _():

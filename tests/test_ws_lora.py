@@ -88,8 +88,10 @@ def test_ws_lora_gemm_matches_reference_on_normal_inputs():
 def test_ws_lora_gemm_rejects_bad_input():
     x, w, a, b, pos = _operands(jax.random.key(0), 128, 256, 256, 1, 128, 16)
     ok = WsLoraConfig(WsGemmConfig(64, 128, "m", steps=2), chunks=2)
-    with pytest.raises(ValueError, match="a \\[T, K, L\\]"):
+    with pytest.raises(ValueError, match="a \\[T, K, >= L\\]"):
         ws_lora_gemm(x, w, a[0], b, pos, config=ok, rank=16, interpret=True)
+    with pytest.raises(ValueError, match="a \\[T, K, >= L\\]"):                # A narrower than B's 128 rows
+        ws_lora_gemm(x, w, a[:, :, :64], b, pos, config=ok, rank=16, interpret=True)
     with pytest.raises(ValueError, match="pos"):
         ws_lora_gemm(x, w, a, b, pos[:64], config=ok, rank=16, interpret=True)
     with pytest.raises(ValueError, match="multiple of the rank 48"):

@@ -129,7 +129,7 @@ class _LayerLoRA:
             return _project(x, w, spec), False
         a, b = self.packed[group]
         y = ws_lora_gemm(x.reshape(m, k), w.reshape(k, n), a, b, self.lora.packed["pos"], config=config,
-                         rank=a.shape[2] // FEW_ADAPTERS, tile_target=targets,
+                         rank=b.shape[0] // FEW_ADAPTERS, tile_target=targets,
                          interpret=jax.default_backend() != "gpu")
         return y.reshape(*x.shape[:2], *w.shape[n_x:]), True
 
