@@ -96,6 +96,7 @@ def ref_ws_lora_gemm(x, w, a, b, pos, *, rank: int, tile_target: Callable | None
     """Reference: ``ws_lora_gemm`` by XLA, float32 accumulation, h rounded to x's dtype as the kernel stores it.
     ``tile_target`` and ``cta_n`` as the kernel's (the target of each cta_n-wide column band)."""
     f32 = jnp.float32
+    a = a[:, :, :b.shape[0]]                                           # A's zero columns from L on (as packed)
     keep = (jnp.arange(a.shape[-1])[None, :] // rank) == pos[:, None]                  # [M, L]
     h = jnp.where(keep[None], jnp.einsum("mk,tkl->tml", x, a, preferred_element_type=f32), 0).astype(x.dtype)
     n = w.shape[1]

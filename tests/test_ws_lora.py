@@ -80,6 +80,11 @@ def test_ws_lora_gemm_matches_reference_on_normal_inputs():
     got = ws_lora_gemm(x, w, a, b, pos, config=WsLoraConfig(gemm), rank=16, interpret=True)
     want = ref_ws_lora_gemm(x, w, a, b, pos, rank=16)
     np.testing.assert_allclose(f32(got), f32(want), rtol=2e-2, atol=0.25)  # bf16 outputs of magnitude ~30
+    # A wider than the packed columns (zeros from L on, as ``routing.pack_adapters`` pads it): the same result
+    wide = jnp.pad(a, ((0, 0), (0, 0), (0, 128)))
+    np.testing.assert_array_equal(f32(ws_lora_gemm(x, w, wide, b, pos, config=WsLoraConfig(gemm), rank=16,
+                                                   interpret=True)), f32(got))
+    assert np.array_equal(f32(ref_ws_lora_gemm(x, w, wide, b, pos, rank=16)), f32(want))
     # a row's adapter position matters: the same call with every row on adapter 0 gives another result
     other = ws_lora_gemm(x, w, a, b, jnp.zeros_like(pos), config=WsLoraConfig(gemm), rank=16, interpret=True)
     assert np.abs(f32(other) - f32(got)).max() > 1
