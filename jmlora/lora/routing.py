@@ -90,6 +90,7 @@ def count_adapters(slot_ids: np.ndarray) -> int:
 # side by side once per decode call (``pack_adapters``), and the few-adapter segment form elsewhere
 # (``PACKED_IMPL``). On the kernel alone it cost +13.5 / +17.3 us per layer over the plain GEMM at 128 / 256 rows,
 # where the LoRA kernels beside cuBLAS cost ~27 / ~64 in the step (benchmarks/RESULTS.md, "Twenty-eighth session").
+# One device only, as ``decoder.DECODE_GEMM_IMPL = "mgpu"``: a pallas_call is not partitioned over a mesh.
 PACKED_LORA_GEMM = False
 
 
