@@ -10,14 +10,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from hf_models import make_hf_model
 from jax import export
+from lora_fixtures import load_peft_model, make_peft_adapter
 
 from jmlora.config import EngineConfig, ModelConfig
+from jmlora.engine import model_runner
+from jmlora.engine.sampling_params import SamplingParams
+from jmlora.entrypoints.llm import LLM
 from jmlora.lora import routing
 from jmlora.lora.bank import AdapterBank, BankSpec, init_adapter_bank
+from jmlora.lora.request import LoRARequest
 from jmlora.lora.routing import PACKED_IMPL, LoRABatch
 from jmlora.model import forward_logits, init_kv_cache, load_params, make_mesh
+from jmlora.tiny import build_tokenizer
 from pallas_kernels import ws_lora as ws_lora_mod
 from pallas_kernels.ws_gemm import WsGemmConfig
 from pallas_kernels.ws_lora import (
@@ -198,3 +205,52 @@ def test_packed_impl_is_opt_in_and_only_for_few_rank_16_adapters(monkeypatch):
     assert routing.decode_impl("pallas_decode", 256, 3, "gpu", 16) == "pallas_decode"
     with pytest.raises(ValueError, match="lora_impl 'mgpu_packed'"):
         EngineConfig(lora_impl=PACKED_IMPL)
+
+
+def test_engine_decode_calls_with_packed_lora_match_peft(tmp_path, monkeypatch):
+    """The engine's multi-step decode calls with the packed one-launch form (forced on the CPU: the runner's
+    choice is GPU-only; ``ws_lora_gemm`` in the interpreter), 40 requests in a 64-row bucket over three PEFT
+    adapters (rank 16 on all projections, rank 8 on all, rank 16 on q/v only) and base rows: greedy outputs
+    equal PEFT's request by request, and every decode step's projections took the kernel."""
+    model_dir, hf_model = make_hf_model(tmp_path / "base", "llama", num_hidden_layers=2, hidden_size=128,
+                                        intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=128)
+    build_tokenizer().save(str(model_dir / "tokenizer.json"))
+    specs = [dict(r=16, alpha=16, targets="all-linear"), dict(r=8, alpha=16, targets="all-linear"),
+             dict(r=16, alpha=32, targets=["q_proj", "v_proj"])]
+    loras = [LoRARequest(f"p{i}", i + 1, str(make_peft_adapter(hf_model, tmp_path / f"p{i}", seed=i, **spec)))
+             for i, spec in enumerate(specs)]
+    wide = WsGemmConfig(64, 64, "n", steps=2)  # 64 x 128 CTA tiles: one 128-wide head across
+    table = {(64, 128, 1024): WsLoraConfig(wide, 1), (64, 512, 128): WsLoraConfig(wide, 1),
+             (64, 128, 512): WsLoraConfig(wide, 1),
+             (64, 256, 128): WsLoraConfig(WsGemmConfig(64, 64, "n", split_k=2, steps=2), 1)}
+    monkeypatch.setattr(ws_lora_mod, "WS_LORA_TABLE", table)
+    monkeypatch.setattr(model_runner, "decode_impl",
+                        lambda impl, batch, k, platform, rank: PACKED_IMPL if 0 < k <= 8 else impl)
+    launches = []
+
+    def counted(*args, **kwargs):  # the real kernel, counted per trace
+        launches.append(args[0].shape)
+        return real_kernel(*args, **kwargs)
+    real_kernel = ws_lora_mod.ws_lora_gemm
+    monkeypatch.setattr(ws_lora_mod, "ws_lora_gemm", counted)
+
+    llm = LLM(str(model_dir), dtype="float32", enable_lora=True, max_loras=4, max_lora_rank=16, max_num_seqs=64,
+              max_model_len=32, max_num_batched_tokens=256, max_prefill_chunk=16, num_lookahead=2, warmup=False)
+    rng = np.random.default_rng(0)
+    prompts = [[1, *rng.integers(2, 500, int(n)).tolist()] for n in rng.integers(2, 7, 40)]
+    mix = [None if i % 4 == 3 else loras[i % 3] for i in range(40)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, lora_request=mix, use_tqdm=False)
+    peft = {lora.lora_name: load_peft_model(hf_model, lora.lora_path) for lora in loras}
+    for prompt, lora, out in zip(prompts, mix, outs):
+        model = hf_model if lora is None else peft[lora.lora_name]
+        with torch.no_grad():
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == want, f"adapter {lora}"
+    assert launches and all(shape[0] == 64 for shape in launches)
+    assert len(launches) % (4 * 2) == 0  # four projections of both layers in each traced step
+    engine = llm.llm_engine
+    engine.check_invariants()
+    assert engine.is_idle()
