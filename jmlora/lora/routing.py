@@ -206,12 +206,12 @@ def prepare_lora(lora: LoRABatch | None, num_new_tokens: int, impl: str, num_kv_
 
 # The projections that share an input, by the name of their group in ``pack_adapters``, in the order of the
 # decoder's fused outputs.
-# A's packed columns padded with zeros to the widest CTA tile of ``pallas_kernels.ws_lora.WS_LORA_TABLE`` (256:
-# gate/up at 256 rows), once per decode call; narrower tiles read the first columns (the kernel would otherwise
-# pad a copy per projection and step, ~6 MB per layer there).
-PACKED_A_COLUMNS = 256
 PACKED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
                  "down": ("down_proj",)}
+# A's packed columns per group, padded with zeros to the widest CTA tile ``pallas_kernels.ws_lora.WS_LORA_TABLE``
+# gives the group (gate/up at 256 rows: 256), once per decode call; narrower tiles read the first columns. The
+# kernel would otherwise pad a copy per projection and step (~6 MB per layer there).
+PACKED_A_COLUMNS = {"gate_up": 256}
 
 
 def pack_adapters(lora: LoRABatch, num_kv_heads: int) -> dict:
@@ -220,7 +220,7 @@ def pack_adapters(lora: LoRABatch, num_kv_heads: int) -> dict:
 
     Returns:
       ``{"pos": [B] int32 each row's adapter position in the pack (-1: slot 0, no adapter), "layers": per layer,
-      {group: (a [T, in, max(8 R, PACKED_A_COLUMNS)], b [8 R, out])}}`` for each ``PACKED_GROUPS`` group whose
+      {group: (a [T, in, max(8 R, PACKED_A_COLUMNS[group])], b [8 R, out])}}`` for each ``PACKED_GROUPS`` group whose
       targets the bank all holds; b's columns in the decoder's fused output layout (``w_qkv``'s [E, K, G + 2,
       D]: per KV head its q heads, then k, then v; ``w_gate_up``'s gate then up). Unused pack positions hold slot
       0's (zero) adapter.
@@ -231,9 +231,9 @@ def pack_adapters(lora: LoRABatch, num_kv_heads: int) -> dict:
     pos = jnp.where(ids > 0, jnp.argmax(ids[:, None] == live[None, :], axis=1), -1).astype(jnp.int32)
     slots = jnp.where(live < S, live, 0)
 
-    def a_of(tb: TargetBank) -> Array:                                         # [in, PACKED_A_COLUMNS]
+    def a_of(tb: TargetBank, columns: int) -> Array:                                       # [in, >= 8 R]
         a = jnp.transpose(tb.a[slots], (1, 0, 2)).reshape(tb.a.shape[1], -1)
-        return jnp.pad(a, ((0, 0), (0, max(PACKED_A_COLUMNS - a.shape[1], 0))))
+        return jnp.pad(a, ((0, 0), (0, max(columns - a.shape[1], 0))))
 
     def b_of(tb: TargetBank) -> Array:                                                      # [8 R, out]
         return tb.b[slots].reshape(-1, tb.b.shape[2])
@@ -244,7 +244,7 @@ def pack_adapters(lora: LoRABatch, num_kv_heads: int) -> dict:
         for group, names in PACKED_GROUPS.items():
             if not all(t in targets for t in names):
                 continue
-            a = jnp.stack([a_of(targets[t]) for t in names])
+            a = jnp.stack([a_of(targets[t], PACKED_A_COLUMNS.get(group, 0)) for t in names])
             bs = [b_of(targets[t]) for t in names]
             if group == "qkv":
                 b = jnp.concatenate([b.reshape(b.shape[0], num_kv_heads, -1) for b in bs], axis=2)
