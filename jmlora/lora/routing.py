@@ -35,7 +35,7 @@ Array = jax.Array
 
 LORA_IMPLS = ("gather", "onehot", "ragged", "pallas", "pallas_decode", "pallas_segment")
 FEW_SEGMENT_IMPL = "pallas_segment_few"
-PACKED_IMPL = "mgpu_packed"      # see PACKED_LORA_GEMM; where the packed form does not apply, FEW_SEGMENT_IMPL's
+PACKED_IMPL = "mgpu_packed"  # PACKED_LORA_GEMM's; the projections it does not cover run the segment kernels
 _PALLAS_FORMS = {"pallas": "auto", "pallas_decode": "decode", "pallas_segment": "segment", FEW_SEGMENT_IMPL: "segment",
                  PACKED_IMPL: "segment"}
 
