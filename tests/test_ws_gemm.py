@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_models import make_hf_model
+from mgpu_decode import decode_step
 
 from jmlora.config import ModelConfig
-from jmlora.model import decoder, forward_logits, init_kv_cache, load_params, make_mesh
+from jmlora.model import decoder, load_params
 from pallas_kernels import ws_gemm as ws_mod
 from pallas_kernels.ws_gemm import WsGemmConfig, ref_ws_gemm, ws_gemm, ws_gemm_config, ws_steps_that_fit
 
@@ -109,16 +110,7 @@ def test_decoder_with_ws_gemm_equals_xla(tmp_path, monkeypatch):
 
     def decode(impl):
         monkeypatch.setattr(decoder, "DECODE_GEMM_IMPL", impl)
-        jax.clear_caches()  # read while tracing: a trace cached under the other setting would be reused
-        cache = init_kv_cache(cfg, B * 2, 4, jnp.float32, make_mesh())
-        _, cache = forward_logits(params, cfg, jnp.asarray(prompts[:, :3]), jnp.zeros(B, jnp.int32),
-                                  jnp.full(B, 3, jnp.int32), page_table, cache)
-        args = (params, cfg, jnp.asarray(prompts[:, 3:]), jnp.full(B, 3, jnp.int32), jnp.ones(B, jnp.int32),
-                page_table, cache)
-        jaxpr = str(jax.make_jaxpr(forward_logits, static_argnums=1)(*args))
-        logits, _ = forward_logits(*args)
-        n_kernels = jaxpr.count("wgmma_accumulator_deref")  # one per ws_gemm kernel
-        return np.asarray(jax.nn.log_softmax(logits, axis=-1)), n_kernels
+        return decode_step(params, cfg, prompts, page_table)  # kernels: one per ws_gemm
 
     got, n_mgpu = decode("mgpu")
     want, n_xla = decode("xla")

@@ -14,6 +14,7 @@ import torch
 from hf_models import make_hf_model
 from jax import export
 from lora_fixtures import load_peft_model, make_peft_adapter
+from mgpu_decode import decode_step
 
 from jmlora.config import EngineConfig, ModelConfig
 from jmlora.engine import model_runner
@@ -23,7 +24,7 @@ from jmlora.lora import routing
 from jmlora.lora.bank import AdapterBank, BankSpec, init_adapter_bank
 from jmlora.lora.request import LoRARequest
 from jmlora.lora.routing import PACKED_IMPL, LoRABatch
-from jmlora.model import forward_logits, init_kv_cache, load_params, make_mesh
+from jmlora.model import load_params, make_mesh
 from jmlora.tiny import build_tokenizer
 from pallas_kernels import ws_lora as ws_lora_mod
 from pallas_kernels.ws_gemm import WsGemmConfig
@@ -172,16 +173,7 @@ def test_decoder_with_packed_lora_equals_gather(tmp_path, monkeypatch):
     prompts = rng.integers(1, cfg.vocab_size, (B, 4)).astype(np.int32)
 
     def decode(impl):
-        jax.clear_caches()
-        cache = init_kv_cache(cfg, B * 2, 4, jnp.float32, make_mesh())
-        lora = LoRABatch(bank, slot_ids)
-        _, cache = forward_logits(params, cfg, jnp.asarray(prompts[:, :3]), jnp.zeros(B, jnp.int32),
-                                  jnp.full(B, 3, jnp.int32), page_table, cache, lora, "gather")
-        args = (params, cfg, jnp.asarray(prompts[:, 3:]), jnp.full(B, 3, jnp.int32), jnp.ones(B, jnp.int32),
-                page_table, cache, lora, impl)
-        jaxpr = str(jax.make_jaxpr(forward_logits, static_argnums=(1, 8))(*args))
-        logits, _ = forward_logits(*args)
-        return np.asarray(jax.nn.log_softmax(logits, axis=-1)), jaxpr.count("wgmma_accumulator_deref")
+        return decode_step(params, cfg, prompts, page_table, LoRABatch(bank, slot_ids), impl)
 
     got, n_packed = decode(PACKED_IMPL)
     want, n_gather = decode("gather")
