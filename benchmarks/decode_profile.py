@@ -39,13 +39,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from device_profile import kernel_times, print_kernels, print_timeline  # noqa: E402
-from throughput import bench_model_config, measure_bandwidth, random_bank, segment_knobs, set_fused_table, split_knobs  # noqa: E402
+from throughput import (  # noqa: E402
+    add_decode_gemm_flag,
+    bench_model_config,
+    compile_options,
+    measure_bandwidth,
+    random_bank,
+    segment_knobs,
+    set_decode_gemm,
+    set_fused_table,
+    split_knobs,
+)
 
 from jmlora.config import EngineConfig  # noqa: E402
 from jmlora.engine import model_runner  # noqa: E402
 from jmlora.engine.sampler import SamplingTensors  # noqa: E402
 from jmlora.engine.sampling_params import SamplingParams  # noqa: E402
-from jmlora.lora.routing import LoRABatch, count_adapters, decode_impl  # noqa: E402
+from jmlora.lora.routing import PACKED_IMPL, LoRABatch, count_adapters, decode_impl, prepare_lora  # noqa: E402
 from jmlora.model import attention, init_params, make_mesh  # noqa: E402
 
 P_WIDTH = 128          # the runner's page-table width for max_model_len 1280 (+ lookahead), page size 16
@@ -318,7 +328,8 @@ def time_fused(cfg, log, batches, ctxs, bw, grid_for, small=False, rot_bytes=128
 
 
 def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("auto",), lora_impls=("auto",),
-                 variants=("base", "distinct"), timeline=False, max_loras=64):
+                 variants=("base", "distinct"), timeline=False, max_loras=64, prepack=False,
+                 schedule_mode=None):
     ecfg = EngineConfig(max_num_seqs=max(batches), page_size=16, num_lookahead=K, enable_lora=True, max_loras=max_loras,
                         max_lora_rank=16, warmup=False, max_num_batched_tokens=2048, max_prefill_chunk=512,
                         num_kv_pages=max(batches) * P_WIDTH)
@@ -343,6 +354,10 @@ def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("au
                     name = split_knobs(impl)[0]
                     picked = name if lora is None else decode_impl(
                         name, B, count_adapters(slots), jax.default_backend(), ecfg.max_lora_rank)
+                    if prepack and picked == PACKED_IMPL:  # packed once here: the call gets the pack as input
+                        lora = jax.jit(functools.partial(prepare_lora, num_new_tokens=1, impl=PACKED_IMPL,
+                                                         num_kv_heads=cfg.num_kv_heads))(lora)
+                        args = (lora, *args[1:])
                     with segment_knobs(impl):        # an impl's "+knob" suffix (throughput.segment_knobs)
                         lowered = model_runner._decode_steps.lower(
                             params, cfg, runner.cache, *args, runner.prompt_mask, runner.output_counts,
@@ -353,7 +368,7 @@ def step_profile(cfg, params, mesh, log, batches, ctx, K=4, attention_impls=("au
                     cases.append((B, label, args, lowered))
     t = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
-        compiled = list(pool.map(lambda c: c[3].compile(), cases))
+        compiled = list(pool.map(lambda c: c[3].compile(compile_options(schedule_mode)), cases))
     log(f"step: compiled {len(cases)} decode variants in {time.perf_counter() - t:.0f}s")
     out = {}
     for (B, variant, args, _), exe in zip(cases, compiled):
@@ -480,7 +495,14 @@ def main():
     p.add_argument("--ctx", type=int, default=192)
     p.add_argument("--out", default=".")
     p.add_argument("--small", action="store_true", help="tiny dims (CPU smoke test of the script)")
+    add_decode_gemm_flag(p)
+    p.add_argument("--schedule-mode", default=None,
+                   help="step part: compile with this throughput.py --schedule-modes entry (e.g. SERIALIZE)")
+    p.add_argument("--prepack", action="store_true",
+                   help="step part: batches on routing.PACKED_IMPL get their adapters packed before the call (as a "
+                        "cache in the runner would), not inside it")
     args = p.parse_args()
+    set_decode_gemm(args.decode_gemm)
     parts = set(args.parts.split(","))
     logf = open(os.path.join(args.out, "decode_profile_log.txt"), "a")
 
@@ -506,7 +528,8 @@ def main():
                                        attention_impls=tuple(args.step_attention.split(",")),
                                        lora_impls=tuple(args.step_lora.split(",")),
                                        variants=tuple(args.step_variants.split(",")), timeline=args.timeline,
-                                       max_loras=args.max_loras)
+                                       max_loras=args.max_loras, prepack=args.prepack,
+                                       schedule_mode=args.schedule_mode)
         del params
     if "lora" in parts:
         results["lora"] = lora_profile(log)

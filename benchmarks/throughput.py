@@ -180,6 +180,21 @@ def host_busy_times(runner, chunks, num_steps: int, iters: int) -> list[tuple[fl
     return out
 
 
+
+def add_decode_gemm_flag(parser):
+    parser.add_argument("--decode-gemm", default="auto", choices=("auto", "xla", "mgpu", "mgpu-lora"),
+                        help="jmlora.model.decoder.DECODE_GEMM_IMPL: the decode projections on the Pallas skinny GEMM "
+                             "where its table has the shape (auto), all on XLA's GEMM (xla), or first on the Mosaic "
+                             "GPU GEMM where pallas_kernels.ws_gemm's table has the shape (mgpu); mgpu-lora: mgpu, "
+                             "and batches over at most 8 adapters run each projection with its LoRA terms in one "
+                             "launch where pallas_kernels.ws_lora's table has the shape (routing.PACKED_LORA_GEMM)")
+
+
+def set_decode_gemm(choice: str):
+    """Applies ``--decode-gemm``'s choice to the decoder's and the router's switches (read at trace time)."""
+    decoder.DECODE_GEMM_IMPL = "mgpu" if choice == "mgpu-lora" else choice
+    routing.PACKED_LORA_GEMM = choice == "mgpu-lora"
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", default="1,8,32,64,128,256")
@@ -224,18 +239,12 @@ def main():
                         help="also time the LoRA executable on a batch whose rows all have no adapter (slot 0)")
     parser.add_argument("--host", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the host time per step at the largest batch (compiles one more executable)")
-    parser.add_argument("--decode-gemm", default="auto", choices=("auto", "xla", "mgpu", "mgpu-lora"),
-                        help="jmlora.model.decoder.DECODE_GEMM_IMPL: the decode projections on the Pallas skinny GEMM "
-                             "where its table has the shape (auto), all on XLA's GEMM (xla), or first on the Mosaic "
-                             "GPU GEMM where pallas_kernels.ws_gemm's table has the shape (mgpu); mgpu-lora: mgpu, "
-                             "and batches over at most 8 adapters run each projection with its LoRA terms in one "
-                             "launch where pallas_kernels.ws_lora's table has the shape (routing.PACKED_LORA_GEMM)")
+    add_decode_gemm_flag(parser)
     parser.add_argument("--tune-attention", action="store_true",
                         help="first time the decode-attention kernels per batch and use the fastest (the table "
                              "to copy into jmlora.model.attention.DECODE_ATTENTION_TABLE is printed)")
     args = parser.parse_args()
-    decoder.DECODE_GEMM_IMPL = "mgpu" if args.decode_gemm == "mgpu-lora" else args.decode_gemm
-    routing.PACKED_LORA_GEMM = args.decode_gemm == "mgpu-lora"
+    set_decode_gemm(args.decode_gemm)
     batches = [int(b) for b in args.batches.split(",")]
     K = args.lookahead
     t0 = time.perf_counter()
