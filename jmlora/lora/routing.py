@@ -84,12 +84,14 @@ def count_adapters(slot_ids: np.ndarray) -> int:
     return len(np.unique(slot_ids[slot_ids > 0]))
 
 
-# Opt-in (``benchmarks/throughput.py --decode-gemm mgpu-lora``; not yet timed in the decode step): a GPU decode
-# batch over 1 to FEW_ADAPTERS adapters of rank 16 runs each projection and its LoRA terms in one Mosaic GPU
-# launch (``pallas_kernels.ws_lora``) where that kernel's table holds the shape, with the batch's adapters packed
-# side by side once per decode call (``pack_adapters``), and the few-adapter segment form elsewhere
-# (``PACKED_IMPL``). On the kernel alone it cost +13.5 / +17.3 us per layer over the plain GEMM at 128 / 256 rows,
-# where the LoRA kernels beside cuBLAS cost ~27 / ~64 in the step (benchmarks/RESULTS.md, "Twenty-eighth session").
+# Opt-in, off because it is slower (``benchmarks/throughput.py --decode-gemm mgpu-lora``): a GPU decode batch over 1
+# to FEW_ADAPTERS adapters of rank 16 runs each projection and its LoRA terms in one Mosaic GPU launch
+# (``pallas_kernels.ws_lora``) where that kernel's table holds the shape, with the batch's adapters packed side by
+# side once per decode call (``pack_adapters``), and the few-adapter segment form elsewhere (``PACKED_IMPL``).
+# On the H200 it is correct, but in the step it was slower than the segment kernels beside cuBLAS at 128 rows
+# (8 shared adapters: +0.42 ms at 192 tokens, +0.47 at 1152) and tied at 256 / 192. Its GEMM trails cuBLAS, its
+# LoRA terms cost more in the step than alone, and JAX re-zeroes its semaphores every launch
+# (benchmarks/RESULTS.md, "Twenty-ninth session").
 # One device only, as ``decoder.DECODE_GEMM_IMPL = "mgpu"``: a pallas_call is not partitioned over a mesh.
 PACKED_LORA_GEMM = False
 
