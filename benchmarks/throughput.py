@@ -108,8 +108,7 @@ def segment_knobs(impl: str):
     ``pallas_kernels.shrink.SEG_PROGRAMS`` (the programs the shrink's H-split aims at) to N, ``+fdN``
     ``jmlora.model.decoder.FUSED_DELTAS_MAX_BATCH`` to N (q/k/v deltas into the fused attention kernel up to N
     rows), ``+swN`` and ``+ssN`` the decode-size segment shrink's warps and pipeline stages
-    (``pallas_kernels.lora.DECODE_SHRINK_LAUNCH``); ``+xp`` (not a kernel knob) lets the runner's choice pick
-    ``routing.XLA_PACKED_IMPL`` (``routing.XLA_PACKED_LORA``)."""
+    (``pallas_kernels.lora.DECODE_SHRINK_LAUNCH``)."""
     from pallas_kernels import lora, shrink
 
     saved = lora.DECODE_DELTA_BLOCKS, shrink.SEG_PROGRAMS, decoder.FUSED_DELTAS_MAX_BATCH, lora.DECODE_SHRINK_LAUNCH
@@ -125,8 +124,6 @@ def segment_knobs(impl: str):
             lora.DECODE_SHRINK_LAUNCH = (int(knob[2:]), lora.DECODE_SHRINK_LAUNCH[1])
         elif knob.startswith("ss"):
             lora.DECODE_SHRINK_LAUNCH = (lora.DECODE_SHRINK_LAUNCH[0], int(knob[2:]))
-        elif knob == "xp":  # read by engine_impl: routing.XLA_PACKED_LORA for the batches it picks
-            pass
         else:
             raise ValueError(f"unknown segment knob {knob!r} in {impl!r}")
     try:
@@ -316,12 +313,7 @@ def main():
         """The formulation the engine's runner picks for this batch (``routing.decode_impl``: "auto" may
         become the grouped form for a batch with few adapters), with ``impl``'s kernel knobs (``split_knobs``)."""
         name, knobs = split_knobs(impl)
-        saved, routing.XLA_PACKED_LORA = routing.XLA_PACKED_LORA, "+xp" in knobs
-        try:
-            picked = decode_impl(name, B, count_adapters(variants[variant](B)), jax.default_backend(),
-                                 ecfg.max_lora_rank)
-        finally:
-            routing.XLA_PACKED_LORA = saved
+        picked = decode_impl(name, B, count_adapters(variants[variant](B)), jax.default_backend(), ecfg.max_lora_rank)
         return picked + knobs
 
     # compile every (batch, base|lora, impl, schedule mode) variant in parallel threads (XLA compiles outside

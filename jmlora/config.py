@@ -338,8 +338,8 @@ class EngineConfig:
                              f"({self.max_num_batched_tokens})")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
-        # jmlora.lora.routing._RUNNER_IMPLS (that module needs JAX)
-        if self.lora_impl in ("pallas_segment_few", "mgpu_packed", "xla_packed"):
+        # jmlora.lora.routing.FEW_SEGMENT_IMPL and PACKED_IMPL (that module needs JAX)
+        if self.lora_impl in ("pallas_segment_few", "mgpu_packed"):
             raise ValueError(f"lora_impl {self.lora_impl!r} is the runner's own choice for batches it knows hold "
                              f"few adapters (routing.decode_impl); use 'auto' or 'pallas_segment'")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:

@@ -154,16 +154,12 @@ def test_routing_formulations_agree(setup):
 # "pallas_gpu_fused" takes the LoRA terms of q/k/v as deltas into its kernel (small batches) or adds them to
 # the projection first ("pallas_gpu_fused_xla_add": the larger batches' path, forced here at batch 3);
 # "pallas_decode" and "pallas_segment" run the GPU LoRA kernels of that form (all in the Pallas interpreter on
-# CPU); "pallas_segment_few", the runner's form for a batch of few adapters, over compacted tiles; "xla_packed"
-# (routing.XLA_PACKED_IMPL), the batch's adapters packed side by side and XLA matmuls (q/k/v in the fused
-# weights' layout with llama, one projection at a time with gemma)
+# CPU); "pallas_segment_few", the runner's form for a batch of few adapters, over compacted tiles
 @pytest.mark.parametrize("decode_attention,lora_impl", [("auto", "auto"), ("pallas_gpu_fused", "auto"),
                                                         ("pallas_gpu_fused_xla_add", "auto"),
                                                         ("auto", "pallas_decode"),
                                                         ("pallas_gpu_fused", "pallas_segment"),
-                                                        ("auto", "pallas_segment_few"),
-                                                        ("auto", "xla_packed"),
-                                                        ("pallas_gpu_fused_xla_add", "xla_packed")])
+                                                        ("auto", "pallas_segment_few")])
 def test_decode_with_adapters_equals_full_forward(setup, decode_attention, lora_impl, monkeypatch, request):
     if setup.family not in ("llama", "gemma"):
         pytest.skip("decode routing is family-independent; two families suffice")
@@ -194,21 +190,3 @@ def test_decode_with_adapters_equals_full_forward(setup, decode_attention, lora_
     for i, adapter in enumerate(adapters):
         ref = setup.reference(adapter, prompts[i] + steps[i])
         np.testing.assert_allclose(np.stack([d[i] for d in decoded]), ref[4:8], atol=1e-4, rtol=0)
-
-
-def test_xla_packed_impl_is_opt_in_and_only_for_few_adapters(monkeypatch):
-    """``routing.XLA_PACKED_LORA`` (off by default) sends GPU decode batches of at least
-    ``XLA_PACKED_MIN_BATCH`` rows over 1-8 adapters to ``XLA_PACKED_IMPL``; more adapters, fewer rows, the CPU
-    or a forced formulation keep theirs, and users cannot ask for it (the packing keeps 8 adapters)."""
-    from jmlora.config import EngineConfig
-    from jmlora.lora import routing
-
-    few, packed, rows = routing.FEW_SEGMENT_IMPL, routing.XLA_PACKED_IMPL, routing.XLA_PACKED_MIN_BATCH
-    assert routing.decode_impl("auto", rows, 8, "gpu", 16) == few
-    monkeypatch.setattr(routing, "XLA_PACKED_LORA", True)
-    assert [routing.decode_impl("auto", rows, k, "gpu", 16) for k in (0, 1, 8, 9)] == ["auto", packed, packed, "auto"]
-    assert routing.decode_impl("auto", rows // 2, 8, "gpu", 16) == few
-    assert routing.decode_impl("auto", rows, 3, "cpu", 16) == "auto"
-    assert routing.decode_impl("pallas_segment", rows, 3, "gpu", 16) == "pallas_segment"
-    with pytest.raises(ValueError, match="lora_impl 'xla_packed'"):
-        EngineConfig(lora_impl=packed)

@@ -36,10 +36,8 @@ Array = jax.Array
 LORA_IMPLS = ("gather", "onehot", "ragged", "pallas", "pallas_decode", "pallas_segment")
 FEW_SEGMENT_IMPL = "pallas_segment_few"
 PACKED_IMPL = "mgpu_packed"  # PACKED_LORA_GEMM's; the projections it does not cover run the segment kernels
-XLA_PACKED_IMPL = "xla_packed"  # XLA_PACKED_LORA's; likewise
 _PALLAS_FORMS = {"pallas": "auto", "pallas_decode": "decode", "pallas_segment": "segment", FEW_SEGMENT_IMPL: "segment",
-                 PACKED_IMPL: "segment", XLA_PACKED_IMPL: "segment"}
-_RUNNER_IMPLS = (FEW_SEGMENT_IMPL, PACKED_IMPL, XLA_PACKED_IMPL)  # picked by decode_impl only
+                 PACKED_IMPL: "segment"}
 
 
 def _pallas_options(impl: str) -> dict:
@@ -97,15 +95,6 @@ def count_adapters(slot_ids: np.ndarray) -> int:
 # One device only, as ``decoder.DECODE_GEMM_IMPL = "mgpu"``: a pallas_call is not partitioned over a mesh.
 PACKED_LORA_GEMM = False
 
-# Experiment, off (``benchmarks/throughput.py --lora-impls auto+xp``): a GPU decode batch of at least
-# XLA_PACKED_MIN_BATCH rows over 1 to FEW_ADAPTERS adapters runs each projection group's LoRA terms as two XLA
-# matmuls against the batch's adapters packed side by side once per decode call (``pack_adapters_xla``): x @ A
-# for all of them, masked to each row's own adapter, then @ B, added to the base projection's output. At 256 rows
-# the base GEMMs hold every SM, and the segment kernels then each cost their own latency (~52 us per layer for 8
-# adapters); cuBLAS's small GEMMs might cost less.
-XLA_PACKED_LORA = False
-XLA_PACKED_MIN_BATCH = 128
-
 
 def decode_impl(impl: str, batch: int, num_adapters: int, platform: str, rank: int) -> str:
     """The LoRA formulation for a decode step whose rows hold ``num_adapters`` distinct adapters (the host
@@ -119,9 +108,6 @@ def decode_impl(impl: str, batch: int, num_adapters: int, platform: str, rank: i
     """
     if PACKED_LORA_GEMM and impl == "auto" and platform == "gpu" and rank == 16 and 0 < num_adapters <= FEW_ADAPTERS:
         return PACKED_IMPL
-    if (XLA_PACKED_LORA and impl == "auto" and platform == "gpu" and batch >= XLA_PACKED_MIN_BATCH
-            and 0 < num_adapters <= FEW_ADAPTERS):
-        return XLA_PACKED_IMPL
     if (impl == "auto" and platform == "gpu" and batch >= FEW_ADAPTERS_MIN_BATCH and rank >= 16
             and rank & (rank - 1) == 0 and 0 < num_adapters <= FEW_ADAPTERS):
         return FEW_SEGMENT_IMPL
@@ -151,7 +137,7 @@ def resolve_impl(impl: str, num_new_tokens: int, batch: int = 1) -> str:
     ``FEW_SEGMENT_IMPL`` and ``PACKED_IMPL`` (from ``decode_impl``) are accepted too."""
     if impl == "auto":
         return default_impl(num_new_tokens, batch, jax.default_backend())
-    if impl not in LORA_IMPLS and impl not in _RUNNER_IMPLS:
+    if impl not in LORA_IMPLS and impl not in (FEW_SEGMENT_IMPL, PACKED_IMPL):
         raise ValueError(f"lora impl must be 'auto' or one of {LORA_IMPLS}, got {impl!r}")
     return impl
 
@@ -213,11 +199,10 @@ def prepare_lora(lora: LoRABatch | None, num_new_tokens: int, impl: str, num_kv_
     decode call prepares once for all its steps."""
     if lora is None or lora.tiles is not None or lora.packed is not None:
         return lora
-    if impl in (PACKED_IMPL, XLA_PACKED_IMPL) and num_new_tokens == 1:  # the tiles only where a projection falls back
+    if impl == PACKED_IMPL and num_new_tokens == 1:  # the segment tiles only where a projection falls back
         if num_kv_heads is None:
-            raise ValueError(f"prepare_lora with {impl!r} needs the model's num_kv_heads")
-        pack = pack_adapters if impl == PACKED_IMPL else pack_adapters_xla
-        return lora.replace(packed=pack(lora, num_kv_heads))
+            raise ValueError(f"prepare_lora with {PACKED_IMPL!r} needs the model's num_kv_heads")
+        return lora.replace(packed=pack_adapters(lora, num_kv_heads))
     return lora.replace(tiles=segment_tiles(lora, num_new_tokens, impl))
 
 
@@ -242,7 +227,11 @@ def pack_adapters(lora: LoRABatch, num_kv_heads: int) -> dict:
       D]: per KV head its q heads, then k, then v; ``w_gate_up``'s gate then up). Unused pack positions hold slot
       0's (zero) adapter.
     """
-    pos, slots = _pack_positions(lora)
+    S = lora.bank.num_slots
+    ids = lora.slot_ids
+    live = jnp.unique(jnp.where(ids > 0, ids, S), size=FEW_ADAPTERS, fill_value=S)         # sorted; S: unused
+    pos = jnp.where(ids > 0, jnp.argmax(ids[:, None] == live[None, :], axis=1), -1).astype(jnp.int32)
+    slots = jnp.where(live < S, live, 0)
 
     def a_of(tb: TargetBank, columns: int) -> Array:                                       # [in, >= 8 R]
         a = jnp.transpose(tb.a[slots], (1, 0, 2)).reshape(tb.a.shape[1], -1)
@@ -269,77 +258,6 @@ def pack_adapters(lora: LoRABatch, num_kv_heads: int) -> dict:
     return {"pos": pos, "layers": tuple(layers)}
 
 
-def _pack_positions(lora: LoRABatch) -> tuple[Array, Array]:
-    """The batch's at most ``FEW_ADAPTERS`` adapters in pack order: (each row's position in the pack, -1 for slot
-    0; the slot at each pack position, slot 0's zero adapter where unused)."""
-    S = lora.bank.num_slots
-    ids = lora.slot_ids
-    live = jnp.unique(jnp.where(ids > 0, ids, S), size=FEW_ADAPTERS, fill_value=S)         # sorted; S: unused
-    pos = jnp.where(ids > 0, jnp.argmax(ids[:, None] == live[None, :], axis=1), -1).astype(jnp.int32)
-    return pos, jnp.where(live < S, live, 0)
-
-
-def pack_adapters_xla(lora: LoRABatch, num_kv_heads: int) -> dict:
-    """A decode batch's adapters (at most ``FEW_ADAPTERS``) side by side for ``XLA_PACKED_IMPL``'s matmuls.
-
-    Returns:
-      ``{"pos": [B] int32 each row's adapter position in the pack (-1: slot 0, no adapter), "layers": per layer,
-      {group: (a [in, n * 8 R], b)}}`` for each ``PACKED_GROUPS`` group (n targets) whose targets the bank all
-      holds. a: the targets' A side by side, each 8 R columns (pack position major, then rank). b: "o" and "down"
-      ``[8 R, out]``; "gate_up" ``[2, 8 R, M]``; "qkv" ``[G + 2, 8 R, K, D]``, one matrix per slot of
-      ``w_qkv``'s ``[E, K, G + 2, D]`` layout (G q heads, then k, then v, per KV head). The bank zero-pads
-      every adapter to R, so padding adds nothing.
-    """
-    pos, slots = _pack_positions(lora)
-
-    def a_of(tb: TargetBank) -> Array:                                                      # [in, 8 R]
-        return jnp.transpose(tb.a[slots], (1, 0, 2)).reshape(tb.a.shape[1], -1)
-
-    def b_of(tb: TargetBank) -> Array:                                                      # [8 R, out]
-        return tb.b[slots].reshape(-1, tb.b.shape[2])
-
-    layers = []
-    for targets in lora.bank.layers:
-        layer = {}
-        for group, names in PACKED_GROUPS.items():
-            if not all(t in targets for t in names):
-                continue
-            a = jnp.concatenate([a_of(targets[t]) for t in names], axis=1)
-            bs = [b_of(targets[t]) for t in names]
-            if group == "qkv":
-                L, K = bs[0].shape[0], num_kv_heads
-                D = bs[1].shape[1] // K
-                bq = jnp.transpose(bs[0].reshape(L, K, -1, D), (2, 0, 1, 3))             # [G, L, K, D]
-                b = jnp.concatenate([bq, bs[1].reshape(1, L, K, D), bs[2].reshape(1, L, K, D)], axis=0)
-            elif group == "gate_up":
-                b = jnp.stack(bs)
-            else:
-                (b,) = bs
-            layer[group] = (a, b)
-        layers.append(layer)
-    return {"pos": pos, "layers": tuple(layers)}
-
-
-def xla_packed_delta(x: Array, pos: Array, a: Array, b: Array, group: str) -> Array:
-    """The LoRA terms of one projection group from ``pack_adapters_xla``'s (a, b): ``[m, out...]`` in x's dtype.
-
-    x: ``[m, in]`` (m = rows x new tokens, each row's tokens together); pos: ``[rows]``. h = x @ a is rounded to
-    x's dtype, as PEFT rounds it, then zeroed outside each row's own adapter's columns."""
-    m = x.shape[0]
-    L = b.shape[-3] if group == "qkv" else b.shape[-2]
-    R = L // FEW_ADAPTERS
-    own = jnp.repeat(pos, m // pos.shape[0])[:, None] == jnp.arange(FEW_ADAPTERS)[None, :]    # [m, 8]
-    h = jnp.dot(x, a).reshape(m, -1, FEW_ADAPTERS, R) * own[:, None, :, None].astype(x.dtype)
-    h = h.reshape(m, -1, L)                                                                # [m, n, 8 R]
-    if group == "qkv":
-        G = b.shape[0] - 2
-        h = h[:, jnp.asarray([0] * G + [1, 2])]                                            # [m, G + 2, 8 R]
-        return jnp.einsum("mgl,glkd->mkgd", h, b)
-    if group == "gate_up":
-        return jnp.einsum("mgl,glo->mgo", h, b)
-    return jnp.dot(h[:, 0], b)
-
-
 def segment_tiles(lora: LoRABatch, num_new_tokens: int, impl: str):
     """The "pallas*" kernels' segment tiles for this batch (tokens grouped by slot), or None where they run
     another form. Built once per forward and shared by every layer's LoRA calls (``apply_lora``'s ``tiles``).
@@ -355,7 +273,7 @@ def segment_tiles(lora: LoRABatch, num_new_tokens: int, impl: str):
         return None
     token_slots = jnp.repeat(lora.slot_ids, num_new_tokens)
     tiles = segment_tiles_for(token_slots, lora.bank.ranks, tb.a.shape[2], **_pallas_options(impl))
-    if tiles is not None and impl in _RUNNER_IMPLS:
+    if tiles is not None and impl in (FEW_SEGMENT_IMPL, PACKED_IMPL):
         tiles = compact_segment_tiles(tiles, token_slots.shape[0] // tiles.tokens.shape[1] + FEW_ADAPTERS + 1)
     return tiles
 

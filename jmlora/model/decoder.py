@@ -15,16 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jmlora.config import ModelConfig
-from jmlora.lora.routing import (
-    FEW_ADAPTERS,
-    XLA_PACKED_IMPL,
-    LoRABatch,
-    apply_lora,
-    apply_lora_group,
-    prepare_lora,
-    resolve_impl,
-    xla_packed_delta,
-)
+from jmlora.lora.routing import FEW_ADAPTERS, LoRABatch, apply_lora, apply_lora_group, prepare_lora, resolve_impl
 from jmlora.model.attention import (
     KVCache,
     apply_rope,
@@ -123,18 +114,11 @@ class _LayerLoRA:
     def project(self, x: Array, w: Array, spec: str, group: str, tile_target=None) -> tuple[Array, bool]:
         """``_project``, and whether the LoRA terms of ``group`` (``routing.PACKED_GROUPS``) are in it already:
         with packed adapters (``routing.PACKED_IMPL``) the projection and its LoRA terms run in one Mosaic GPU
-        launch (``pallas_kernels.ws_lora``) where that kernel's table holds the shape; with
-        ``routing.XLA_PACKED_IMPL`` the LoRA terms are two XLA matmuls (``routing.xla_packed_delta``).
-        ``tile_target(cta_n)``: for groups of several targets, the map from a CTA tile's column index to its
-        target, or None where tiles that wide would straddle two."""
+        launch (``pallas_kernels.ws_lora``) where that kernel's table holds the shape. ``tile_target(cta_n)``:
+        for groups of several targets, the map from a CTA tile's column index to its target, or None where
+        tiles that wide would straddle two."""
         if group not in self.packed:
             return _project(x, w, spec), False
-        if self.impl == XLA_PACKED_IMPL:  # the LoRA terms as XLA matmuls against the packed adapters
-            y = _project(x, w, spec)
-            a, b = self.packed[group]
-            m = math.prod(x.shape[:2])
-            delta = xla_packed_delta(x.reshape(m, -1), self.lora.packed["pos"], a, b, group)
-            return y + delta.reshape(y.shape).astype(y.dtype), True
         from pallas_kernels.ws_lora import ws_lora_config, ws_lora_gemm  # Mosaic GPU: imported only when asked for
 
         n_x = x.ndim - 2
