@@ -180,7 +180,6 @@ def host_busy_times(runner, chunks, num_steps: int, iters: int) -> list[tuple[fl
     return out
 
 
-
 def add_decode_gemm_flag(parser):
     parser.add_argument("--decode-gemm", default="auto", choices=("auto", "xla", "mgpu", "mgpu-lora"),
                         help="jmlora.model.decoder.DECODE_GEMM_IMPL: the decode projections on the Pallas skinny GEMM "
@@ -194,6 +193,7 @@ def set_decode_gemm(choice: str):
     """Applies ``--decode-gemm``'s choice to the decoder's and the router's switches (read at trace time)."""
     decoder.DECODE_GEMM_IMPL = "mgpu" if choice == "mgpu-lora" else choice
     routing.PACKED_LORA_GEMM = choice == "mgpu-lora"
+
 
 def main():
     parser = argparse.ArgumentParser()
